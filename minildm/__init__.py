@@ -1,0 +1,28 @@
+"""minildm: a minimal, readable PyTorch reference implementation of latent diffusion.
+
+Stable Diffusion v1.x, the CompVis LDM text-to-image and unconditional models, and VQ-Diffusion,
+written from scratch, loading the official weights and checked numerically against diffusers and
+transformers.
+"""
+
+from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel
+from minildm.ldm_bert import LDMBert, LDMBertConfig
+from minildm.load import load_component
+from minildm.tokenizer import BertTokenizer, CLIPTokenizer
+from minildm.weights import CheckpointError, read_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BertTokenizer",
+    "CLIPTokenizer",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIP_VIT_B_32",
+    "CLIP_VIT_L_14",
+    "CheckpointError",
+    "LDMBert",
+    "LDMBertConfig",
+    "load_component",
+    "read_state_dict",
+]

@@ -1,0 +1,212 @@
+"""Tokenizers: CLIP's byte-level BPE (Stable Diffusion, VQ-Diffusion) and BERT's uncased WordPiece (LDM).
+
+Both are assembled from the `tokenizers` library's parts and the raw vocabulary files shipped in
+`minildm/assets/`, so they work offline; both can also read a hub `tokenizer/` folder.
+
+- CLIP (Radford et al. 2021, github.com/openai/CLIP `simple_tokenizer.py`): the vocabulary is derived
+  from the BPE merges file exactly as the original does (256 byte symbols, the same with `</w>`,
+  one token per merge, then `<|startoftext|>` and `<|endoftext|>`). Text is NFC-normalised, runs
+  of whitespace become one space, and it is lower-cased; this matches transformers' `CLIPTokenizer`
+  (our oracle). The original OpenAI tokenizer also runs `ftfy` and `html.unescape`, so it turns
+  "&amp;" into "&" where transformers (and we) keep the entity as typed.
+- BERT (Devlin et al. 2019, bert-base-uncased): lower-casing, accent stripping, CJK characters
+  split apart, then greedy longest-match WordPiece with `##` continuations.
+
+Calling a tokenizer on prompts gives the fixed-length id tensor the text encoders take:
+[start] tokens [end] [pad]..., 77 ids per prompt. Longer prompts are truncated with a warning that
+names the text that was cut off.
+"""
+
+import gzip
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, WordPiece
+
+ASSETS = Path(__file__).parent / "assets"
+CLIP_BPE_FILE = ASSETS / "clip_bpe_simple_vocab_16e6.txt.gz"
+BERT_VOCAB_FILE = ASSETS / "bert_base_uncased_vocab.txt"
+
+MAX_LENGTH = 77  # the context length of every text encoder in minildm
+
+
+def _pad_and_truncate(encodings, prompts, max_length: int, pad_id: int) -> torch.Tensor:
+    """Stack encodings (each [start] tokens [end]) into a (B, max_length) LongTensor.
+
+    A prompt with more than max_length - 2 tokens keeps its first tokens and its end token, the way
+    transformers' `truncation=True` does, and the cut-off text is named in a warning.
+    """
+    rows = []
+    for prompt, encoding in zip(prompts, encodings):
+        ids = encoding.ids
+        if len(ids) > max_length:
+            first_dropped = encoding.offsets[max_length - 1][0]  # character offset in the prompt
+            warnings.warn(
+                f"prompt is longer than {max_length} tokens ({len(ids)}); this text was dropped: {prompt[first_dropped:]!r}",
+                stacklevel=3,
+            )
+            ids = ids[: max_length - 1] + ids[-1:]
+        rows.append(ids + [pad_id] * (max_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)  # (B, max_length)
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"expected a prompt string or a list of strings, got {type(prompts).__name__}")
+    return list(prompts)
+
+
+def bytes_to_unicode() -> dict:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the others (control characters, space, ...) are
+    shifted to code points 256 and up, so every byte string becomes a string BPE can work on.
+    The order of this dict is the order of the first 256 vocabulary entries.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE tokenizer.
+
+    pad_token: "<|endoftext|>" (id 49407) for Stable Diffusion; "!" (id 0) for VQ-Diffusion, whose
+    original code pads token ids with 0 (facts 4.2, 6.6).
+    """
+
+    START, END = "<|startoftext|>", "<|endoftext|>"
+    NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the 262,144 in the file
+
+    def __init__(self, vocab: dict | None = None, merges: list | None = None, pad_token: str = END, max_length: int = MAX_LENGTH):
+        if (vocab is None) != (merges is None):
+            raise ValueError("give both vocab and merges, or neither (to use the shipped CLIP vocabulary)")
+        if vocab is None:
+            vocab, merges = self._vocab_from_bpe_file(CLIP_BPE_FILE)
+        for token in (self.START, self.END, pad_token):
+            if token not in vocab:
+                raise ValueError(f"token {token!r} is not in the vocabulary ({len(vocab)} entries)")
+        self.vocab, self.max_length = vocab, max_length
+        self.pad_token, self.pad_id = pad_token, vocab[pad_token]
+        self.start_id, self.end_id = vocab[self.START], vocab[self.END]
+
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=self.END))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        # CLIP's word pattern (simple_tokenizer.py): special tokens, English contractions, letter runs,
+        # single digits, runs of other non-space symbols. Everything else (spaces) is dropped.
+        words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(words), behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{self.START} $A {self.END}", special_tokens=[(self.START, self.start_id), (self.END, self.end_id)]
+        )
+        tok.decoder = decoders.ByteLevel()
+        # Special tokens typed in a prompt stay one token each, as in the original and in transformers.
+        # transformers also treats the pad token as special, so with VQ-Diffusion's pad "!" every typed
+        # "!" becomes id 0 instead of a BPE token ("!!!" -> 0 0 0): a quirk of the reference we keep.
+        tok.add_special_tokens(list(dict.fromkeys([self.START, self.END, pad_token])))
+        self._tokenizer = tok
+
+    @staticmethod
+    def _vocab_from_bpe_file(path: Path):
+        lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 1 + CLIPTokenizer.NUM_MERGES]]  # line 0 is "#version"
+        symbols = list(bytes_to_unicode().values())
+        tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges] + [CLIPTokenizer.START, CLIPTokenizer.END]
+        return {token: i for i, token in enumerate(tokens)}, merges
+
+    @classmethod
+    def from_folder(cls, folder, max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
+        """Read a hub `tokenizer/` folder: vocab.json, merges.txt, and the pad token if one is named."""
+        folder = Path(folder)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name}: expected a CLIP tokenizer folder (vocab.json + merges.txt)")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merge_lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split()) for line in merge_lines if line and not line.startswith("#version")]
+        return cls(vocab, merges, pad_token=_special_token(folder, "pad_token") or cls.END, max_length=max_length)
+
+    def encode(self, text: str) -> list:
+        """Token ids of one text with the start and end tokens, neither padded nor truncated."""
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids)).replace("</w>", " ").strip()
+
+    def __call__(self, prompts) -> torch.Tensor:
+        prompts = _as_prompt_list(prompts)
+        return _pad_and_truncate(self._tokenizer.encode_batch(prompts), prompts, self.max_length, self.pad_id)  # (B, 77)
+
+
+class BertTokenizer:
+    """bert-base-uncased WordPiece tokenizer (the LDM text-to-image model's, facts 2.2-2.3)."""
+
+    CLS, SEP, PAD, UNK = "[CLS]", "[SEP]", "[PAD]", "[UNK]"
+
+    def __init__(self, vocab_file=BERT_VOCAB_FILE, max_length: int = MAX_LENGTH):
+        tokens = Path(vocab_file).read_text(encoding="utf-8").split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()  # the file ends with a newline
+        vocab = {token: i for i, token in enumerate(tokens)}
+        for token in (self.CLS, self.SEP, self.PAD, self.UNK):
+            if token not in vocab:
+                raise ValueError(f"{vocab_file} lacks {token}: expected a BERT vocab.txt")
+        self.vocab, self.max_length = vocab, max_length
+        self.pad_id = vocab[self.PAD]
+
+        tok = Tokenizer(WordPiece(vocab, unk_token=self.UNK))  # words over 100 characters become [UNK]
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{self.CLS} $A {self.SEP}", special_tokens=[(self.CLS, vocab[self.CLS]), (self.SEP, vocab[self.SEP])]
+        )
+        tok.decoder = decoders.WordPiece(prefix="##")
+        tok.add_special_tokens([self.CLS, self.SEP, self.PAD, self.UNK, "[MASK]"])
+        self._tokenizer = tok
+
+    @classmethod
+    def from_folder(cls, folder, max_length: int = MAX_LENGTH) -> "BertTokenizer":
+        """Read a hub `tokenizer/` folder (vocab.txt)."""
+        folder = Path(folder)
+        if not (folder / "vocab.txt").is_file():
+            raise FileNotFoundError(f"{folder} has no vocab.txt: expected a BERT tokenizer folder")
+        config_file = folder / "tokenizer_config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("do_lower_case", True) is False:
+            raise ValueError(f"{config_file} asks for a cased tokenizer; minildm's BertTokenizer is the uncased one LDM uses")
+        return cls(folder / "vocab.txt", max_length=max_length)
+
+    def encode(self, text: str) -> list:
+        """Token ids of one text with [CLS] and [SEP], neither padded nor truncated."""
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids))
+
+    def __call__(self, prompts) -> torch.Tensor:
+        prompts = _as_prompt_list(prompts)
+        return _pad_and_truncate(self._tokenizer.encode_batch(prompts), prompts, self.max_length, self.pad_id)  # (B, 77)
+
+
+def _special_token(folder: Path, name: str) -> str | None:
+    """A special token named in special_tokens_map.json or tokenizer_config.json (a string or {"content": ...})."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / file
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get(name)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                return value
+    return None

@@ -1,0 +1,315 @@
+"""Weight files: finding them, reading them safely, and loading them into a module strictly.
+
+This file knows file formats and folder layouts, never a model. The model files (`clip.py`,
+`ldm_bert.py`, ...) describe how official key names map onto their own attribute names as a few
+regex rules and call `remap_keys` and `load_into` from here.
+
+Formats read:
+- `.safetensors`: memory-mapped by the safetensors library, so a tensor's bytes are read from disk
+  only when used and are not copied while loading (the module's parameters *are* the mapped tensors).
+- sharded safetensors: a `*.safetensors.index.json` whose `weight_map` names the shard of each key.
+- `.bin` / `.ckpt` / `.pt` / `.pth` pickles: `torch.load(weights_only=True)` only. Original CompVis
+  checkpoints also pickle a PyTorch-Lightning callback and numpy scalars next to the weights; those
+  globals are allowed by exact name and rebuilt as an inert stand-in object, never imported or run.
+
+Folders read:
+- a diffusers / transformers component folder (`config.json` plus one weights file);
+- a Hugging Face hub cache that already holds a repo (`models--org--name/snapshots/COMMIT/...`),
+  found without huggingface_hub and never written to.
+"""
+
+import json
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be read, or whose tensors do not fit the module."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one file
+# ---------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path) -> dict:
+    """Return the {name: tensor} dict stored in `path` (safetensors, sharded index, or pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.name.endswith(".index.json"):
+        return _read_sharded_safetensors(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in WEIGHT_SUFFIXES:
+        return _unwrap_checkpoint(_read_pickle(path), path)
+    raise CheckpointError(f"{path}: unknown weights format; expected one of {', '.join(WEIGHT_SUFFIXES)} or *.index.json")
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # memory-mapped: no bytes are copied here
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path} ({path.stat().st_size} bytes) is not a complete safetensors file ({e}). "
+            "It is probably truncated by an interrupted download: delete it and download it again."
+        ) from None
+
+
+def _read_sharded_safetensors(index_path: Path) -> dict:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' ({e})") from None
+    state_dict = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = _read_safetensors(index_path.parent / shard)
+        wanted = {name for name, file in weight_map.items() if file == shard}
+        if wanted - tensors.keys():
+            raise CheckpointError(f"{shard} lacks {len(wanted - tensors.keys())} tensors its index promises, e.g. {sorted(wanted - tensors.keys())[:3]}")
+        state_dict.update({name: tensors[name] for name in wanted})
+    return state_dict
+
+
+class _InertStandIn:
+    """What a CompVis checkpoint's Lightning callback or numpy scalar becomes: an object with no state.
+
+    `torch.load(weights_only=True)` refuses any global not allowed by name. Original checkpoints
+    (sd-v1-4.ckpt, the LDM model.ckpt files) pickle training bookkeeping next to the weights; we let
+    exactly those names through, but bind them to this class, so nothing they name is imported or run.
+    """
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# The globals of sd-v1-4.ckpt besides tensors, as listed on its hub page (facts 1.4). numpy >= 2
+# spells the scalar's module `numpy._core`; older checkpoints `numpy.core`.
+_ALLOWED_CHECKPOINT_GLOBALS = [
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "_codecs.encode",
+]
+
+
+def _read_pickle(path: Path):
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): delete it and download it again")
+    stand_ins = [(_InertStandIn, name) for name in _ALLOWED_CHECKPOINT_GLOBALS]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        if "Unsupported global" in message or "not an allowed global" in message:
+            refused = re.search(r"GLOBAL ([\w.]+)", message)
+            raise CheckpointError(
+                f"{path} refers to the Python object {refused.group(1) if refused else '(unknown)'}, which a weights "
+                "file does not need. minildm never unpickles arbitrary objects (that can run code). If you trust the "
+                "file, convert it to .safetensors with the tool that made it."
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({message.splitlines()[-1][:200]})") from None
+    except RuntimeError as e:  # e.g. a zip archive with a damaged central directory
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:200]}); download it again") from None
+
+
+def _is_zip(path: Path) -> bool:
+    # torch.save writes zip archives since 1.6; mmap needs one. Older pickles are read into memory.
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _unwrap_checkpoint(obj, path: Path) -> dict:
+    """Find the {name: tensor} dict inside a training checkpoint.
+
+    Lightning saves {"state_dict": ...}; microsoft/VQ-Diffusion saves {"model": ...} and, in its
+    EMA files, {"ema": ...} (facts 5.6-5.7). A plain state dict is returned as is.
+    """
+    for container in ("state_dict", "model", "ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(container), dict):
+            obj = obj[container]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a dict of tensors (or one under 'state_dict'/'model'/'ema'), found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = sorted(str(k) for k in obj.keys() - tensors.keys())
+    if others:
+        raise CheckpointError(f"{path}: entries {others[:5]} ({len(others)} in all) are not tensors; expected a state dict")
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders: a component folder, and the Hugging Face cache
+# ---------------------------------------------------------------------------------------------
+
+
+def find_weights_file(folder, variant: str | None = None) -> Path:
+    """The weights file of a diffusers/transformers component folder.
+
+    Hub folders hold e.g. `model.safetensors`, `pytorch_model.bin`, `model.fp16.safetensors` and
+    `diffusion_pytorch_model.non_ema.bin` side by side: `variant` picks the `*.{variant}.*` files,
+    and safetensors (memory-mapped, no code in them) is preferred over a pickle.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    candidates = []
+    for file in sorted(folder.iterdir()):
+        name = file.name.removesuffix(".index.json")
+        stem, suffix = os.path.splitext(name)
+        if suffix not in WEIGHT_SUFFIXES or (file.name.endswith(".index.json") and suffix != ".safetensors"):
+            continue
+        base, _, file_variant = stem.partition(".")  # "model.fp16" -> ("model", "fp16")
+        if base not in ("model", "pytorch_model", "diffusion_pytorch_model"):
+            continue
+        if (file_variant or None) == variant:
+            candidates.append(file)
+    if not candidates:
+        present = sorted(f.name for f in folder.iterdir())
+        wanted = f"variant {variant!r} (files named *.{variant}.*)" if variant else "a weights file"
+        raise FileNotFoundError(f"{folder} holds no {wanted}; found {present}")
+    # safetensors first, a sharded index before a single file of the same kind, then pickles
+    order = {".safetensors": 0, ".bin": 1, ".ckpt": 2, ".pt": 2, ".pth": 2}
+    return min(candidates, key=lambda f: (order[os.path.splitext(f.name.removesuffix(".index.json"))[1]], not f.name.endswith(".index.json")))
+
+
+def read_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers or transformers component folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, by the same environment variables huggingface_hub reads."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home).expanduser() / "huggingface" / "hub"
+
+
+def resolve_repo(repo_id: str, revision: str = "main") -> Path:
+    """The snapshot folder of `org/name` in the local Hugging Face cache (read only, never downloads).
+
+    The cache stores `models--org--name/refs/REVISION` (a file holding a commit hash) and
+    `models--org--name/snapshots/COMMIT/` (the files, as symlinks into blobs/ or as plain copies).
+    """
+    cache = hf_hub_cache()
+    repo_folder = cache / ("models--" + repo_id.replace("/", "--"))
+    if not repo_folder.is_dir():
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({cache}). "
+            f"Download it where there is internet (`huggingface-cli download {repo_id}`), or pass the path of a folder."
+        )
+    ref = repo_folder / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo_folder / "snapshots" / commit
+    if not snapshot.is_dir():
+        known = sorted(p.name for p in (repo_folder / "refs").glob("*")) if (repo_folder / "refs").is_dir() else []
+        raise FileNotFoundError(f"{repo_id} has no snapshot for revision {revision!r} in {cache}; cached refs: {known}")
+    return snapshot
+
+
+def resolve_folder(name_or_path) -> Path:
+    """A local folder as is, or `org/name` looked up in the Hugging Face cache."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+        return resolve_repo(str(name_or_path))
+    raise FileNotFoundError(f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Key maps and strict loading
+# ---------------------------------------------------------------------------------------------
+
+
+def remap_keys(state_dict: dict, rules, drop=()) -> dict:
+    """Rename checkpoint keys to module names.
+
+    rules: (regex, replacement) pairs applied in order to every key with `re.sub`; a replacement may
+        be a string or a function of the match (for index arithmetic).
+    drop: regexes (full match) of keys that are known not to be weights of the module, e.g. an
+        unused output head or a buffer that the module recomputes.
+    """
+    renamed = {}
+    for key, tensor in state_dict.items():
+        if any(re.fullmatch(pattern, key) for pattern in drop):
+            continue
+        new_key = key
+        for pattern, replacement in rules:
+            new_key = re.sub(pattern, replacement, new_key)
+        if new_key in renamed:
+            raise CheckpointError(f"two checkpoint keys map to {new_key!r} (one is {key!r}): the file mixes two layouts")
+        renamed[new_key] = tensor
+    return renamed
+
+
+def _listing(names, shown: int = 5) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)}: " + ", ".join(names[:shown]) + more
+
+
+def load_into(module: nn.Module, state_dict: dict, *, device=None, dtype=None, what="model", hint=None) -> nn.Module:
+    """Fill a module (usually built on the `meta` device) with `state_dict`, strictly.
+
+    Every parameter and persistent buffer must be present, every key used, and every shape equal;
+    otherwise the error lists the offending keys and `hint(missing, unexpected, mismatched)`'s guess
+    at the cause. Floating-point tensors are cast to `dtype` (float32 when None); tensors that are
+    already on the right device and dtype are used as they are, without a copy (`assign=True`).
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    mismatched = {
+        k: (tuple(state_dict[k].shape), tuple(expected[k].shape))
+        for k in expected.keys() & state_dict.keys()
+        if state_dict[k].shape != expected[k].shape
+    }
+    if missing or unexpected or mismatched:
+        lines = [f"the checkpoint does not fit the {what}:"]
+        if missing:
+            lines.append(f"  missing from the checkpoint ({_listing(missing)})")
+        if unexpected:
+            lines.append(f"  not used by the {what} ({_listing(unexpected)})")
+        if mismatched:
+            shown = [f"{k} is {got} in the checkpoint, {want} in the {what}" for k, (got, want) in sorted(mismatched.items())[:3]]
+            lines.append(f"  shapes differ ({len(mismatched)}): " + "; ".join(shown))
+        cause = hint(missing, unexpected, mismatched) if hint else None
+        lines.append("  likely cause: " + (cause or "the weights belong to another model or configuration; check that config.json and the weights file come from the same folder"))
+        raise CheckpointError("\n".join(lines))
+
+    dtype = dtype or torch.float32
+    converted = {}
+    for name, tensor in state_dict.items():
+        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        converted[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
+    with warnings.catch_warnings():
+        # memory-mapped safetensors are read-only until written to; the module never writes to them
+        warnings.filterwarnings("ignore", message=".*non-writable.*")
+        module.load_state_dict(converted, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
