@@ -182,5 +182,5 @@ def _mismatch_hint(missing, unexpected, mismatched):
 def load_clip_text_model(config: CLIPTextConfig, state_dict: dict, device=None, dtype=None) -> CLIPTextModel:
     with torch.device("meta"):
         model = CLIPTextModel(config)
-    weights = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(model, weights, device=device, dtype=dtype, what="CLIP text encoder", hint=_mismatch_hint)
+    weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
+    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="CLIP text encoder", hint=_mismatch_hint)

@@ -162,5 +162,5 @@ def _mismatch_hint(missing, unexpected, mismatched):
 def load_ldm_bert(config: LDMBertConfig, state_dict: dict, device=None, dtype=None) -> LDMBert:
     with torch.device("meta"):
         model = LDMBert(config)
-    weights = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(model, weights, device=device, dtype=dtype, what="LDMBert text encoder", hint=_mismatch_hint)
+    weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
+    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="LDMBert text encoder", hint=_mismatch_hint)

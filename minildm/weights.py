@@ -116,15 +116,14 @@ def _read_pickle(path: Path):
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
-        message = str(e)
-        if "Unsupported global" in message or "not an allowed global" in message:
-            refused = re.search(r"GLOBAL ([\w.]+)", message)
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it refused
+        if refused:
             raise CheckpointError(
-                f"{path} refers to the Python object {refused.group(1) if refused else '(unknown)'}, which a weights "
-                "file does not need. minildm never unpickles arbitrary objects (that can run code). If you trust the "
-                "file, convert it to .safetensors with the tool that made it."
+                f"{path} refers to the Python object {refused.group(1)}, which a weights file does not need. "
+                "minildm never unpickles arbitrary objects (that can run code). If you trust the file, convert it "
+                "to .safetensors with the tool that made it."
             ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({message.splitlines()[-1][:200]})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({str(e).strip().splitlines()[-1][:200]})") from None
     except RuntimeError as e:  # e.g. a zip archive with a damaged central directory
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:200]}); download it again") from None
 
@@ -247,15 +246,15 @@ def resolve_folder(name_or_path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def remap_keys(state_dict: dict, rules, drop=()) -> dict:
-    """Rename checkpoint keys to module names.
+def remap_keys(state_dict: dict, rules, drop=()) -> tuple:
+    """Rename checkpoint keys to module names; returns (renamed state dict, {new name: file name}).
 
     rules: (regex, replacement) pairs applied in order to every key with `re.sub`; a replacement may
         be a string or a function of the match (for index arithmetic).
     drop: regexes (full match) of keys that are known not to be weights of the module, e.g. an
         unused output head or a buffer that the module recomputes.
     """
-    renamed = {}
+    renamed, file_names = {}, {}
     for key, tensor in state_dict.items():
         if any(re.fullmatch(pattern, key) for pattern in drop):
             continue
@@ -264,8 +263,8 @@ def remap_keys(state_dict: dict, rules, drop=()) -> dict:
             new_key = re.sub(pattern, replacement, new_key)
         if new_key in renamed:
             raise CheckpointError(f"two checkpoint keys map to {new_key!r} (one is {key!r}): the file mixes two layouts")
-        renamed[new_key] = tensor
-    return renamed
+        renamed[new_key], file_names[new_key] = tensor, key
+    return renamed, file_names
 
 
 def _listing(names, shown: int = 5) -> str:
@@ -274,12 +273,12 @@ def _listing(names, shown: int = 5) -> str:
     return f"{len(names)}: " + ", ".join(names[:shown]) + more
 
 
-def load_into(module: nn.Module, state_dict: dict, *, device=None, dtype=None, what="model", hint=None) -> nn.Module:
+def load_into(module: nn.Module, state_dict: dict, *, file_names=None, device=None, dtype=None, what="model", hint=None) -> nn.Module:
     """Fill a module (usually built on the `meta` device) with `state_dict`, strictly.
 
     Every parameter and persistent buffer must be present, every key used, and every shape equal;
-    otherwise the error lists the offending keys and `hint(missing, unexpected, mismatched)`'s guess
-    at the cause. Floating-point tensors are cast to `dtype` (float32 when None); tensors that are
+    otherwise the error lists the offending keys (unused ones by their name in the file, from
+    `file_names`) and `hint(missing, unexpected, mismatched)`'s guess at the cause. Floating-point tensors are cast to `dtype` (float32 when None); tensors that are
     already on the right device and dtype are used as they are, without a copy (`assign=True`).
     """
     expected = module.state_dict(keep_vars=True)
@@ -295,7 +294,7 @@ def load_into(module: nn.Module, state_dict: dict, *, device=None, dtype=None, w
         if missing:
             lines.append(f"  missing from the checkpoint ({_listing(missing)})")
         if unexpected:
-            lines.append(f"  not used by the {what} ({_listing(unexpected)})")
+            lines.append(f"  not used by the {what} ({_listing((file_names or {}).get(k, k) for k in unexpected)})")
         if mismatched:
             shown = [f"{k} is {got} in the checkpoint, {want} in the {what}" for k, (got, want) in sorted(mismatched.items())[:3]]
             lines.append(f"  shapes differ ({len(mismatched)}): " + "; ".join(shown))
