@@ -123,9 +123,16 @@ def _read_pickle(path: Path):
                 "minildm never unpickles arbitrary objects (that can run code). If you trust the file, convert it "
                 "to .safetensors with the tool that made it."
             ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({str(e).strip().splitlines()[-1][:200]})") from None
-    except RuntimeError as e:  # e.g. a zip archive with a damaged central directory
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:200]}); download it again") from None
+        raise _not_a_checkpoint(path) from None
+    except (RuntimeError, KeyError, EOFError, ValueError):  # what torch.load raises on other bytes
+        raise _not_a_checkpoint(path) from None
+
+
+def _not_a_checkpoint(path: Path) -> CheckpointError:
+    with open(path, "rb") as f:
+        start = f.read(24)
+    lfs = " It is a Git LFS pointer: fetch the real file (git lfs pull)." if start.startswith(b"version https://git-lfs") else ""
+    return CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {start!r}).{lfs}")
 
 
 def _is_zip(path: Path) -> bool:

@@ -143,8 +143,11 @@ def test_zero_byte_and_truncated_safetensors(tmp_path):
 
 def test_text_file_named_ckpt(tmp_path):
     (tmp_path / "model.ckpt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:fe4e...\nsize 4265380512\n")
-    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"is not a PyTorch checkpoint \(it starts with b'version.*Git LFS pointer"):
         read_state_dict(tmp_path / "model.ckpt")
+    (tmp_path / "notes.ckpt").write_text("just some notes")
+    with pytest.raises(CheckpointError, match=r"is not a PyTorch checkpoint \(it starts with b'just some notes'\)\.$"):
+        read_state_dict(tmp_path / "notes.ckpt")
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="is empty"):
         read_state_dict(tmp_path / "empty.ckpt")

@@ -1,0 +1,81 @@
+"""Peak memory of loading the official-size CLIP ViT-L/14 text encoder from safetensors.
+
+Not a test (timings and memory depend on the machine): run `python tests/benchmark_load_memory.py`.
+It writes a random-weights ViT-L/14 folder, then in a fresh process measures the growth of peak
+resident memory (VmHWM) over the process's size after imports, through `load_component` and
+one forward pass plus a read of every weight. Memory-mapped weights count once, as file pages;
+a loader that copied them (or built the module on the CPU before loading) would show ~2x.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LIMIT = 1.3  # peak growth / weight bytes
+
+
+def peak_rss_bytes() -> int:
+    # VmHWM, the peak resident set of this process image (Linux). Not ru_maxrss: that survives
+    # exec, so it would report the parent's peak from writing the weights.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+
+
+def measure(folder: Path):
+    import torch
+
+    import minildm
+
+    baseline = peak_rss_bytes()
+    start = time.perf_counter()
+    model = minildm.load_component(folder)
+    loaded, load_seconds = peak_rss_bytes(), time.perf_counter() - start
+    with torch.no_grad():
+        model(minildm.CLIPTokenizer()(["a photograph of an astronaut riding a horse"]))
+        sum(p.sum() for p in model.parameters())  # the embedding lookup reads few rows: touch them all
+    weight_bytes = (folder / "model.safetensors").stat().st_size
+    growth = peak_rss_bytes() - baseline
+    print(json.dumps({"weights_MB": weight_bytes / 1e6, "load_seconds": round(load_seconds, 3),
+                      "peak_growth_after_load_MB": (loaded - baseline) / 1e6,
+                      "peak_growth_after_forward_MB": growth / 1e6, "ratio": round(growth / weight_bytes, 3)}))
+    return growth / weight_bytes
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure":
+        ratio = measure(Path(sys.argv[2]))
+        sys.exit(0 if ratio <= LIMIT else 1)
+    import torch
+    from safetensors.torch import save_file
+
+    from minildm.clip import CLIP_VIT_L_14, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "text_encoder"
+        folder.mkdir()
+        model = CLIPTextModel(CLIP_VIT_L_14)  # random init; the file layout is what matters here
+        names = {"token_embedding": "embeddings.token_embedding", "position_embedding": "embeddings.position_embedding", "final_norm": "final_layer_norm"}
+        state = {}
+        for key, value in model.state_dict().items():
+            for ours, theirs in names.items():
+                key = key.replace(ours, theirs) if key.startswith(ours) else key
+            key = (key.replace("layers.", "encoder.layers.", 1).replace(".attn_norm", ".layer_norm1").replace(".mlp_norm", ".layer_norm2")
+                   .replace(".attn.out", ".self_attn.out_proj").replace(".attn.q", ".self_attn.q_proj").replace(".attn.k", ".self_attn.k_proj")
+                   .replace(".attn.v", ".self_attn.v_proj"))
+            state["text_model." + key] = value.contiguous()
+        save_file(state, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": 768, "intermediate_size": 3072,
+                                                        "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu"}))
+        del model, state
+        result = subprocess.run([sys.executable, __file__, "--measure", str(folder)])
+        print(f"peak memory growth {'within' if result.returncode == 0 else 'ABOVE'} {LIMIT}x the weights' bytes")
+        sys.exit(result.returncode)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
