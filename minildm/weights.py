@@ -40,8 +40,12 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path) -> dict:
-    """Return the {name: tensor} dict stored in `path` (safetensors, sharded index, or pickle)."""
+def read_state_dict(path, container: str | None = None) -> dict:
+    """Return the {name: tensor} dict stored in `path` (safetensors, sharded index, or pickle).
+
+    container: for a pickled training checkpoint, the entry holding the weights ("state_dict",
+    "model", "ema"); by default the first of those present.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -50,7 +54,7 @@ def read_state_dict(path) -> dict:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if path.suffix in WEIGHT_SUFFIXES:
-        return _unwrap_checkpoint(_read_pickle(path), path)
+        return _unwrap_checkpoint(_read_pickle(path), path, container)
     raise CheckpointError(f"{path}: unknown weights format; expected one of {', '.join(WEIGHT_SUFFIXES)} or *.index.json")
 
 
@@ -141,16 +145,22 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _unwrap_checkpoint(obj, path: Path) -> dict:
+def _unwrap_checkpoint(obj, path: Path, container: str | None) -> dict:
     """Find the {name: tensor} dict inside a training checkpoint.
 
     Lightning saves {"state_dict": ...}; microsoft/VQ-Diffusion saves {"model": ...} and, in its
     EMA files, {"ema": ...} (facts 5.6-5.7). A plain state dict is returned as is.
     """
-    for container in ("state_dict", "model", "ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(container), dict):
-            obj = obj[container]
-            break
+    if container is not None:
+        if not isinstance(obj, dict) or not isinstance(obj.get(container), dict):
+            found = sorted(str(k) for k in obj.keys()) if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{path} has no {container!r} entry holding weights; found {found}")
+        obj = obj[container]
+    else:
+        for name in ("state_dict", "model", "ema"):
+            if isinstance(obj, dict) and isinstance(obj.get(name), dict):
+                obj = obj[name]
+                break
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path}: expected a dict of tensors (or one under 'state_dict'/'model'/'ema'), found {type(obj).__name__}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -175,24 +185,21 @@ def find_weights_file(folder, variant: str | None = None) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
+    # rank: safetensors (a sharded index before a single file), then .bin, then other pickles
+    rank = {".safetensors.index.json": 0, ".safetensors": 1, ".bin": 2, ".ckpt": 3, ".pt": 3, ".pth": 3}
     candidates = []
-    for file in sorted(folder.iterdir()):
-        name = file.name.removesuffix(".index.json")
-        stem, suffix = os.path.splitext(name)
-        if suffix not in WEIGHT_SUFFIXES or (file.name.endswith(".index.json") and suffix != ".safetensors"):
+    for file in folder.iterdir():
+        kind = next((k for k in rank if file.name.endswith(k)), None)
+        if kind is None:
             continue
-        base, _, file_variant = stem.partition(".")  # "model.fp16" -> ("model", "fp16")
-        if base not in ("model", "pytorch_model", "diffusion_pytorch_model"):
-            continue
-        if (file_variant or None) == variant:
-            candidates.append(file)
+        stem, _, file_variant = file.name[: -len(kind)].partition(".")  # "model.fp16" -> "model", "fp16"
+        if stem in ("model", "pytorch_model", "diffusion_pytorch_model") and (file_variant or None) == variant:
+            candidates.append((rank[kind], file.name, file))
     if not candidates:
         present = sorted(f.name for f in folder.iterdir())
         wanted = f"variant {variant!r} (files named *.{variant}.*)" if variant else "a weights file"
         raise FileNotFoundError(f"{folder} holds no {wanted}; found {present}")
-    # safetensors first, a sharded index before a single file of the same kind, then pickles
-    order = {".safetensors": 0, ".bin": 1, ".ckpt": 2, ".pt": 2, ".pth": 2}
-    return min(candidates, key=lambda f: (order[os.path.splitext(f.name.removesuffix(".index.json"))[1]], not f.name.endswith(".index.json")))
+    return min(candidates)[2]
 
 
 def read_config(folder) -> dict:

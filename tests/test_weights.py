@@ -109,6 +109,14 @@ def test_vq_diffusion_style_containers(tmp_path, container):
     assert list(read_state_dict(tmp_path / "ithq.pth")) == ["w"]
 
 
+def test_choosing_a_container(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)}}, tmp_path / "both.pth")
+    assert read_state_dict(tmp_path / "both.pth")["w"].sum() == 2  # "model" comes first by default
+    assert read_state_dict(tmp_path / "both.pth", container="ema")["w"].sum() == 0
+    with pytest.raises(CheckpointError, match=r"no 'state_dict' entry holding weights; found \['ema', 'model'\]"):
+        read_state_dict(tmp_path / "both.pth", container="state_dict")
+
+
 MARKER = "minildm_pickle_ran_code"
 
 
@@ -166,7 +174,8 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path):
 
 
 def test_weights_file_choice_in_a_folder(tmp_path):
-    for name in ["pytorch_model.bin", "model.safetensors", "model.fp16.safetensors", "pytorch_model.fp16.bin", "diffusion_pytorch_model.non_ema.bin", "notes.txt"]:
+    for name in ["pytorch_model.bin", "model.safetensors", "model.fp16.safetensors", "pytorch_model.fp16.bin",
+                 "diffusion_pytorch_model.non_ema.bin", "notes.txt", "model.safetensors.bak", "training_args.bin"]:
         (tmp_path / name).write_bytes(b"x")
     assert find_weights_file(tmp_path).name == "model.safetensors"
     assert find_weights_file(tmp_path, variant="fp16").name == "model.fp16.safetensors"
