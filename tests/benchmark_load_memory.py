@@ -49,24 +49,16 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         ratio = measure(Path(sys.argv[2]))
         sys.exit(0 if ratio <= LIMIT else 1)
-    import torch
     from safetensors.torch import save_file
 
+    from conftest import clip_hub_layout
     from minildm.clip import CLIP_VIT_L_14, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "text_encoder"
         folder.mkdir()
         model = CLIPTextModel(CLIP_VIT_L_14)  # random init; the file layout is what matters here
-        names = {"token_embedding": "embeddings.token_embedding", "position_embedding": "embeddings.position_embedding", "final_norm": "final_layer_norm"}
-        state = {}
-        for key, value in model.state_dict().items():
-            for ours, theirs in names.items():
-                key = key.replace(ours, theirs) if key.startswith(ours) else key
-            key = (key.replace("layers.", "encoder.layers.", 1).replace(".attn_norm", ".layer_norm1").replace(".mlp_norm", ".layer_norm2")
-                   .replace(".attn.out", ".self_attn.out_proj").replace(".attn.q", ".self_attn.q_proj").replace(".attn.k", ".self_attn.k_proj")
-                   .replace(".attn.v", ".self_attn.v_proj"))
-            state["text_model." + key] = value.contiguous()
+        state = clip_hub_layout(model.state_dict())
         save_file(state, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": 768, "intermediate_size": 3072,
                                                         "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu"}))

@@ -39,3 +39,18 @@ def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours - reference| / max |reference|: an error relative to the output's scale."""
     ours, reference = ours.double(), reference.double()
     return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def clip_hub_layout(ours: dict) -> dict:
+    """Rename a minildm CLIPTextModel state dict to the hub's layout (transformers 4 names with the
+    `text_model.` prefix), to write test files without a reference library."""
+    renames = [("token_embedding", "embeddings.token_embedding"), ("position_embedding", "embeddings.position_embedding"),
+               ("final_norm", "final_layer_norm"), ("layers.", "encoder.layers."), (".attn_norm", ".layer_norm1"),
+               (".mlp_norm", ".layer_norm2"), (".attn.out", ".self_attn.out_proj"), (".attn.q", ".self_attn.q_proj"),
+               (".attn.k", ".self_attn.k_proj"), (".attn.v", ".self_attn.v_proj")]
+    hub = {}
+    for key, value in ours.items():
+        for old, new in renames:
+            key = key.replace(old, new, 1)
+        hub["text_model." + key] = value.contiguous()
+    return hub

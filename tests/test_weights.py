@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import minildm
 from minildm.clip import CLIPTextConfig, CLIPTextModel
 from minildm.weights import CheckpointError, find_weights_file, hf_hub_cache, read_state_dict, resolve_repo
-from conftest import randomize_
+from conftest import clip_hub_layout, randomize_
 
 TINY = CLIPTextConfig(width=32, layers=2, heads=4, mlp_width=64)
 TINY_JSON = {"architectures": ["CLIPTextModel"], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -22,17 +22,7 @@ TINY_JSON = {"architectures": ["CLIPTextModel"], "hidden_size": 32, "num_hidden_
 
 def tiny_state() -> dict:
     """A tiny CLIP's weights in the hub layout (text_model. prefix, as transformers 4 saved them)."""
-    model = randomize_(CLIPTextModel(TINY))
-    names = {"token_embedding": "embeddings.token_embedding", "position_embedding": "embeddings.position_embedding", "final_norm": "final_layer_norm"}
-    state = {}
-    for k, v in model.state_dict().items():
-        for ours, theirs in names.items():
-            k = k.replace(ours, theirs) if k.startswith(ours) else k
-        k = (k.replace("layers.", "encoder.layers.", 1).replace(".attn_norm", ".layer_norm1").replace(".mlp_norm", ".layer_norm2")
-             .replace(".attn.out", ".self_attn.out_proj").replace(".attn.q", ".self_attn.q_proj").replace(".attn.k", ".self_attn.k_proj")
-             .replace(".attn.v", ".self_attn.v_proj"))
-        state["text_model." + k] = v.clone()
-    return state
+    return {k: v.clone() for k, v in clip_hub_layout(randomize_(CLIPTextModel(TINY)).state_dict()).items()}
 
 
 def component_folder(path, state=None, filename="model.safetensors"):
