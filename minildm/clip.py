@@ -40,13 +40,13 @@ class CLIPTextConfig:
         activation = config.get("hidden_act", "quick_gelu")
         if activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"CLIP hidden_act {activation!r} is not supported; expected 'quick_gelu' or 'gelu'")
-        return cls(
+        return cls(  # absent keys take transformers' CLIPTextConfig defaults, as transformers would
             vocab_size=config.get("vocab_size", 49408),
             max_length=config.get("max_position_embeddings", 77),
-            width=config["hidden_size"],
-            layers=config["num_hidden_layers"],
-            heads=config["num_attention_heads"],
-            mlp_width=config["intermediate_size"],
+            width=config.get("hidden_size", 512),
+            layers=config.get("num_hidden_layers", 12),
+            heads=config.get("num_attention_heads", 8),
+            mlp_width=config.get("intermediate_size", 2048),
             norm_eps=config.get("layer_norm_eps", 1e-5),
             activation=activation,
         )
@@ -131,7 +131,7 @@ class CLIPTextModel(nn.Module):
         self.final_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        _check_input_ids(input_ids, self.config.vocab_size, self.config.max_length)
+        check_input_ids(input_ids, self.config.vocab_size, self.config.max_length)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
         for layer in self.layers:
@@ -139,7 +139,8 @@ class CLIPTextModel(nn.Module):
         return self.final_norm(x)  # (B, L, D)
 
 
-def _check_input_ids(input_ids, vocab_size: int, max_length: int):
+def check_input_ids(input_ids, vocab_size: int, max_length: int):
+    """Refuse what would otherwise fail deep inside an embedding lookup, with a message that helps."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.ndim != 2:
         raise TypeError(f"expected input_ids as a LongTensor [B, L] (from the tokenizer), got {getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.shape[1] > max_length:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.clip import FP32LayerNorm, _check_input_ids, attention
+from minildm.clip import FP32LayerNorm, check_input_ids, attention
 from minildm.weights import load_into, remap_keys
 
 
@@ -106,7 +106,7 @@ class LDMBert(nn.Module):
         self.final_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        _check_input_ids(input_ids, self.config.vocab_size, self.config.max_length)
+        check_input_ids(input_ids, self.config.vocab_size, self.config.max_length)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
         for layer in self.layers:
