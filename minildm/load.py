@@ -8,13 +8,15 @@ strictly through the model's key map.
 
 from pathlib import Path
 
-from minildm import clip, ldm_bert
+from minildm import autoencoder, clip, ldm_bert
 from minildm.weights import CheckpointError, find_weights_file, read_config, read_state_dict, resolve_folder
 
 # reference class name -> (config translation, loader)
 COMPONENTS = {
     "CLIPTextModel": (clip.CLIPTextConfig.from_diffusers, clip.load_clip_text_model),
     "LDMBertModel": (ldm_bert.LDMBertConfig.from_diffusers, ldm_bert.load_ldm_bert),
+    "AutoencoderKL": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
+    "VQModel": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
 }
 
 

@@ -281,6 +281,21 @@ def remap_keys(state_dict: dict, rules, drop=()) -> tuple:
     return renamed, file_names
 
 
+def rename_keys(state_dict: dict, names: dict, drop=()) -> tuple:
+    """Rename checkpoint keys by a table {name in the file: module name}; returns (renamed state dict,
+    {module name: file name}). Keys not in the table keep their name (the strict load reports them);
+    `drop` as in `remap_keys`."""
+    renamed, file_names = {}, {}
+    for key, tensor in state_dict.items():
+        if any(re.fullmatch(pattern, key) for pattern in drop):
+            continue
+        new_key = names.get(key, key)
+        if new_key in renamed:
+            raise CheckpointError(f"two checkpoint keys map to {new_key!r} ({file_names[new_key]!r} and {key!r}): the file mixes two layouts")
+        renamed[new_key], file_names[new_key] = tensor, key
+    return renamed, file_names
+
+
 def _listing(names, shown: int = 5) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - shown} more" if len(names) > shown else ""

@@ -1,0 +1,459 @@
+"""Autoencoders: the image <-> latent maps that latent diffusion runs between.
+
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"
+(arXiv:2112.10752), section 3.1 and appendix G: a convolutional encoder compresses an image by a
+factor f = 2^(levels-1) per side; a mirrored decoder maps latents back. Two regularisations:
+
+- KL (`AutoencoderKL`): the encoder predicts a diagonal Gaussian (mean, log-variance) per latent
+  pixel. Stable Diffusion v1 and the LDM text-to-image model share one KL-f8 model, 4 channels.
+- VQ (`VQModel`, van den Oord et al. 2017; Esser et al. 2021 "Taming Transformers"): the encoder
+  output is snapped to the nearest entry of a learned codebook. The unconditional CelebA-HQ LDM uses
+  VQ-f4 (3 channels, 8192 codes); VQ-Diffusion uses an f8 model with 4096 codes of 128 dims and
+  self-attention at its lowest resolution, and works on the code *indices*.
+
+Both share the same encoder and decoder (ResBlocks, GroupNorm eps 1e-6, one single-head
+self-attention between two ResBlocks in the middle). Matches CompVis/latent-diffusion
+`ldm/modules/diffusionmodules/model.py` and diffusers `AutoencoderKL` / `VQModel`.
+
+Latent scaling. Diffusion models are trained on `latent * scaling_factor` so the latents have about
+unit variance: 0.18215 for KL-f8 (the YAML `scale_factor`). The CelebA-HQ LDM trains on unscaled VQ
+latents (its YAML sets no scale_factor, so LatentDiffusion's default 1.0 applies); diffusers' VQModel
+defaults to 0.18215 when the config omits it, and `LDMPipeline` has divided by it since 2023
+(facts 6.5). minildm keeps 1.0 for VQ models whose config names no scaling factor, as the original does.
+
+Shapes: B batch, C channels, H x W image, h x w latent (H/f, W/f), D code dim, N codebook size.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minildm.weights import load_into, rename_keys
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Defaults: the KL-f8 autoencoder of Stable Diffusion v1 (facts 1.3)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: tuple = (128, 256, 512, 512)  # per resolution level, full resolution first
+    layers_per_level: int = 2  # ResBlocks per encoder level; the decoder has one more per level
+    attention_levels: tuple = ()  # levels with self-attention after every ResBlock (VQ-Diffusion: the last)
+    latent_channels: int = 4  # KL: channels of z; VQ: encoder output channels before quant_conv
+    codebook_size: int = 0  # VQ: number of codes N (0 for a KL model)
+    code_dim: int = 0  # VQ: the length D of a code vector
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @property
+    def is_vq(self) -> bool:
+        return self.codebook_size > 0
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "AutoencoderConfig":
+        """From a diffusers `AutoencoderKL` or `VQModel` config.json."""
+        name = config.get("_class_name")
+        if name not in ("AutoencoderKL", "VQModel"):
+            raise ValueError(f"expected an AutoencoderKL or VQModel config, got {name!r}")
+        unsupported = {"act_fn": "silu", "norm_type": "group", "use_quant_conv": True, "use_post_quant_conv": True,
+                       "mid_block_add_attention": True, "lookup_from_codebook": False, "shift_factor": None, "latents_mean": None}
+        for key, supported in unsupported.items():
+            if config.get(key, supported) != supported:
+                raise ValueError(f"{name} with {key}={config[key]!r} is not one of the four official autoencoders minildm implements (expected {supported!r})")
+        channels = tuple(config.get("block_out_channels", (64,)))
+        down = config.get("down_block_types", ["DownEncoderBlock2D"] * len(channels))
+        up = config.get("up_block_types", ["UpDecoderBlock2D"] * len(channels))
+        attention_levels = tuple(i for i, block in enumerate(down) if block.startswith("Attn"))
+        mirrored = tuple(len(up) - 1 - i for i, block in enumerate(up) if block.startswith("Attn"))
+        if len(down) != len(channels) or len(up) != len(channels) or sorted(mirrored) != list(attention_levels):
+            raise ValueError(f"down_block_types {down} and up_block_types {up} must mirror each other, one per block_out_channels entry")
+        is_vq = name == "VQModel"
+        latent_channels = config.get("latent_channels", 3 if is_vq else 4)
+        return cls(
+            in_channels=config.get("in_channels", 3),
+            out_channels=config.get("out_channels", 3),
+            channels=channels,
+            layers_per_level=config.get("layers_per_block", 1),
+            attention_levels=attention_levels,
+            latent_channels=latent_channels,
+            codebook_size=config.get("num_vq_embeddings", 256) if is_vq else 0,
+            code_dim=(config.get("vq_embed_dim") or latent_channels) if is_vq else 0,
+            norm_groups=config.get("norm_num_groups", 32),
+            scaling_factor=config.get("scaling_factor") or (1.0 if is_vq else 0.18215),  # 1.0: see the module docstring
+        )
+
+
+KL_F8 = AutoencoderConfig()  # Stable Diffusion v1.x and CompVis/ldm-text2im-large-256 (facts 1.3, 2.2)
+VQ_F4_CELEBAHQ = AutoencoderConfig(channels=(128, 256, 512), latent_channels=3, codebook_size=8192, code_dim=3, scaling_factor=1.0)  # facts 3.2-3.3
+VQ_F8_ITHQ = AutoencoderConfig(  # microsoft/vq-diffusion-ithq (facts 4.2-4.3); works on indices, so no scaling
+    channels=(64, 128, 256, 512), attention_levels=(3,), latent_channels=256, codebook_size=4096, code_dim=128, scaling_factor=1.0
+)
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+class FP32GroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in float32 whatever the input dtype: a half-precision
+    variance over 512 channels x 4096 pixels loses most of its digits."""
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on the skip path when C changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = FP32GroupNorm(groups, in_channels, eps=1e-6)  # eps 1e-6 throughout the autoencoders (facts 6.10)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = FP32GroupNorm(groups, out_channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.shortcut(x) if self.shortcut is not None else x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual: every pixel mixes with every other.
+
+    softmax(Q K^T / sqrt(C)) V as in clip.attention; here `F.scaled_dot_product_attention` computes it
+    without materialising the (HW x HW) score matrix, with float32 softmax statistics in its kernels.
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = FP32GroupNorm(groups, channels, eps=1e-6)
+        self.q, self.k, self.v, self.out = (nn.Linear(channels, channels) for _ in range(4))
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C): one token per pixel
+        y = F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))  # (B, HW, C)
+        y = self.out(y).transpose(1, 2).reshape(B, C, H, W)
+        return x + y
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv after padding one zero row/column on the bottom/right
+    only (the original's asymmetric padding, facts 6.11), so H=2k gives exactly k rows."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: ResBlocks (each followed by attention where asked), then a resampling."""
+
+    def __init__(self, in_channels, out_channels, num_blocks, attention: bool, resample, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_blocks))
+        self.attentions = nn.ModuleList(Attention(out_channels, groups) for _ in range(num_blocks if attention else 0))
+        self.resample = resample
+
+    def forward(self, x):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x)
+            if self.attentions:
+                x = self.attentions[i](x)
+        return self.resample(x) if self.resample is not None else x
+
+
+class MidBlock(nn.Module):
+    """ResBlock, self-attention, ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnet1 = ResBlock(channels, channels, groups)
+        self.attention = Attention(channels, groups)
+        self.resnet2 = ResBlock(channels, channels, groups)
+
+    def forward(self, x):
+        return self.resnet2(self.attention(self.resnet1(x)))
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, out_channels, H/f, W/f)."""
+
+    def __init__(self, config: AutoencoderConfig, out_channels: int):
+        super().__init__()
+        ch, groups, last = config.channels, config.norm_groups, len(config.channels) - 1
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.levels = nn.ModuleList(
+            Level(ch[max(i - 1, 0)], ch[i], config.layers_per_level, i in config.attention_levels, Downsample(ch[i]) if i < last else None, groups)
+            for i in range(len(ch))
+        )
+        self.mid = MidBlock(ch[-1], groups)
+        self.norm_out = FP32GroupNorm(groups, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], out_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for level in self.levels:
+            x = level(x)  # (B, ch[i], H / 2^i, W / 2^i), halved after every level but the last
+        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+
+
+class Decoder(nn.Module):
+    """(B, in_channels, h, w) -> (B, 3, h*f, w*f). Levels run from the lowest resolution up, so
+    decoder level i mirrors encoder level (levels - 1 - i)."""
+
+    def __init__(self, config: AutoencoderConfig, in_channels: int):
+        super().__init__()
+        ch, groups, n = config.channels[::-1], config.norm_groups, len(config.channels)
+        self.conv_in = nn.Conv2d(in_channels, ch[0], 3, padding=1)
+        self.mid = MidBlock(ch[0], groups)
+        self.levels = nn.ModuleList(
+            Level(ch[max(i - 1, 0)], ch[i], config.layers_per_level + 1, (n - 1 - i) in config.attention_levels, Upsample(ch[i]) if i < n - 1 else None, groups)
+            for i in range(n)
+        )
+        self.norm_out = FP32GroupNorm(groups, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid(self.conv_in(z))
+        for level in self.levels:
+            x = level(x)  # doubled after every level but the last
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+# --- the two autoencoders ---------------------------------------------------------------------
+
+
+def _check_image(x, config: AutoencoderConfig):
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != config.in_channels:
+        raise ValueError(f"expected images of shape (B, {config.in_channels}, H, W) scaled to [-1, 1], got {tuple(getattr(x, 'shape', ()))}")
+    f = config.downsampling_factor
+    if x.shape[2] % f or x.shape[3] % f:
+        raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not divisible by the downsampling factor {f}: crop or resize to a multiple of {f}")
+
+
+def _check_latent(z, channels: int, what: str):
+    if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != channels:
+        raise ValueError(f"expected {what} of shape (B, {channels}, h, w), got {tuple(getattr(z, 'shape', ()))}")
+
+
+def _check_finite(x):
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"the autoencoder's decode produced inf/nan in {x.dtype}: activations overflowed the half-precision range. "
+            "Run the autoencoder in float32 (load it with dtype=torch.float32); the rest of the pipeline may stay in half precision."
+        )
+    return x
+
+
+def _decode_batch(decode_one, z, sliced: bool):
+    """Decode all at once, or one image at a time (diffusers' "VAE slicing") to bound peak memory."""
+    if not sliced:
+        return decode_one(z)
+    return torch.cat([decode_one(z[i : i + 1]) for i in range(z.shape[0])])
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: AutoencoderConfig = KL_F8):
+        super().__init__()
+        if config.is_vq:
+            raise ValueError("this config describes a VQ autoencoder (codebook_size > 0): use VQModel")
+        self.config = config
+        latent = config.latent_channels
+        self.encoder = Encoder(config, out_channels=2 * latent)  # mean and log-variance
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        self.decoder = Decoder(config, in_channels=latent)
+
+    def encode(self, x: torch.Tensor):
+        """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, 4, H/8, W/8)."""
+        _check_image(x, self.config)
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)  # the original clamps so exp() cannot overflow
+
+    @staticmethod
+    def sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw z = mean + std * eps from the encoder's Gaussian; noise comes from `generator`'s device
+        (as diffusers' randn_tensor does), so a CPU generator reproduces on any device."""
+        noise_device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def decode(self, z: torch.Tensor, sliced: bool = False) -> torch.Tensor:
+        """Latents (B, 4, h, w), unscaled (divide by config.scaling_factor first) -> images (B, 3, 8h, 8w) in about [-1, 1]."""
+        _check_latent(z, self.config.latent_channels, "KL latents")
+        return _check_finite(_decode_batch(lambda zi: self.decoder(self.post_quant_conv(zi)), z, sliced))
+
+
+class VQModel(nn.Module):
+    def __init__(self, config: AutoencoderConfig = VQ_F4_CELEBAHQ):
+        super().__init__()
+        if not config.is_vq:
+            raise ValueError("this config has no codebook (codebook_size 0): use AutoencoderKL")
+        self.config = config
+        self.encoder = Encoder(config, out_channels=config.latent_channels)
+        self.quant_conv = nn.Conv2d(config.latent_channels, config.code_dim, 1)
+        self.codebook = nn.Embedding(config.codebook_size, config.code_dim)  # (N, D)
+        self.post_quant_conv = nn.Conv2d(config.code_dim, config.latent_channels, 1)
+        self.decoder = Decoder(config, in_channels=config.latent_channels)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> continuous latents h (B, D, h, w), before quantization."""
+        _check_image(x, self.config)
+        return self.quant_conv(self.encoder(x))
+
+    def quantize(self, h: torch.Tensor):
+        """Snap every latent pixel to its nearest code: -> (z_q (B, D, h, w), indices (B, h, w))."""
+        _check_latent(h, self.config.code_dim, "VQ latents")
+        B, D, H, W = h.shape
+        flat = h.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+        # Euclidean distance to every code; torch.cdist is what diffusers uses, so near-ties break
+        # the same way (the original expands |z|^2 + |e|^2 - 2 z.e, which cdist does internally).
+        indices = torch.cdist(flat, self.codebook.weight.to(flat.dtype)).argmin(dim=1)  # (B*h*w,)
+        z_q = self.codebook(indices).view(B, H, W, D).permute(0, 3, 1, 2)  # (B, D, h, w)
+        return z_q.to(h.dtype), indices.view(B, H, W)
+
+    def decode(self, h: torch.Tensor, quantize: bool = True, sliced: bool = False) -> torch.Tensor:
+        """Latents (B, D, h, w) -> images (B, 3, H, W). `quantize=True` snaps them to the codebook first,
+        as the original `decode_first_stage` does for the CelebA-HQ LDM (facts 3.3)."""
+        _check_latent(h, self.config.code_dim, "VQ latents")
+        if quantize:
+            h = self.quantize(h)[0]
+        return _check_finite(_decode_batch(lambda hi: self.decoder(self.post_quant_conv(hi)), h, sliced))
+
+    def decode_indices(self, indices: torch.Tensor, shape, sliced: bool = False) -> torch.Tensor:
+        """Code indices (B, h*w) or (B, h, w) on an (h, w) grid -> images (B, 3, h*f, w*f)."""
+        h, w = shape
+        if indices.dtype not in (torch.long, torch.int32, torch.int64) or indices[0].numel() != h * w:
+            raise ValueError(f"expected integer indices of shape (B, {h * w}) or (B, {h}, {w}), got {indices.dtype} {tuple(indices.shape)}")
+        low, high = indices.min().item(), indices.max().item()
+        if low < 0 or high >= self.config.codebook_size:
+            raise ValueError(
+                f"code indices must lie in [0, {self.config.codebook_size}), got [{low}, {high}]"
+                + (f"; {self.config.codebook_size} is VQ-Diffusion's mask class: every token must be sampled before decoding" if high == self.config.codebook_size else "")
+            )
+        z_q = self.codebook(indices.reshape(-1, h, w)).permute(0, 3, 1, 2)  # (B, D, h, w)
+        return self.decode(z_q, quantize=False, sliced=sliced)
+
+
+# --- Official weights -------------------------------------------------------------------------
+# The map is written from our names to theirs, so that it can be read in both directions: loading
+# looks every file key up in a table built from the module's own names; tests invert it to write
+# original-layout checkpoints.
+DIFFUSERS_NAMES = [
+    (r"^encoder\.levels\.", "encoder.down_blocks."),
+    (r"^decoder\.levels\.", "decoder.up_blocks."),
+    (r"\.resample\.conv\.", ".{resample}.0.conv."),  # downsamplers / upsamplers
+    (r"\.mid\.resnet1\.", ".mid_block.resnets.0."),
+    (r"\.mid\.resnet2\.", ".mid_block.resnets.1."),
+    (r"\.mid\.attention\.", ".mid_block.attentions.0."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+    (r"\.norm_out\.", ".conv_norm_out."),
+    (r"(attentions\.\d+)\.norm\.", r"\1.group_norm."),
+    (r"(attentions\.\d+)\.(q|k|v)\.", r"\1.to_\2."),
+    (r"(attentions\.\d+)\.out\.", r"\1.to_out.0."),
+    (r"^codebook\.", "quantize.embedding."),
+]
+# diffusers' 2022 AttentionBlock names, still inside the official hub files (facts 5.8)
+LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def diffusers_name(name: str) -> str:
+    for pattern, replacement in DIFFUSERS_NAMES:
+        name = re.sub(pattern, replacement, name)
+    resample = "downsamplers" if name.startswith("encoder.") else "upsamplers"
+    return name.replace("{resample}", resample)
+
+
+def original_name(name: str, num_levels: int) -> str:
+    """Our name -> the CompVis (taming-transformers) name, also used by microsoft/VQ-Diffusion."""
+    rules = [
+        (r"^encoder\.levels\.(\d+)\.", r"encoder.down.\1."),
+        (r"^decoder\.levels\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m.group(1))}."),  # stored by resolution
+        (r"\.resample\.conv\.", lambda m: ".downsample.conv." if name.startswith("encoder.") else ".upsample.conv."),
+        (r"\.resnets\.", ".block."),
+        (r"\.attentions\.", ".attn."),
+        (r"\.mid\.resnet1\.", ".mid.block_1."),
+        (r"\.mid\.resnet2\.", ".mid.block_2."),
+        (r"\.mid\.attention\.", ".mid.attn_1."),
+        (r"\.shortcut\.", ".nin_shortcut."),
+        (r"(attn\.\d+|attn_1)\.out\.", r"\1.proj_out."),
+        (r"^codebook\.", "quantize.embedding."),
+    ]
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def file_names(model: nn.Module) -> dict:
+    """{name in some official layout: our name} for every parameter, in every layout we read."""
+    num_levels = len(model.config.channels)
+    table = {}
+    for ours in model.state_dict():
+        diffusers, original = diffusers_name(ours), original_name(ours, num_levels)
+        legacy = diffusers
+        for new, old in LEGACY_ATTENTION_NAMES.items():
+            legacy = legacy.replace(f".{new}.", f".{old}.")
+        spellings = {diffusers, legacy, original, "first_stage_model." + original, "vae." + original}
+        if ours == "codebook.weight":
+            spellings.add("quantize.embedding")  # VQ-Diffusion's EMA quantizer keeps a bare tensor (facts 5.7)
+        for theirs in spellings:
+            assert table.setdefault(theirs, ours) == ours, f"{theirs} would name two parameters"
+    return table
+
+
+# Training-only tensors in original checkpoints: the GAN/LPIPS loss, EMA bookkeeping, and the EMA
+# quantizer's running statistics (VQ-Diffusion's EMAVectorQuantizer).
+DROPPED_KEYS = [r"(first_stage_model\.)?loss\..*", r"model_ema\..*", r"(first_stage_model\.)?quantize\.(cluster_size|embedding_avg|embed_avg)"]
+
+
+def _squeeze_attention_weights(weights: dict) -> dict:
+    """Original checkpoints (and some diffusers files) hold attention projections as 1x1 convs
+    [C, C, 1, 1]; ours are Linear [C, C]."""
+    pattern = re.compile(r".*attention(s\.\d+)?\.(q|k|v|out)\.weight")
+    return {k: v[:, :, 0, 0] if v.ndim == 4 and pattern.fullmatch(k) else v for k, v in weights.items()}
+
+
+def _mismatch_hint(missing, unexpected, mismatched):
+    if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in unexpected):
+        return "a whole LDM / Stable Diffusion checkpoint: split it into components first"
+    if "codebook.weight" in missing:
+        return "a KL autoencoder's weights loaded as a VQModel: its config.json should name AutoencoderKL"
+    if any("quantize.embedding" in k for k in unexpected):
+        return "a VQ autoencoder's weights loaded as an AutoencoderKL: its config.json should name VQModel"
+    if mismatched:
+        return "an autoencoder of another size: check block_out_channels, latent_channels and the codebook in config.json"
+    return None
+
+
+def load_autoencoder(config: AutoencoderConfig, state_dict: dict, device=None, dtype=None):
+    """AutoencoderKL or VQModel (by `config.is_vq`) from a state dict in the diffusers (modern or 2022
+    names), CompVis `first_stage_model.*`, or VQ-Diffusion `ithq_vqvae.pth` layout."""
+    with torch.device("meta"):
+        model = VQModel(config) if config.is_vq else AutoencoderKL(config)
+    weights, names_in_file = rename_keys(state_dict, file_names(model), DROPPED_KEYS)
+    what = "VQ autoencoder" if config.is_vq else "KL autoencoder"
+    return load_into(model, _squeeze_attention_weights(weights), file_names=names_in_file, device=device, dtype=dtype, what=what, hint=_mismatch_hint)
