@@ -5,6 +5,7 @@ written from scratch, loading the official weights and checked numerically again
 transformers.
 """
 
+from minildm.autoencoder import KL_F8, VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderConfig, AutoencoderKL, VQModel
 from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel
 from minildm.ldm_bert import LDMBert, LDMBertConfig
 from minildm.load import load_component
@@ -14,6 +15,12 @@ from minildm.weights import CheckpointError, read_state_dict
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoencoderConfig",
+    "AutoencoderKL",
+    "KL_F8",
+    "VQModel",
+    "VQ_F4_CELEBAHQ",
+    "VQ_F8_ITHQ",
     "BertTokenizer",
     "CLIPTokenizer",
     "CLIPTextConfig",
