@@ -9,6 +9,7 @@ from minildm.autoencoder import KL_F8, VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderCo
 from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel
 from minildm.ldm_bert import LDMBert, LDMBertConfig
 from minildm.load import load_component
+from minildm.unet import CELEBAHQ, LDM_TEXT2IM, SD_V1, UNet, UNetConfig
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import CheckpointError, read_state_dict
 
@@ -31,5 +32,10 @@ __all__ = [
     "LDMBert",
     "LDMBertConfig",
     "load_component",
+    "UNet",
+    "UNetConfig",
+    "SD_V1",
+    "LDM_TEXT2IM",
+    "CELEBAHQ",
     "read_state_dict",
 ]

@@ -15,9 +15,10 @@ implemented and tested:
   tokenizers      CLIPTokenizer (BPE, SD / VQ-Diffusion), BertTokenizer (WordPiece, LDM)
   text encoders   CLIPTextModel (ViT-L/14, ViT-B/32), LDMBert (LDM text-to-image)
   autoencoders    AutoencoderKL (KL-f8: SD, LDM text-to-image), VQModel (VQ-f4 CelebA-HQ, VQ-f8 VQ-Diffusion)
+  unet            UNet (SD v1, LDM text-to-image with cross-attention; CelebA-HQ with self-attention)
   weights         safetensors (memory-mapped), sharded, .bin/.ckpt read with weights_only=True,
                   diffusers/transformers component folders, the local Hugging Face cache
-not yet: UNet, schedulers, VQ-Diffusion transformer, pipelines (image generation)
+not yet: schedulers, VQ-Diffusion transformer, pipelines (image generation)
 
   python -m minildm tokenize "a photograph of an astronaut riding a horse"
   python -m pytest -s tests

@@ -110,38 +110,48 @@ class FP32GroupNorm(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on the skip path when C changes."""
+    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on the skip path when C changes.
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
+    Shared with the UNet, whose ResBlocks also add a projection of the timestep embedding between
+    the two convolutions (time_channels > 0) and use GroupNorm eps 1e-5 instead of 1e-6.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6, time_channels: int = 0):
         super().__init__()
-        self.norm1 = FP32GroupNorm(groups, in_channels, eps=1e-6)  # eps 1e-6 throughout the autoencoders (facts 6.10)
+        self.norm1 = FP32GroupNorm(groups, in_channels, eps=eps)  # eps 1e-6 throughout the autoencoders (facts 6.10)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = FP32GroupNorm(groups, out_channels, eps=1e-6)
+        self.time_proj = nn.Linear(time_channels, out_channels) if time_channels else None
+        self.norm2 = FP32GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W)
+    def forward(self, x, time_embedding=None):  # (B, C_in, H, W) [, (B, T)] -> (B, C_out, H, W)
         h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_proj is not None:
+            h = h + self.time_proj(F.silu(time_embedding))[:, :, None, None]  # one shift per channel
         h = self.conv2(F.silu(self.norm2(h)))
         return (self.shortcut(x) if self.shortcut is not None else x) + h
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over all pixels, with a residual: every pixel mixes with every other.
+    """Self-attention over all pixels, with a residual: every pixel mixes with every other.
 
-    softmax(Q K^T / sqrt(C)) V as in clip.attention; here `F.scaled_dot_product_attention` computes it
+    softmax(Q K^T / sqrt(Dh)) V as in clip.attention; here `F.scaled_dot_product_attention` computes it
     without materialising the (HW x HW) score matrix, with float32 softmax statistics in its kernels.
+    One head in the autoencoders; the CelebA-HQ UNet uses several heads of 32 channels and eps 1e-5.
     """
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, heads: int = 1, eps: float = 1e-6):
         super().__init__()
-        self.norm = FP32GroupNorm(groups, channels, eps=1e-6)
+        self.heads = heads
+        self.norm = FP32GroupNorm(groups, channels, eps=eps)
         self.q, self.k, self.v, self.out = (nn.Linear(channels, channels) for _ in range(4))
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C): one token per pixel
-        y = F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))  # (B, HW, C)
+        q, k, v = (proj(h).view(B, H * W, self.heads, C // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, heads, HW, Dh)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
         y = self.out(y).transpose(1, 2).reshape(B, C, H, W)
         return x + y
 

@@ -8,7 +8,7 @@ strictly through the model's key map.
 
 from pathlib import Path
 
-from minildm import autoencoder, clip, ldm_bert
+from minildm import autoencoder, clip, ldm_bert, unet
 from minildm.weights import CheckpointError, find_weights_file, read_config, read_state_dict, resolve_folder
 
 # reference class name -> (config translation, loader)
@@ -17,6 +17,8 @@ COMPONENTS = {
     "LDMBertModel": (ldm_bert.LDMBertConfig.from_diffusers, ldm_bert.load_ldm_bert),
     "AutoencoderKL": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
     "VQModel": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
+    "UNet2DConditionModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
+    "UNet2DModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
 }
 
 
