@@ -54,3 +54,63 @@ def clip_hub_layout(ours: dict) -> dict:
             key = key.replace(old, new, 1)
         hub["text_model." + key] = value.contiguous()
     return hub
+
+
+# --- schedulers ---------------------------------------------------------------------------------
+
+# The three official scheduler configs, as the hub files hold them (facts 1.3, 2.2, 3.2)
+SCHEDULER_CONFIGS = {
+    "SD v1-4 (PNDM)": {"_class_name": "PNDMScheduler", "_diffusers_version": "0.7.0.dev0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                       "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                       "steps_offset": 1, "trained_betas": None, "clip_sample": False},
+    "LDM text2im (DDIM)": {"_class_name": "DDIMScheduler", "_diffusers_version": "0.0.4", "beta_end": 0.012, "beta_schedule": "linear",
+                           "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "timestep_values": None, "trained_betas": None},
+    "CelebA-HQ (DDIM)": {"_class_name": "DDIMScheduler", "_diffusers_version": "0.0.4", "beta_end": 0.0195, "beta_schedule": "scaled_linear",
+                         "beta_start": 0.0015, "clip_sample": False, "timestep_values": None, "timesteps": 1000, "trained_betas": None},
+}
+
+
+def fake_model(x: torch.Tensor, t) -> torch.Tensor:
+    """A deterministic stand-in for the UNet: a smooth function of its input and the timestep."""
+    return 0.5 * torch.tanh(x) + 0.1 * torch.cos(torch.as_tensor(t, dtype=torch.float32) / 100)
+
+
+def reference_scheduler(class_name: str, config: dict):
+    """diffusers' scheduler of that class from a config, its warnings about other classes' keys silenced."""
+    import warnings
+
+    diffusers = oracle("diffusers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(diffusers, class_name).from_config({k: v for k, v in config.items() if k != "_class_name"})
+
+
+def compare_scheduler_steps(ours, theirs, num_inference_steps: int, label: str, step_kwargs=None, seed=None, tolerance=1e-6):
+    """Run both schedulers over the same trajectory: the same timesteps, the same model outputs, the
+    same sample at every step (the reference's). `seed` gives both the same generator for stochastic
+    steps. Returns the worst per-step relative error, and asserts it is below `tolerance`."""
+    import warnings
+
+    step_kwargs = step_kwargs or {}
+    ours.set_timesteps(num_inference_steps)
+    theirs.set_timesteps(num_inference_steps)
+    assert torch.equal(torch.as_tensor(ours.timesteps).double(), theirs.timesteps.double()), f"{label}: timesteps differ:\n{ours.timesteps}\n{theirs.timesteps}"
+    assert float(ours.init_noise_sigma) == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * theirs.init_noise_sigma
+    ours_kwargs, theirs_kwargs = dict(step_kwargs), dict(step_kwargs)
+    if seed is not None:
+        ours_kwargs["generator"], theirs_kwargs["generator"] = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for t in theirs.timesteps:
+        theirs_input = theirs.scale_model_input(sample, t)
+        worst = max(worst, max_relative_error(ours.scale_model_input(sample, t), theirs_input))
+        output = fake_model(theirs_input, t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = theirs.step(output, t, sample, **theirs_kwargs).prev_sample
+        got = ours.step(output, t, sample, **ours_kwargs)
+        worst = max(worst, max_relative_error(got, expected))
+        sample = expected
+    print(f"{label}, {num_inference_steps} steps: {len(theirs.timesteps)} timesteps equal, worst step relative error {worst:.1e} (tolerance {tolerance:.0e})")
+    assert worst < tolerance, f"{label}: relative error {worst:.2e}"
+    return worst
