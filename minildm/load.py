@@ -8,7 +8,7 @@ strictly through the model's key map.
 
 from pathlib import Path
 
-from minildm import autoencoder, clip, ldm_bert, unet
+from minildm import autoencoder, clip, ldm_bert, unet, vq_transformer
 from minildm.weights import CheckpointError, find_weights_file, read_config, read_state_dict, resolve_folder
 
 # reference class name -> (config translation, loader)
@@ -19,6 +19,8 @@ COMPONENTS = {
     "VQModel": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
     "UNet2DConditionModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
     "UNet2DModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
+    "Transformer2DModel": (vq_transformer.VQTransformerConfig.from_diffusers, vq_transformer.load_vq_transformer),
+    "LearnedClassifierFreeSamplingEmbeddings": (vq_transformer.LearnedClassifierFreeEmbeddings.config_from_diffusers, vq_transformer.load_learned_embeddings),
 }
 
 

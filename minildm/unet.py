@@ -131,15 +131,15 @@ class TimestepMLP(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Attention from the latent pixels x (B, HW, C) to `context` (B, L, D), or to x itself when
-    context is None. q/k/v have no bias in the LDM spatial transformer."""
+    """Attention from the tokens x (B, N, C) to `context` (B, L, D), or to x itself when context is
+    None. q/k/v have no bias in the LDM spatial transformer; VQ-Diffusion's transformer has them."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int | None = None):
+    def __init__(self, channels: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(channels, channels, bias=False)
-        self.k = nn.Linear(context_dim or channels, channels, bias=False)
-        self.v = nn.Linear(context_dim or channels, channels, bias=False)
+        self.q = nn.Linear(channels, channels, bias=qkv_bias)
+        self.k = nn.Linear(context_dim or channels, channels, bias=qkv_bias)
+        self.v = nn.Linear(context_dim or channels, channels, bias=qkv_bias)
         self.out = nn.Linear(channels, channels)
 
     def forward(self, x, context=None):

@@ -1,0 +1,246 @@
+"""VQ-Diffusion's transformer: noisy code indices + text -> log-probabilities of the clean codes.
+
+Gu et al. 2022, "Vector Quantized Diffusion Model for Text-to-Image Synthesis" (arXiv:2111.14822),
+section 3.3 and Fig. 2, with the "Improved VQ-Diffusion" learned classifier-free embedding
+(Tang et al. 2022, arXiv:2205.16007). An image is a 32x32 grid of VQ code indices; the forward
+process replaces codes by random codes or by a [MASK] class (index 4096). The transformer reads
+the grid as 1024 tokens (code embedding + row and column embeddings), and each of its 36 blocks
+runs self-attention, cross-attention to the 77 CLIP token vectors, and a feed-forward, with
+LayerNorms whose scale and shift depend on the diffusion step ("AdaLayerNorm"). It predicts, for
+every position, a distribution over the 4096 codes of the clean image x0 (never the mask class).
+
+Matches microsoft/VQ-Diffusion `image_synthesis/modeling/transformers/transformer_utils.py`
+(Text2ImageTransformer) and diffusers' `Transformer2DModel` with discrete inputs.
+
+Shapes: B batch, N = h*w tokens (1024), C width (1408), L context tokens (77), D context width
+(512), K codes (4096).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minildm.clip import FP32LayerNorm
+from minildm.unet import MultiHeadAttention
+from minildm.weights import load_into, remap_keys
+
+
+@dataclass(frozen=True)
+class VQTransformerConfig:
+    """Defaults: microsoft/vq-diffusion-ithq `transformer/config.json` (facts 4.2)."""
+
+    num_classes: int = 4097  # 4096 codes + the mask class
+    height: int = 32
+    width: int = 32
+    layers: int = 36
+    heads: int = 16
+    head_dim: int = 88  # 16 x 88 = 1408 channels
+    context_dim: int = 512  # CLIP ViT-B/32
+    num_timesteps: int = 100  # rows of the AdaLayerNorm step embedding
+
+    @property
+    def channels(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def mask_index(self) -> int:
+        return self.num_classes - 1
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "VQTransformerConfig":
+        """From a diffusers `Transformer2DModel` config with discrete inputs (num_vector_embeds set)."""
+        if config.get("num_vector_embeds") is None:
+            raise ValueError("this Transformer2DModel has continuous inputs; minildm implements only VQ-Diffusion's discrete one")
+        if config.get("norm_type", "ada_norm") not in ("ada_norm", "layer_norm"):  # diffusers turns "layer_norm" into "ada_norm" here
+            raise ValueError(f"Transformer2DModel with norm_type={config['norm_type']!r} is not VQ-Diffusion's transformer")
+        expected = {"activation_fn": "geglu-approximate", "attention_bias": True, "only_cross_attention": False,
+                    "upcast_attention": False, "double_self_attention": False, "norm_elementwise_affine": True}
+        for key, value in expected.items():
+            if config.get(key, value) != value:
+                raise ValueError(f"Transformer2DModel with {key}={config[key]!r} is not VQ-Diffusion's transformer (expected {value!r})")
+        size = config.get("sample_size", 32)
+        return cls(num_classes=config["num_vector_embeds"], height=size, width=size, layers=config.get("num_layers", 1),
+                   heads=config.get("num_attention_heads", 16), head_dim=config.get("attention_head_dim", 88),
+                   context_dim=config.get("cross_attention_dim"), num_timesteps=config.get("num_embeds_ada_norm"))
+
+
+ITHQ = VQTransformerConfig()  # 1,359,274,624 parameters
+
+
+class AdaLayerNorm(nn.Module):
+    """LayerNorm (no learned affine) whose scale and shift are predicted from the diffusion step:
+    norm(x) * (1 + scale) + shift, with (scale, shift) = Linear(SiLU(Embedding(t)))."""
+
+    def __init__(self, channels: int, num_timesteps: int):
+        super().__init__()
+        self.emb = nn.Embedding(num_timesteps, channels)
+        self.linear = nn.Linear(channels, 2 * channels)
+        self.channels = channels
+
+    def forward(self, x, timestep):  # x (B, N, C), timestep () or (B,)
+        scale, shift = self.linear(F.silu(self.emb(timestep))).chunk(2, dim=-1)  # each (C,) or (B, C)
+        if timestep.ndim == 1:
+            scale, shift = scale[:, None, :], shift[:, None, :]  # one step per sample
+        # statistics in float32 whatever the dtype (see clip.FP32LayerNorm)
+        normed = F.layer_norm(x.float(), (self.channels,), eps=1e-5).to(x.dtype)
+        return normed * (1 + scale) + shift
+
+
+class FeedForward(nn.Module):
+    """Linear to 4C, x * sigmoid(1.702 x) (the original's "GELU2", diffusers' "geglu-approximate",
+    which despite its name is not gated), Linear back."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(channels, 4 * channels), nn.Linear(4 * channels, channels)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: VQTransformerConfig):
+        super().__init__()
+        C = config.channels
+        self.norm1 = AdaLayerNorm(C, config.num_timesteps)
+        self.attn1 = MultiHeadAttention(C, config.heads, qkv_bias=True)
+        self.norm2 = AdaLayerNorm(C, config.num_timesteps)
+        self.attn2 = MultiHeadAttention(C, config.heads, context_dim=config.context_dim, qkv_bias=True)
+        self.norm3 = FP32LayerNorm(C)
+        self.ff = FeedForward(C)
+
+    def forward(self, x, context, timestep):
+        x = x + self.attn1(self.norm1(x, timestep))  # tokens look at each other
+        x = x + self.attn2(self.norm2(x, timestep), context)  # ... and at the prompt
+        return x + self.ff(self.norm3(x))
+
+
+class VQTransformer(nn.Module):
+    """(indices [B, N], context [B, L, D], timestep) -> log p(x0) [B, K, N] in float32."""
+
+    def __init__(self, config: VQTransformerConfig = ITHQ):
+        super().__init__()
+        self.config = config
+        C = config.channels
+        self.token_embedding = nn.Embedding(config.num_classes, C)
+        self.row_embedding = nn.Embedding(config.height, C)
+        self.column_embedding = nn.Embedding(config.width, C)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm_out = FP32LayerNorm(C)
+        self.out = nn.Linear(C, config.num_classes - 1)  # the mask class is never predicted
+
+    def forward(self, indices: torch.Tensor, context: torch.Tensor, timestep) -> torch.Tensor:
+        timestep = self._check_inputs(indices, context, timestep)
+        c = self.config
+        rows = torch.arange(c.height, device=indices.device)
+        columns = torch.arange(c.width, device=indices.device)
+        positions = self.row_embedding(rows)[:, None, :] + self.column_embedding(columns)[None, :, :]  # (h, w, C)
+        x = self.token_embedding(indices) + positions.reshape(1, c.height * c.width, -1)  # (B, N, C)
+        for block in self.blocks:
+            x = block(x, context, timestep)
+        logits = self.out(self.norm_out(x)).transpose(1, 2)  # (B, K, N)
+        # log-probabilities in float64, as both references do: the sampler adds and subtracts them
+        # in log space, where float32 (let alone half precision) loses the small ones
+        return F.log_softmax(logits.double(), dim=1).float()
+
+    def _check_inputs(self, indices, context, timestep) -> torch.Tensor:
+        c = self.config
+        N = c.height * c.width
+        if indices.dtype != torch.long or indices.ndim != 2 or indices.shape[1] != N:
+            raise ValueError(f"expected code indices as a LongTensor (B, {N}) for a {c.height}x{c.width} grid, got {indices.dtype} {tuple(indices.shape)}")
+        if indices.min() < 0 or indices.max() > c.mask_index:
+            raise ValueError(f"indices must lie in [0, {c.mask_index}] ({c.mask_index} is the mask class), got [{indices.min().item()}, {indices.max().item()}]")
+        if context.ndim != 3 or context.shape[0] != indices.shape[0] or context.shape[2] != c.context_dim:
+            raise ValueError(f"expected context of shape ({indices.shape[0]}, L, {c.context_dim}) from CLIP ViT-B/32, got {tuple(context.shape)}")
+        timestep = torch.as_tensor(timestep, dtype=torch.long, device=indices.device)
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] != indices.shape[0]):
+            raise ValueError(f"expected one timestep or one per sample, got shape {tuple(timestep.shape)}")
+        if timestep.min() < 0 or timestep.max() >= c.num_timesteps:
+            raise ValueError(f"timestep must lie in [0, {c.num_timesteps}), got {timestep.tolist()}")
+        return timestep
+
+
+class LearnedClassifierFreeEmbeddings(nn.Module):
+    """Improved VQ-Diffusion's learned "empty prompt": 77 x 512 vectors trained to stand in for the
+    text condition in the unconditional branch of classifier-free guidance (used as is, not
+    normalised like real text embeddings, facts 6.8)."""
+
+    def __init__(self, length: int = 77, hidden_size: int = 512):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(length, hidden_size))  # (L, D)
+
+    @staticmethod
+    def config_from_diffusers(config: dict) -> dict:
+        if not config.get("learnable", False):
+            raise ValueError("these classifier-free embeddings are not learnable (no weights): the pipeline uses the empty prompt instead")
+        return {"length": config["length"], "hidden_size": config["hidden_size"]}
+
+
+# --- Official weights -------------------------------------------------------------------------
+KEY_RULES = [
+    # the original checkpoint (ithq_learnable.pth, after split_original_checkpoint) -> ours
+    (r"^transformer\.transformer\.", ""),
+    (r"^content_emb\.emb\.", "token_embedding."),
+    (r"^content_emb\.height_emb\.", "row_embedding."),
+    (r"^content_emb\.width_emb\.", "column_embedding."),
+    (r"\.ln1_1\.", ".norm2."),
+    (r"\.ln1\.", ".norm1."),
+    (r"\.ln2\.", ".norm3."),
+    (r"\.(attn[12])\.query\.", r".\1.q."),
+    (r"\.(attn[12])\.key\.", r".\1.k."),
+    (r"\.(attn[12])\.value\.", r".\1.v."),
+    (r"\.(attn[12])\.proj\.", r".\1.out."),
+    (r"\.mlp\.0\.", ".ff.fc1."),
+    (r"\.mlp\.2\.", ".ff.fc2."),
+    (r"^to_logits\.0\.", "norm_out."),
+    (r"^to_logits\.1\.", "out."),
+    # diffusers' Transformer2DModel -> ours
+    (r"^latent_image_embedding\.emb\.", "token_embedding."),
+    (r"^latent_image_embedding\.height_emb\.", "row_embedding."),
+    (r"^latent_image_embedding\.width_emb\.", "column_embedding."),
+    (r"^transformer_blocks\.", "blocks."),
+    (r"\.(attn[12])\.to_(q|k|v)\.", r".\1.\2."),
+    (r"\.(attn[12])\.to_out\.0\.", r".\1.out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.fc1."),
+    (r"\.ff\.net\.2\.", ".ff.fc2."),
+]
+
+
+def load_vq_transformer(config: VQTransformerConfig, state_dict: dict, device=None, dtype=None) -> VQTransformer:
+    """From a diffusers `transformer/` state dict, or the transformer part of an original checkpoint
+    (see `split_original_checkpoint`)."""
+    with torch.device("meta"):
+        model = VQTransformer(config)
+    weights, file_names = remap_keys(state_dict, KEY_RULES)
+    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="VQ-Diffusion transformer")
+
+
+def load_learned_embeddings(config: dict, state_dict: dict, device=None, dtype=None) -> LearnedClassifierFreeEmbeddings:
+    with torch.device("meta"):
+        model = LearnedClassifierFreeEmbeddings(**config)
+    weights, file_names = remap_keys(state_dict, [(r"^(transformer\.)?empty_text_embed$", "embeddings")])
+    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="learned classifier-free embeddings")
+
+
+def split_original_checkpoint(checkpoint: dict, ema: bool = True) -> tuple:
+    """microsoft/VQ-Diffusion's ithq_learnable.pth ({"model": ..., "ema": ...}) -> (transformer state
+    dict, learned-embedding state dict). The original samples with the EMA weights (`get_model(ema=True)`,
+    facts 4.3), so ema=True is the default; the EMA dict covers only the transformer, under
+    `transformer.` instead of `transformer.transformer.`. Other entries of "model" belong elsewhere:
+    the OpenAI CLIP copy (`transformer.condition_emb.*`; the diffusers port uses transformers' CLIP),
+    the VQ-VAE (loaded from ithq_vqvae.pth) and the schedule buffers (the scheduler recomputes them).
+    """
+    if "model" not in checkpoint:
+        raise ValueError(f"expected microsoft/VQ-Diffusion's checkpoint layout {{'model': ..., 'ema': ...}}, got keys {sorted(checkpoint)[:5]}")
+    model = checkpoint["model"]
+    transformer = {k: v for k, v in model.items() if k.startswith("transformer.transformer.")}
+    embeddings = {k: v for k, v in model.items() if k == "transformer.empty_text_embed"}
+    if ema:
+        if "ema" not in checkpoint:
+            raise ValueError("ema=True, but the checkpoint has no 'ema' entry: pass ema=False")
+        transformer = {"transformer." + k: v for k, v in checkpoint["ema"].items() if k.startswith("transformer.")}
+        embeddings = {"transformer." + k: v for k, v in checkpoint["ema"].items() if k == "empty_text_embed"} or embeddings
+    return transformer, embeddings
