@@ -6,9 +6,11 @@ that name picks the minildm model, its config is translated, and the weights are
 strictly through the model's key map.
 """
 
+import json
 from pathlib import Path
 
-from minildm import autoencoder, clip, ldm_bert, unet, vq_transformer
+from minildm import autoencoder, clip, ldm_bert, schedulers, unet, vq_transformer
+from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import CheckpointError, find_weights_file, read_config, read_state_dict, resolve_folder
 
 # reference class name -> (config translation, loader)
@@ -55,3 +57,39 @@ def _resolve_component_folder(folder) -> Path:
     if len(parts) >= 3:  # org/name/subfolder in the Hugging Face cache
         return resolve_folder("/".join(parts[:2])).joinpath(*parts[2:])
     return resolve_folder(folder)
+
+
+# --- whole pipelines: model_index.json, tokenizers, schedulers -----------------------------------
+
+
+def read_model_index(folder, expected_class: str) -> dict:
+    """A pipeline folder's model_index.json: {component: [library, class]}; refuses another system's folder."""
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: expected a diffusers pipeline folder (or pass each component yourself)")
+    index = json.loads(path.read_text())
+    if index.get("_class_name") != expected_class:
+        raise CheckpointError(f"{folder} holds a {index.get('_class_name')!r}, not a {expected_class}: use the pipeline class named in its model_index.json")
+    return {name: value for name, value in index.items() if not name.startswith("_")}
+
+
+def load_tokenizer(folder):
+    """CLIPTokenizer (vocab.json + merges.txt) or BertTokenizer (vocab.txt), from what the folder holds."""
+    folder = Path(folder)
+    if (folder / "vocab.json").is_file():
+        return CLIPTokenizer.from_folder(folder)
+    if (folder / "vocab.txt").is_file():
+        return BertTokenizer.from_folder(folder)
+    raise FileNotFoundError(f"{folder} holds neither vocab.json + merges.txt (CLIP) nor vocab.txt (BERT)")
+
+
+def load_scheduler(folder):
+    """The minildm scheduler named by scheduler_config.json's `_class_name`, built from the same keys."""
+    path = Path(folder) / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no scheduler_config.json")
+    config = json.loads(path.read_text())
+    name = config.get("_class_name")
+    if name not in schedulers.__all__:
+        raise CheckpointError(f"{path} names scheduler {name!r}; minildm implements {schedulers.__all__}")
+    return getattr(schedulers, name).from_config(config)

@@ -35,6 +35,27 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def write_clip_hub_folder(folder, pad_token=None):
+    """A CLIP tokenizer folder as on the hub (vocab.json + merges.txt), derived here from the shipped BPE
+    file by OpenAI's recipe, independently of minildm's own derivation, so the two check each other."""
+    import gzip
+    import json
+
+    from minildm.tokenizer import CLIP_BPE_FILE
+
+    lines = gzip.open(CLIP_BPE_FILE, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_chars = [chr(b) for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    byte_chars += [chr(256 + n) for n in range(256 - len(byte_chars))]
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in lines]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    if pad_token:
+        (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}))
+    return folder
+
+
 def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours - reference| / max |reference|: an error relative to the output's scale."""
     ours, reference = ours.double(), reference.double()

@@ -1,32 +1,15 @@
 """Tokenizers: ids identical to transformers' CLIPTokenizer and BertTokenizer on a 300+ prompt corpus."""
 
-import gzip
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from minildm.tokenizer import BERT_VOCAB_FILE, CLIP_BPE_FILE, BertTokenizer, CLIPTokenizer
-from conftest import oracle
+from minildm.tokenizer import BERT_VOCAB_FILE, BertTokenizer, CLIPTokenizer
+from conftest import oracle, write_clip_hub_folder
 
 PROMPTS = json.loads((Path(__file__).parent / "data" / "prompts.json").read_text(encoding="utf-8"))
-
-
-def write_clip_hub_folder(folder: Path, pad_token=None) -> Path:
-    """vocab.json + merges.txt as on the hub, derived here from the BPE file by OpenAI's recipe
-    (written independently of minildm's own derivation, so the two check each other)."""
-    lines = gzip.open(CLIP_BPE_FILE, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = [chr(b) for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    byte_chars += [chr(256 + n) for n in range(256 - len(byte_chars))]
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in lines]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    if pad_token:
-        (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}))
-    return folder
 
 
 def reference_ids(reference, prompts):

@@ -6,5 +6,6 @@ One file per algorithm; class names, constructor keywords and methods follow dif
 
 from minildm.schedulers.ddim import DDIMScheduler
 from minildm.schedulers.ddpm import DDPMScheduler
+from minildm.schedulers.vq_diffusion import VQDiffusionScheduler
 
-__all__ = ["DDIMScheduler", "DDPMScheduler"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "VQDiffusionScheduler"]

@@ -1,0 +1,130 @@
+"""VQ-Diffusion text-to-image: unmask a grid of VQ codes step by step, then decode it.
+
+Gu et al. 2022 (arXiv:2111.14822) with Improved VQ-Diffusion's learned classifier-free guidance
+(Tang et al. 2022, arXiv:2205.16007). Matches diffusers' VQDiffusionPipeline on
+microsoft/vq-diffusion-ithq, whose call signature this keeps:
+
+    tokenize -> CLIP ViT-B/32 -> normalise every token vector
+    start from a 32x32 grid of [MASK] codes
+    for t = 99 ... 0:
+        log p(x0) = transformer(codes, text, t)              (and with the learned "empty" text)
+        guidance in log space, renormalise, truncate, clamp at -70
+        codes = scheduler.step(log p(x0), t, codes)           (sample x_{t-1})
+    decode the codes through the VQ-VAE's codebook
+
+Precision: the text encoder and transformer may run in bf16/fp16; the transformer returns float32
+log-probabilities (its log-softmax runs in float64) and all log-space arithmetic after it (guidance,
+truncation, the scheduler's posterior) stays in float32, where half precision would lose the small
+probabilities that decide which codes get unmasked.
+"""
+
+from pathlib import Path
+
+import torch
+
+from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
+from minildm.pipelines.common import PipelineOutput, check_output_type, images_out
+from minildm.weights import read_config, resolve_folder
+
+
+def truncate(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
+    """Keep, at every position, the most likely codes whose cumulative probability stays below
+    `truncation_rate` (and always the single most likely one); the rest get log-probability -inf.
+    1.0 keeps everything but codes beyond a total of 1 (rounding); the paper suggests 0.86 without
+    classifier-free guidance. log_p_x_0: (B, K, N)."""
+    sorted_log_p, order = torch.sort(log_p_x_0, dim=1, descending=True)
+    keep = sorted_log_p.exp().cumsum(dim=1) < truncation_rate  # (B, K, N), in sorted order
+    # shift by one so the code that crosses the threshold is kept too, and the top code always is
+    keep = torch.cat((torch.ones_like(keep[:, :1]), keep[:, :-1]), dim=1)
+    keep = keep.gather(1, order.argsort(dim=1))  # back to code order
+    return log_p_x_0.masked_fill(~keep, float("-inf"))
+
+
+class VQDiffusionPipeline:
+    def __init__(self, vqvae, text_encoder, tokenizer, transformer, scheduler, learned_classifier_free_sampling_embeddings=None):
+        self.vqvae, self.text_encoder, self.tokenizer = vqvae, text_encoder, tokenizer
+        self.transformer, self.scheduler = transformer, scheduler
+        # None: the unconditional branch encodes the empty prompt instead (hub branches without it)
+        self.learned_classifier_free_sampling_embeddings = learned_classifier_free_sampling_embeddings
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None) -> "VQDiffusionPipeline":
+        """From a hub-layout folder (or `microsoft/vq-diffusion-ithq` in the Hugging Face cache)."""
+        folder = Path(resolve_folder(name_or_path))
+        index = read_model_index(folder, "VQDiffusionPipeline")
+        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vqvae", "text_encoder", "transformer")}
+        embeddings = None  # the fp16 branch of the hub repo has none (facts 4.1)
+        embeddings_folder = folder / "learned_classifier_free_sampling_embeddings"
+        if "learned_classifier_free_sampling_embeddings" in index and read_config(embeddings_folder).get("learnable"):
+            embeddings = load_component(embeddings_folder, device=device, dtype=dtype, variant=variant)
+        return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"),
+                   learned_classifier_free_sampling_embeddings=embeddings, **parts)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def encode_prompt(self, prompts: list, num_images_per_prompt: int, guided: bool) -> torch.Tensor:
+        """-> (B, 77, D) text context, or (2B, 77, D) with the unconditional half first when guided."""
+        dtype = next(self.transformer.parameters()).dtype
+        text = self.text_encoder(self.tokenizer(prompts).to(self.device))  # (P, 77, D)
+        text = text / text.norm(dim=-1, keepdim=True)  # every token vector on the unit sphere, as in training
+        text = text.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
+        if not guided:
+            return text.to(dtype)
+        if self.learned_classifier_free_sampling_embeddings is not None:
+            empty = self.learned_classifier_free_sampling_embeddings.embeddings[None]  # (1, 77, D), used as is
+        else:
+            empty = self.text_encoder(self.tokenizer([""]).to(self.device))
+            empty = empty / empty.norm(dim=-1, keepdim=True)
+        return torch.cat([empty.expand_as(text).to(text.dtype), text]).to(dtype)  # (2B, 77, D)
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_inference_steps: int = 100, guidance_scale: float = 5.0, truncation_rate: float = 1.0,
+                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if not 0 < truncation_rate <= 1:
+            raise ValueError(f"truncation_rate must lie in (0, 1] (a cumulative probability), got {truncation_rate!r}")
+        if not isinstance(callback_steps, int) or callback_steps < 1:
+            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        check_output_type(output_type)
+        config = self.transformer.config
+        batch = len(prompts) * num_images_per_prompt
+        guided = guidance_scale > 1.0
+        sample = self._initial_codes(latents, batch)  # (B, N)
+        context = self.encode_prompt(prompts, num_images_per_prompt, guided)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for i, t in enumerate(self.scheduler.timesteps):
+            model_input = torch.cat([sample] * 2) if guided else sample
+            log_p_x_0 = self.transformer(model_input, context, t)  # (B or 2B, K, N), float32
+            if guided:  # classifier-free guidance on log-probabilities, then renormalise
+                unconditional, conditional = log_p_x_0.chunk(2)
+                log_p_x_0 = unconditional + guidance_scale * (conditional - unconditional)
+                log_p_x_0 = log_p_x_0 - torch.logsumexp(log_p_x_0, dim=1, keepdim=True)
+            log_p_x_0 = truncate(log_p_x_0, truncation_rate).clamp(min=-70)  # -70: exp() is 0 in float32 anyway
+            sample = self.scheduler.step(log_p_x_0, t, sample, generator=generator)  # (B, N) codes of x_{t-1}
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, sample)
+
+        images = self.vqvae.decode_indices(sample, (config.height, config.width))  # (B, 3, H, W) in [-1, 1]
+        images = images_out((images.float() / 2 + 0.5).clamp(0, 1), output_type)
+        return PipelineOutput(images) if return_dict else (images,)
+
+    def _initial_codes(self, latents, batch: int) -> torch.Tensor:
+        """All [MASK] (the state at the last diffusion step), or the caller's codes, checked."""
+        config = self.transformer.config
+        shape = (batch, config.height * config.width)
+        if latents is None:
+            return torch.full(shape, config.mask_index, device=self.device)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (images x {config.height}*{config.width} code positions), got {tuple(latents.shape)}")
+        if latents.dtype != torch.long or latents.min() < 0 or latents.max() > config.mask_index:
+            raise ValueError(f"latents must be integer code indices in [0, {config.mask_index}] ({config.mask_index} = [MASK]), "
+                             f"got {latents.dtype} in [{latents.min().item()}, {latents.max().item()}]")
+        return latents.to(self.device)
