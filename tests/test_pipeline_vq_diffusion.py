@@ -106,3 +106,17 @@ def test_outputs_and_bad_input(hub_folder):
     (hub_folder["folder"].parent / "other" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(minildm.CheckpointError, match="holds a 'StableDiffusionPipeline', not a VQDiffusionPipeline"):
         VQDiffusionPipeline.from_pretrained(hub_folder["folder"].parent / "other")
+
+
+def test_command_line_writes_a_png(hub_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from minildm.__main__ import main
+
+    main(["vq-diffusion", "a teddy bear playing in the pool", "--weights", str(hub_folder["folder"]), "--steps", "100", "-n", "2", "--out", str(tmp_path)])
+    written = sorted(tmp_path.glob("*.png"))
+    output = capsys.readouterr().out
+    assert [p.name for p in written] == ["vq_diffusion_seed0_0.png", "vq_diffusion_seed0_1.png"] and f"wrote {written[0]}" in output
+    assert Image.open(written[0]).size == (16, 16) and "step 100/100" in output
+    with pytest.raises(SystemExit, match="neither a local folder nor in the Hugging Face cache"):
+        main(["vq-diffusion", "a cat", "--weights", "someone/not-downloaded"])
