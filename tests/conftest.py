@@ -106,6 +106,18 @@ def reference_scheduler(class_name: str, config: dict):
         return getattr(diffusers, class_name).from_config({k: v for k, v in config.items() if k != "_class_name"})
 
 
+def scheduler_from_config(cls, config: dict):
+    """minildm's from_config; the only warning allowed is about keys of another scheduler (the blog post
+    builds every scheduler from SD's PNDM config, with its skip_prk_steps)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scheduler = cls.from_config(config)
+    assert all("ignores config keys that do not apply" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    return scheduler
+
+
 def compare_scheduler_steps(ours, theirs, num_inference_steps: int, label: str, step_kwargs=None, seed=None, tolerance=1e-6):
     """Run both schedulers over the same trajectory: the same timesteps, the same model outputs, the
     same sample at every step (the reference's). `seed` gives both the same generator for stochastic
