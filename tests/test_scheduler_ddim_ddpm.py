@@ -52,6 +52,19 @@ def test_add_noise(cls):
     assert error < 1e-6
 
 
+def test_trailing_spacing_has_exactly_n_steps():
+    # for some n (61, 103, 121, ...) np.arange(T, 0, -T/n) yields one extra value near 0, which diffusers
+    # keeps as a step at timestep -1 (reading alphas_cumprod[-1], the noisiest); minildm keeps n steps
+    for n in (61, 103):
+        scheduler = DDIMScheduler(timestep_spacing="trailing")
+        scheduler.set_timesteps(n)
+        reference = reference_scheduler("DDIMScheduler", {"timestep_spacing": "trailing"})
+        reference.set_timesteps(n)
+        assert len(scheduler.timesteps) == n and scheduler.timesteps.min() >= 0
+        assert len(reference.timesteps) == n + 1 and reference.timesteps[-1] == -1  # the reference's extra step
+        assert torch.equal(scheduler.timesteps, reference.timesteps[:n])
+
+
 def test_official_schedule_values():
     # facts 6.1-6.3: the numbers the configs imply
     ldm = DDIMScheduler.from_config(SCHEDULER_CONFIGS["LDM text2im (DDIM)"])
@@ -79,5 +92,5 @@ def test_bad_input_is_refused():
         DDIMScheduler.from_config({"thresholding": True})
     with pytest.raises(ValueError, match="prediction_type must be"):
         DDIMScheduler(prediction_type="x0")
-    with pytest.raises(ValueError, match="reaches timestep 1000, beyond the 1000 training steps"):
+    with pytest.raises(ValueError, match="reaches timestep 1000, outside the 1000 training steps"):
         DDPMScheduler(steps_offset=1).set_timesteps(1000)

@@ -139,7 +139,7 @@ def test_bad_input_is_refused(cls):
         cls.from_config({"thresholding": True})
     with pytest.raises(ValueError, match="final_sigmas_type='sigma_min' is not implemented"):
         cls.from_config({"final_sigmas_type": "sigma_min"})
-    with pytest.raises(ValueError, match="reaches timestep 1000, beyond the 1000 training steps"):
+    with pytest.raises(ValueError, match="reaches timestep 1000, outside the 1000 training steps"):
         cls(timestep_spacing="leading", steps_offset=1).set_timesteps(999)
     with pytest.raises(ValueError, match="visits a timestep twice"):
         cls(timestep_spacing="leading").set_timesteps(1000)

@@ -1,7 +1,6 @@
 """Euler, Euler ancestral and Heun: every timestep and every step equal to diffusers', on the three
 official configs, Karras sigmas included; Euler ancestral with the same generator."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -140,7 +139,7 @@ def test_bad_input_is_refused():
         EulerAncestralDiscreteScheduler(prediction_type="sample")
     with pytest.raises(ValueError, match="prediction_type must be"):
         EulerDiscreteScheduler(prediction_type="x0")
-    with pytest.raises(ValueError, match="reaches timestep 1000, beyond the 1000 training steps"):
+    with pytest.raises(ValueError, match="reaches timestep 1000, outside the 1000 training steps"):
         EulerDiscreteScheduler(steps_offset=1, timestep_spacing="leading").set_timesteps(1000)
     euler = EulerDiscreteScheduler()
     euler.set_timesteps(10)

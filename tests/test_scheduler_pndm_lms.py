@@ -124,7 +124,7 @@ def test_bad_input_is_refused():
         LMSDiscreteScheduler(prediction_type="x0")
     with pytest.raises(ValueError, match="at least 4 with skip_prk_steps=False, got 3"):
         PNDMScheduler(skip_prk_steps=False).set_timesteps(3)
-    with pytest.raises(ValueError, match="reaches timestep 1000, beyond the 1000 training steps"):
+    with pytest.raises(ValueError, match="reaches timestep 1000, outside the 1000 training steps"):
         PNDMScheduler(steps_offset=1, skip_prk_steps=True).set_timesteps(1000)
     lms = LMSDiscreteScheduler()
     lms.set_timesteps(10)

@@ -43,8 +43,9 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int):
 
 def check_timesteps_in_range(timesteps, num_train_timesteps: int):
     if timesteps.max() >= num_train_timesteps or timesteps.min() < 0:
-        raise ValueError(f"the schedule reaches timestep {int(timesteps.max())}, beyond the {num_train_timesteps} training steps "
-                         "(steps_offset with as many steps as training steps?): use fewer steps or timestep_spacing='trailing'")
+        raise ValueError(f"the schedule reaches timestep {int(timesteps.max()) if timesteps.max() >= num_train_timesteps else int(timesteps.min())}, "
+                         f"outside the {num_train_timesteps} training steps (steps_offset with as many steps as training steps?): "
+                         "use fewer steps, or another steps_offset or timestep_spacing")
 
 
 def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:

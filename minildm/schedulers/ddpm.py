@@ -48,7 +48,7 @@ class DDPMScheduler:
         if self.timestep_spacing == "leading":
             timesteps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.steps_offset
         elif self.timestep_spacing == "trailing":
-            timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+            timesteps = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1  # [:n]: see sigmas.sigma_schedule
         else:
             timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         check_timesteps_in_range(timesteps, T)

@@ -49,7 +49,7 @@ def multistep_timesteps(num_train_timesteps: int, num_inference_steps: int, time
         return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     if timestep_spacing == "leading":  # multiples of T // (n + 1), 0 dropped, shifted by steps_offset
         return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
-    return np.arange(T, 0, -T / n).round().astype(np.int64) - 1  # trailing: T - 1, T - 1 - T/n, ...
+    return np.arange(T, 0, -T / n)[:n].round().astype(np.int64) - 1  # trailing: T - 1, T - 1 - T/n, ... ([:n]: see sigmas.sigma_schedule)
 
 
 def multistep_schedule(alphas_cumprod: torch.Tensor, num_inference_steps: int, timestep_spacing: str, steps_offset: int,

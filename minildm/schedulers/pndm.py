@@ -84,7 +84,7 @@ class PNDMScheduler:
         if self.timestep_spacing == "leading":  # 0, T/n, 2T/n, ... shifted by steps_offset
             steps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.steps_offset
         elif self.timestep_spacing == "trailing":  # ..., T - 1 - T/n, T - 1
-            steps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+            steps = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1  # [:n]: see sigmas.sigma_schedule
         else:  # linspace: evenly from T - 1 to 0, both ends included
             steps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         check_timesteps_in_range(steps, T)
