@@ -42,6 +42,7 @@ class UNetConfig:
     head_channels: int | None = None  # ...self-attention UNets: a fixed number of channels per head
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    sample_size: int = 64  # the latent size it was trained at (the pipelines' default image size / 8 or / 4)
 
     @property
     def time_channels(self) -> int:
@@ -96,11 +97,12 @@ class UNetConfig:
             head_channels=head_channels,
             norm_groups=config.get("norm_num_groups", 32),
             norm_eps=config.get("norm_eps", 1e-5),
+            sample_size=config.get("sample_size", 64),
         )
 
 
 SD_V1 = UNetConfig()  # CompVis/stable-diffusion-v1-4 and every SD 1.x fine-tune: 859,520,964 parameters
-LDM_TEXT2IM = UNetConfig(context_dim=1280)  # CompVis/ldm-text2im-large-256 (LDMBert context): 872,300,484
+LDM_TEXT2IM = UNetConfig(context_dim=1280, sample_size=32)  # CompVis/ldm-text2im-large-256 (LDMBert context): 872,300,484
 CELEBAHQ = UNetConfig(  # CompVis/ldm-celebahq-256, unconditional on VQ-f4 latents: 274,056,163
     in_channels=3, out_channels=3, channels=(224, 448, 672, 896), attention_levels=(1, 2, 3), context_dim=None, heads=None, head_channels=32
 )

@@ -1,6 +1,9 @@
 """One pipeline per system, each reading like the Stable Diffusion blog post's denoising loop."""
 
 from minildm.pipelines.common import PipelineOutput
+from minildm.pipelines.ldm_text2im import LDMTextToImagePipeline
+from minildm.pipelines.ldm_uncond import LDMPipeline
+from minildm.pipelines.stable_diffusion import StableDiffusionOutput, StableDiffusionPipeline
 from minildm.pipelines.vq_diffusion import VQDiffusionPipeline
 
-__all__ = ["PipelineOutput", "VQDiffusionPipeline"]
+__all__ = ["LDMPipeline", "LDMTextToImagePipeline", "PipelineOutput", "StableDiffusionOutput", "StableDiffusionPipeline", "VQDiffusionPipeline"]

@@ -27,3 +27,41 @@ def images_out(images: torch.Tensor, output_type: str):
 def check_output_type(output_type: str):
     if output_type not in ("pil", "np", "pt"):
         raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+
+
+def prompt_list(prompt) -> list:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    return prompts
+
+
+def check_image_size(height: int, width: int, factor: int = 8):
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {factor} (the autoencoder's downsampling factor), got {height}x{width}")
+
+
+def check_count(name: str, value):
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def initial_noise(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    """Gaussian latents drawn in float32 on the generator's device (the CPU by default), then moved:
+    the same seed gives the same image on any device and in any dtype, and the same as diffusers
+    with a CPU generator."""
+    noise_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def step_options(scheduler, eta: float, generator) -> dict:
+    """The keyword arguments of scheduler.step: every minildm scheduler takes `generator`; only DDIM has
+    `eta`, and asking another scheduler for eta > 0 is an error rather than silently ignored."""
+    import inspect
+
+    options = {"generator": generator}
+    if "eta" in inspect.signature(scheduler.step).parameters:
+        options["eta"] = eta
+    elif eta:
+        raise ValueError(f"eta={eta} only applies to DDIM; {type(scheduler).__name__} has no eta (pass eta=0.0)")
+    return options

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
-from minildm.pipelines.common import PipelineOutput, check_output_type, images_out
+from minildm.pipelines.common import PipelineOutput, check_count, check_output_type, images_out, prompt_list
 from minildm.weights import read_config, resolve_folder
 
 
@@ -83,15 +83,11 @@ class VQDiffusionPipeline:
     def __call__(self, prompt, num_inference_steps: int = 100, guidance_scale: float = 5.0, truncation_rate: float = 1.0,
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        prompts = prompt_list(prompt)
+        check_count("num_images_per_prompt", num_images_per_prompt)
         if not 0 < truncation_rate <= 1:
             raise ValueError(f"truncation_rate must lie in (0, 1] (a cumulative probability), got {truncation_rate!r}")
-        if not isinstance(callback_steps, int) or callback_steps < 1:
-            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         config = self.transformer.config
         batch = len(prompts) * num_images_per_prompt

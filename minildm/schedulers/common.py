@@ -65,6 +65,9 @@ def add_noise(alphas_cumprod: torch.Tensor, original_samples: torch.Tensor, nois
 
 # Keys of old hub configs that diffusers no longer reads: ignored when they say nothing different.
 LEGACY_KEYS = {"timestep_values": None, "timesteps": 1000}
+# Keys the official configs carry for other schedulers' sake, at a value that asks for nothing:
+# SD's PNDM config has clip_sample false "to make it compatible with DDIM" (facts 1.3).
+NEUTRAL_KEYS = {"clip_sample": False}
 
 
 def config_kwargs(cls, config: dict) -> dict:
@@ -85,6 +88,8 @@ def config_kwargs(cls, config: dict) -> dict:
         elif key in cls.UNIMPLEMENTED:
             if value != cls.UNIMPLEMENTED[key]:
                 raise ValueError(f"{cls.__name__}: {key}={value!r} is not implemented in minildm (only {cls.UNIMPLEMENTED[key]!r})")
+        elif key in NEUTRAL_KEYS and value == NEUTRAL_KEYS[key]:
+            continue
         elif key in LEGACY_KEYS:
             if value != LEGACY_KEYS[key] and not (key == "timesteps" and value == config.get("num_train_timesteps", 1000)):
                 raise ValueError(f"{cls.__name__}: legacy key {key}={value!r} would change the schedule; give num_train_timesteps instead")

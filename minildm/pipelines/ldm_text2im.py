@@ -1,0 +1,76 @@
+"""The CompVis LDM text-to-image model (ldm-text2im-large-256): LDMBert text, KL-f8 latents, 256 px.
+
+Rombach et al. 2022 (arXiv:2112.10752), section 4.3.1. The same loop as Stable Diffusion with a BERT
+tokenizer and the 32-layer LDMBert encoder (1280-wide context); the unconditional branch of
+classifier-free guidance is the empty prompt run through LDMBert ([CLS] [SEP] [PAD]...), and the
+default guidance scale is 1.0 (none), as in diffusers' LDMTextToImagePipeline, whose call this keeps.
+
+Divergences from diffusers, on purpose: the loop scales the model input and the starting noise as
+the scheduler asks (`scale_model_input`, `init_noise_sigma`), so Euler-type schedulers work too
+(diffusers' LDM pipeline skips both, which is only right for DDIM/PNDM); and DDIM's eta > 0 noise
+comes from `generator` (diffusers draws it from torch's global generator).
+"""
+
+from pathlib import Path
+
+import torch
+
+from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
+from minildm.pipelines.common import (PipelineOutput, check_image_size, check_output_type, images_out, initial_noise,
+                                      prompt_list, step_options)
+from minildm.weights import resolve_folder
+
+
+class LDMTextToImagePipeline:
+    def __init__(self, vqvae, bert, tokenizer, unet, scheduler):
+        # "vqvae" is diffusers' name for this model's KL autoencoder
+        self.vqvae, self.bert, self.tokenizer, self.unet, self.scheduler = vqvae, bert, tokenizer, unet, scheduler
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None) -> "LDMTextToImagePipeline":
+        """From a hub-layout folder or `CompVis/ldm-text2im-large-256` in the Hugging Face cache."""
+        folder = Path(resolve_folder(name_or_path))
+        read_model_index(folder, "LDMTextToImagePipeline")
+        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vqvae", "bert", "unet")}
+        return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"), **parts)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, prompt, height: int = 256, width: int = 256, num_inference_steps: int = 50, guidance_scale: float = 1.0,
+                 eta: float = 0.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        prompts = prompt_list(prompt)
+        check_image_size(height, width)
+        check_output_type(output_type)
+        dtype = next(self.unet.parameters()).dtype
+        guided = guidance_scale != 1.0  # as diffusers: any scale but 1 runs the unconditional branch
+
+        context = self.bert(self.tokenizer(prompts).to(self.device))  # (B, 77, 1280)
+        if guided:
+            empty = self.bert(self.tokenizer([""] * len(prompts)).to(self.device))  # LDMBert's own "no text"
+            context = torch.cat([empty, context])  # (2B, 77, 1280)
+        context = context.to(dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        shape = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
+        if latents is None:
+            latents = initial_noise(shape, generator, self.device, dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(self.device, dtype) * self.scheduler.init_noise_sigma
+        options = step_options(self.scheduler, eta, generator)
+        for t in self.scheduler.timesteps:
+            model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            noise_prediction = self.unet(model_input, t, context)
+            if guided:
+                unconditional, conditional = noise_prediction.chunk(2)
+                noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(noise_prediction, t, latents, **options)
+
+        vae_dtype = next(self.vqvae.parameters()).dtype
+        images = self.vqvae.decode(latents.to(vae_dtype) / self.vqvae.config.scaling_factor)
+        images = images_out((images.float() / 2 + 0.5).clamp(0, 1), output_type)
+        return PipelineOutput(images) if return_dict else (images,)

@@ -1,0 +1,124 @@
+"""Stable Diffusion v1.x text-to-image: the denoising loop of the Stable Diffusion blog post.
+
+Rombach et al. 2022 (arXiv:2112.10752) with classifier-free guidance (Ho & Salimans 2022,
+arXiv:2207.12598). Matches diffusers' StableDiffusionPipeline on CompVis/stable-diffusion-v1-4:
+
+    tokenize the prompt and the negative (or empty) prompt -> CLIP ViT-L/14 -> (2B, 77, 768)
+    latents ~ N(0, I) * init_noise_sigma, (B, 4, H/8, W/8)
+    for t in scheduler.timesteps:
+        eps_uncond, eps_text = unet(scale_model_input([latents] * 2, t), t, context)
+        eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+        latents = scheduler.step(eps, t, latents)
+    image = vae.decode(latents / 0.18215)
+
+The safety checker, when the folder has one, only reports: `nsfw_content_detected` lists a flag per
+image, and minildm never replaces an image by a black one.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
+from minildm.pipelines.common import (check_count, check_image_size, check_output_type, images_out, initial_noise, prompt_list,
+                                      step_options)
+from minildm.weights import resolve_folder
+
+
+@dataclass
+class StableDiffusionOutput:
+    images: object  # list of PIL images, (B, H, W, 3) numpy, or (B, 3, H, W) torch, in [0, 1]
+    nsfw_content_detected: list | None  # one flag per image, or None without a safety checker
+
+
+class StableDiffusionPipeline:
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None):
+        self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = vae, text_encoder, tokenizer, unet, scheduler
+        self.safety_checker = safety_checker
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None, safety_checker: bool = True):
+        """From a hub-layout folder or a repo in the Hugging Face cache (`CompVis/stable-diffusion-v1-4`).
+        safety_checker=False skips loading it even when the folder has one."""
+        folder = Path(resolve_folder(name_or_path))
+        index = read_model_index(folder, "StableDiffusionPipeline")
+        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vae", "text_encoder", "unet")}
+        checker = None
+        if safety_checker and index.get("safety_checker", [None])[0] is not None and (folder / "safety_checker").is_dir():
+            checker = load_component(folder / "safety_checker", device=device, dtype=dtype, variant=variant)
+        return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"), safety_checker=checker, **parts)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def encode_prompt(self, prompts: list, negative_prompt, num_images_per_prompt: int, guided: bool) -> torch.Tensor:
+        """-> (B, 77, 768) text context, B = prompts x images per prompt; (2B, 77, 768) with the
+        negative (or empty) prompts first when guided."""
+        def encode(texts):
+            context = self.text_encoder(self.tokenizer(texts).to(self.device))  # (P, 77, 768)
+            return context.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, 768), each prompt's images together
+
+        text = encode(prompts)
+        if not guided:
+            return text.to(self.dtype)
+        negatives = [""] * len(prompts) if negative_prompt is None else [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, list) or len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt), got {negative_prompt!r}")
+        return torch.cat([encode(negatives), text]).to(self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt=None, num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
+        prompts = prompt_list(prompt)
+        f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        check_image_size(height, width, f)
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("callback_steps", callback_steps)
+        check_output_type(output_type)
+        guided = guidance_scale > 1.0  # classifier-free guidance; 1.0 means the conditional prediction alone
+        if negative_prompt is not None and not guided:
+            raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
+        batch = len(prompts) * num_images_per_prompt
+
+        # 1. the text condition
+        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
+        # 2. the noise schedule and the starting noise
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        shape = (batch, self.unet.config.in_channels, height // f, width // f)
+        if latents is None:
+            latents = initial_noise(shape, generator, self.device, self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        options = step_options(self.scheduler, eta, generator)
+        # 3. the denoising loop
+        for i, t in enumerate(self.scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_prediction = self.unet(model_input, t, context)
+            if guided:
+                unconditional, conditional = noise_prediction.chunk(2)
+                noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(noise_prediction, t, latents, **options)
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, latents)
+        # 4. back to pixels
+        return self.decode(latents, output_type, return_dict)
+
+    def decode(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Latents -> images in [0, 1], the safety checker's flags, and the requested output type."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor)  # (B, 3, H, W) in about [-1, 1]
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        flags = self.safety_checker.check(images) if self.safety_checker is not None else None
+        images = images_out(images, output_type)
+        return StableDiffusionOutput(images, flags) if return_dict else (images, flags)

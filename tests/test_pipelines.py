@@ -1,0 +1,173 @@
+"""Stable Diffusion, LDM text-to-image and LDM unconditional end to end against diffusers' pipelines,
+on small random components saved as hub-layout folders (tokenizer folders without tokenizer.json)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import minildm
+from minildm.pipelines import LDMPipeline, LDMTextToImagePipeline, StableDiffusionPipeline
+from minildm import schedulers
+from conftest import SCHEDULER_CONFIGS, oracle, randomize_, reference_scheduler, write_clip_hub_folder
+
+TOLERANCE = 1e-4  # max abs difference of float images in [0, 1]
+SMALL_KL = dict(block_out_channels=[8, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                latent_channels=4, layers_per_block=1, norm_num_groups=8)  # f = 8 like the real one, tiny widths
+SMALL_UNET = dict(block_out_channels=[32, 64], layers_per_block=2, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=2, in_channels=4, out_channels=4)
+
+
+def quietly(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def save_hub_folder(folder, class_name, components: dict, extra_index=None):
+    index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
+    for name, module in components.items():
+        module.save_pretrained(folder / name)
+        library = "transformers" if type(module).__module__.startswith("transformers") else "diffusers"
+        index[name] = [library, type(module).__name__]
+    index.update(extra_index or {})
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    diffusers, transformers = oracle("diffusers"), oracle("transformers")
+    torch.manual_seed(0)
+    vae = randomize_(diffusers.AutoencoderKL(**SMALL_KL).eval(), seed=1)
+    unet = randomize_(diffusers.UNet2DConditionModel(**SMALL_UNET, cross_attention_dim=32, sample_size=8).eval(), seed=2)
+    text_encoder = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                                                      num_attention_heads=4)).eval(), seed=3)
+    scheduler = quietly(diffusers.PNDMScheduler.from_config, {k: v for k, v in SCHEDULER_CONFIGS["SD v1-4 (PNDM)"].items() if not k.startswith("_")})
+    folder = save_hub_folder(tmp_path_factory.mktemp("sd") / "pipeline", "StableDiffusionPipeline",
+                             dict(vae=vae, unet=unet, text_encoder=text_encoder, scheduler=scheduler),
+                             {"tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None], "feature_extractor": [None, None]})
+    write_clip_hub_folder(folder / "tokenizer")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77)
+    reference = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    return dict(folder=folder, reference=reference)
+
+
+def compare(label, got, expected):
+    error = float(np.abs(got - expected).max())
+    print(f"{label}: image max abs difference {error:.1e} (tolerance {TOLERANCE:.0e})")
+    assert got.shape == expected.shape and error < TOLERANCE
+
+
+SD_SCHEDULERS = {  # name -> (minildm class, diffusers class name, extra call options)
+    "PNDM (as published)": (schedulers.PNDMScheduler, "PNDMScheduler", {}),
+    "DDIM eta 0": (schedulers.DDIMScheduler, "DDIMScheduler", {"eta": 0.0}),
+    "DDIM eta 0.5": (schedulers.DDIMScheduler, "DDIMScheduler", {"eta": 0.5}),
+    "LMS": (schedulers.LMSDiscreteScheduler, "LMSDiscreteScheduler", {}),
+    "Euler ancestral": (schedulers.EulerAncestralDiscreteScheduler, "EulerAncestralDiscreteScheduler", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(SD_SCHEDULERS))
+def test_stable_diffusion_matches_diffusers(sd, name):
+    ours_class, theirs_name, options = SD_SCHEDULERS[name]
+    pipe = StableDiffusionPipeline.from_pretrained(sd["folder"])
+    config = SCHEDULER_CONFIGS["SD v1-4 (PNDM)"]
+    pipe.scheduler = quietly(ours_class.from_config, config)  # swapped by assignment, as in the blog post
+    sd["reference"].scheduler = reference_scheduler(theirs_name, config)
+    call = dict(prompt=["a photograph of an astronaut riding a horse", "a red cube on a blue sphere"], negative_prompt=["blurry", "low quality"],
+                height=64, width=96, num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2, output_type="np", **options)
+    expected = sd["reference"](generator=torch.Generator().manual_seed(0), **call).images
+    got = pipe(generator=torch.Generator().manual_seed(0), **call)
+    assert got.nsfw_content_detected is None  # no safety checker in this folder
+    compare(f"SD 64x96, 2 prompts x 2 images, negative prompts, {name}", got.images, expected)
+
+
+def test_stable_diffusion_without_guidance_and_output_types(sd):
+    pipe = StableDiffusionPipeline.from_pretrained(sd["folder"])
+    sd["reference"].scheduler = reference_scheduler("PNDMScheduler", SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
+    call = dict(prompt="a cat", height=64, width=64, num_inference_steps=4, guidance_scale=1.0)
+    expected = sd["reference"](generator=torch.Generator().manual_seed(3), output_type="np", **call).images
+    got = pipe(generator=torch.Generator().manual_seed(3), output_type="np", **call).images
+    compare("SD guidance 1.0 (no unconditional branch)", got, expected)
+    pil = pipe(generator=torch.Generator().manual_seed(3), **call).images[0]
+    assert pil.size == (64, 64) and np.array_equal(np.asarray(pil), (got[0] * 255).round().astype("uint8"))
+    images, flags = pipe(generator=torch.Generator().manual_seed(3), output_type="pt", return_dict=False, **call)
+    assert images.shape == (1, 3, 64, 64) and flags is None
+
+
+def test_stable_diffusion_bad_input(sd):
+    pipe = StableDiffusionPipeline.from_pretrained(sd["folder"])
+    with pytest.raises(ValueError, match="positive multiples of 8"):
+        pipe("a cat", height=60, width=64)
+    with pytest.raises(ValueError, match="a list of 2 strings"):
+        pipe(["a cat", "a dog"], negative_prompt=["blurry"])
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
+        pipe("a cat", num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="no effect without guidance"):
+        pipe("a cat", guidance_scale=1.0, negative_prompt="blurry")
+    with pytest.raises(ValueError, match="eta=0.5 only applies to DDIM"):
+        pipe("a cat", eta=0.5, num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 8, 8\)"):
+        pipe("a cat", height=64, width=64, latents=torch.zeros(1, 4, 8, 9))
+    with pytest.raises(minildm.CheckpointError, match="holds a 'StableDiffusionPipeline', not a LDMTextToImagePipeline"):
+        LDMTextToImagePipeline.from_pretrained(sd["folder"])
+
+
+@pytest.fixture(scope="module")
+def ldm(tmp_path_factory):
+    diffusers, transformers = oracle("diffusers"), oracle("transformers")
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    vqvae = randomize_(diffusers.AutoencoderKL(**SMALL_KL).eval(), seed=4)
+    unet = randomize_(diffusers.UNet2DConditionModel(**SMALL_UNET, cross_attention_dim=32, sample_size=8).eval(), seed=5)
+    bert = randomize_(LDMBertModel(LDMBertConfig(d_model=32, encoder_layers=2, encoder_ffn_dim=37, encoder_attention_heads=2, head_dim=16)).eval(), seed=6)
+    scheduler = quietly(diffusers.DDIMScheduler.from_config, {k: v for k, v in SCHEDULER_CONFIGS["LDM text2im (DDIM)"].items() if not k.startswith("_")})
+    folder = save_hub_folder(tmp_path_factory.mktemp("ldm") / "pipeline", "LDMTextToImagePipeline", dict(vqvae=vqvae, unet=unet, bert=bert, scheduler=scheduler),
+                             {"tokenizer": ["transformers", "BertTokenizer"], "bert": ["latent_diffusion", "LDMBertModel"]})
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.txt").write_bytes(minildm.tokenizer.BERT_VOCAB_FILE.read_bytes())
+    tokenizer = transformers.BertTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77)
+    reference = diffusers.LDMTextToImagePipeline(vqvae=vqvae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    reference.set_progress_bar_config(disable=True)
+    return dict(folder=folder, reference=reference)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
+def test_ldm_text2im_matches_diffusers(ldm, guidance_scale):
+    pipe = LDMTextToImagePipeline.from_pretrained(ldm["folder"])
+    call = dict(prompt=["A painting of a squirrel eating a burger", "a fox in the snow"], height=64, width=96, num_inference_steps=5,
+                guidance_scale=guidance_scale, output_type="np")
+    expected = ldm["reference"](generator=torch.Generator().manual_seed(0), **call).images
+    compare(f"LDM text-to-image 64x96, guidance {guidance_scale}, DDIM (hub config)", pipe(generator=torch.Generator().manual_seed(0), **call).images, expected)
+
+
+@pytest.fixture(scope="module")
+def celeba(tmp_path_factory):
+    diffusers = oracle("diffusers")
+    vqvae = randomize_(diffusers.VQModel(block_out_channels=[8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                                         latent_channels=3, num_vq_embeddings=16, layers_per_block=1, norm_num_groups=8).eval(), seed=7)
+    unet = randomize_(diffusers.UNet2DModel(block_out_channels=[32, 64], down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+                                            attention_head_dim=8, in_channels=3, out_channels=3, sample_size=8, layers_per_block=2).eval(), seed=8)
+    scheduler = quietly(diffusers.DDIMScheduler.from_config, {k: v for k, v in SCHEDULER_CONFIGS["CelebA-HQ (DDIM)"].items() if not k.startswith("_")})
+    folder = save_hub_folder(tmp_path_factory.mktemp("celeba") / "pipeline", "LDMPipeline", dict(vqvae=vqvae, unet=unet, scheduler=scheduler))
+    config = json.loads((folder / "vqvae" / "config.json").read_text())
+    del config["scaling_factor"]  # as on the hub: no scaling_factor (facts 3.2)
+    (folder / "vqvae" / "config.json").write_text(json.dumps(config))
+    vqvae.register_to_config(scaling_factor=1.0)  # the original LDM's scale, which minildm uses (facts 6.5)
+    reference = diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler)
+    reference.set_progress_bar_config(disable=True)
+    return dict(folder=folder, reference=reference)
+
+
+@pytest.mark.parametrize("eta", [0.0])
+def test_ldm_unconditional_matches_diffusers(celeba, eta):
+    pipe = LDMPipeline.from_pretrained(celeba["folder"])
+    assert pipe.vqvae.config.scaling_factor == 1.0
+    expected = celeba["reference"](batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, eta=eta, output_type="np").images
+    got = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, eta=eta, output_type="np").images
+    compare("LDM unconditional (CelebA-HQ layout), DDIM, scale 1.0", got, expected)
