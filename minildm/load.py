@@ -93,3 +93,35 @@ def load_scheduler(folder):
     if name not in schedulers.__all__:
         raise CheckpointError(f"{path} names scheduler {name!r}; minildm implements {schedulers.__all__}")
     return getattr(schedulers, name).from_config(config)
+
+
+# --- original single-file checkpoints --------------------------------------------------------------
+
+# The LatentDiffusion buffers of a CompVis checkpoint besides the three models (facts 1.4): the
+# training noise schedule (recomputed by the scheduler) and the latent scale factor.
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "scale_factor")
+
+
+def split_stable_diffusion_checkpoint(state_dict: dict) -> dict:
+    """An original SD 1.x file (sd-v1-4.ckpt, or its .safetensors conversions) -> {"unet", "vae",
+    "text_encoder", "schedule"} state dicts, each still in the original key names its loader reads."""
+    parts = {"unet": {}, "vae": {}, "text_encoder": {}, "schedule": {}}
+    unknown = []
+    for key, tensor in state_dict.items():
+        if key.startswith(("model.diffusion_model.", "model_ema.")):
+            parts["unet"][key] = tensor  # the UNet and, in full-EMA files, its EMA copy
+        elif key.startswith("first_stage_model."):
+            parts["vae"][key] = tensor
+        elif key.startswith("cond_stage_model.transformer."):
+            parts["text_encoder"][key] = tensor
+        elif key in SCHEDULE_BUFFERS:
+            parts["schedule"][key] = tensor
+        else:
+            unknown.append(key)
+    if unknown or not parts["unet"]:
+        sd2 = any(k.startswith("cond_stage_model.model.") for k in unknown)
+        raise CheckpointError(f"not a Stable Diffusion 1.x checkpoint: {len(unknown)} unexpected keys, e.g. {sorted(unknown)[:5]}"
+                              + ("; cond_stage_model.model.* is OpenCLIP: this looks like an SD 2.x checkpoint, which minildm does not implement" if sd2 else ""))
+    return parts

@@ -171,3 +171,46 @@ def test_ldm_unconditional_matches_diffusers(celeba, eta):
     expected = celeba["reference"](batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, eta=eta, output_type="np").images
     got = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, eta=eta, output_type="np").images
     compare("LDM unconditional (CelebA-HQ layout), DDIM, scale 1.0", got, expected)
+
+
+def original_checkpoint(pipe: StableDiffusionPipeline) -> dict:
+    """A CompVis-layout SD file made by inverting minildm's key maps: model.diffusion_model.*,
+    first_stage_model.* (attention as 1x1 convs), cond_stage_model.transformer.text_model.*, the
+    schedule buffers and the EMA counters of sd-v1-4.ckpt."""
+    from minildm import autoencoder, unet
+    from conftest import clip_hub_layout
+
+    state = {"model.diffusion_model." + unet.original_name(k, pipe.unet.config): v for k, v in pipe.unet.state_dict().items()}
+    levels = len(pipe.vae.config.channels)
+    for key, value in pipe.vae.state_dict().items():
+        as_conv = "attention" in key and key.endswith("weight") and value.ndim == 2
+        state["first_stage_model." + autoencoder.original_name(key, levels)] = value[:, :, None, None] if as_conv else value
+    state |= {"cond_stage_model.transformer." + k: v for k, v in clip_hub_layout(pipe.text_encoder.state_dict()).items()}
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["betas"], state["alphas_cumprod"] = pipe.scheduler.betas, pipe.scheduler.alphas_cumprod
+    state["scale_factor"], state["model_ema.decay"], state["model_ema.num_updates"] = torch.tensor(0.18215), torch.tensor(0.9999), torch.tensor(470000)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_from_single_file_gives_the_folder_image(sd, tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    folder_pipe = StableDiffusionPipeline.from_pretrained(sd["folder"])
+    path = tmp_path / f"sd-small{suffix}"
+    checkpoint = original_checkpoint(folder_pipe)
+    torch.save({"state_dict": checkpoint, "global_step": 470000}, path) if suffix == ".ckpt" else save_file(checkpoint, path)
+    single = StableDiffusionPipeline.from_single_file(path, unet_config=folder_pipe.unet.config, vae_config=folder_pipe.vae.config,
+                                                      text_encoder_config=folder_pipe.text_encoder.config)
+    call = dict(prompt="a photograph of an astronaut riding a horse", height=64, width=64, num_inference_steps=5, output_type="np")
+    expected = folder_pipe(generator=torch.Generator().manual_seed(0), **call).images
+    compare(f"SD from_single_file ({suffix}) vs the folder it came from", single(generator=torch.Generator().manual_seed(0), **call).images, expected)
+    assert np.array_equal(single(generator=torch.Generator().manual_seed(0), **call).images, expected)  # the very same weights and schedule
+
+
+def test_single_file_of_another_kind_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.x": torch.zeros(1), "cond_stage_model.model.token_embedding.weight": torch.zeros(1)}, tmp_path / "sd2.safetensors")
+    with pytest.raises(minildm.CheckpointError, match="SD 2.x checkpoint"):
+        StableDiffusionPipeline.from_single_file(tmp_path / "sd2.safetensors")

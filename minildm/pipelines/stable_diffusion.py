@@ -15,15 +15,21 @@ The safety checker, when the folder has one, only reports: `nsfw_content_detecte
 image, and minildm never replaces an image by a black one.
 """
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
+from minildm.autoencoder import KL_F8, load_autoencoder
+from minildm.clip import CLIP_VIT_L_14, load_clip_text_model
+from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index, split_stable_diffusion_checkpoint
+from minildm.schedulers import PNDMScheduler
+from minildm.tokenizer import CLIPTokenizer
+from minildm.unet import SD_V1, load_unet
 from minildm.pipelines.common import (check_count, check_image_size, check_output_type, images_out, initial_noise, prompt_list,
                                       step_options)
-from minildm.weights import resolve_folder
+from minildm.weights import read_state_dict, resolve_folder
 
 
 @dataclass
@@ -48,6 +54,27 @@ class StableDiffusionPipeline:
         if safety_checker and index.get("safety_checker", [None])[0] is not None and (folder / "safety_checker").is_dir():
             checker = load_component(folder / "safety_checker", device=device, dtype=dtype, variant=variant)
         return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"), safety_checker=checker, **parts)
+
+    @classmethod
+    def from_single_file(cls, path, device=None, dtype=None, ema: bool | None = None,
+                         unet_config=SD_V1, vae_config=KL_F8, text_encoder_config=CLIP_VIT_L_14) -> "StableDiffusionPipeline":
+        """From an original single-file checkpoint (sd-v1-4.ckpt, SD 1.x fine-tunes as .ckpt or
+        .safetensors): the three models are split by key prefix and read through their own key maps;
+        the tokenizer is the shipped CLIP vocabulary and the scheduler diffusers' default for such files,
+        PNDM with SD's schedule (facts 5.5). `ema` chooses the weights of a file holding both copies.
+        The configs are SD v1's; others are for tests with small models."""
+        parts = split_stable_diffusion_checkpoint(read_state_dict(path))
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                                  skip_prk_steps=True, steps_offset=1)
+        stored = parts["schedule"].get("alphas_cumprod")
+        if stored is not None and not torch.allclose(stored.double(), scheduler.alphas_cumprod.double(), rtol=1e-5):
+            warnings.warn(f"{path} stores a training noise schedule different from SD v1's (alphas_cumprod[-1] {stored[-1].item():.6g} vs "
+                          f"{scheduler.alphas_cumprod[-1].item():.6g}): samples may be off; set pipe.scheduler to one built from the right betas",
+                          stacklevel=2)
+        return cls(vae=load_autoencoder(vae_config, parts["vae"], device=device, dtype=dtype),
+                   text_encoder=load_clip_text_model(text_encoder_config, parts["text_encoder"], device=device, dtype=dtype),
+                   tokenizer=CLIPTokenizer(), unet=load_unet(unet_config, parts["unet"], device=device, dtype=dtype, ema=ema),
+                   scheduler=scheduler)
 
     @property
     def device(self) -> torch.device:
