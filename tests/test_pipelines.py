@@ -214,3 +214,30 @@ def test_single_file_of_another_kind_is_refused(tmp_path):
     save_file({"model.diffusion_model.x": torch.zeros(1), "cond_stage_model.model.token_embedding.weight": torch.zeros(1)}, tmp_path / "sd2.safetensors")
     with pytest.raises(minildm.CheckpointError, match="SD 2.x checkpoint"):
         StableDiffusionPipeline.from_single_file(tmp_path / "sd2.safetensors")
+
+
+def random_pil(height, width, seed):
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", ["PNDM (as published)", "DDIM eta 0.5", "Euler ancestral"])
+def test_image_to_image_matches_diffusers(sd, name):
+    diffusers = oracle("diffusers")
+    from minildm.pipelines import StableDiffusionImg2ImgPipeline
+
+    ours_class, theirs_name, options = SD_SCHEDULERS[name]
+    reference = diffusers.StableDiffusionImg2ImgPipeline(**sd["reference"].components)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = reference_scheduler(theirs_name, SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd["folder"])
+    pipe.scheduler = quietly(ours_class.from_config, SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
+    call = dict(prompt=["a watercolor of Kyoto", "a fox in the snow"], negative_prompt=["blurry", "dark"], image=random_pil(64, 96, 0), strength=0.6,
+                num_inference_steps=8, guidance_scale=7.5, num_images_per_prompt=2, output_type="np", **options)
+    expected = reference(generator=torch.Generator().manual_seed(0), **call).images
+    compare(f"SD image-to-image 64x96, strength 0.6, {name}", pipe(generator=torch.Generator().manual_seed(0), **call).images, expected)
+    with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
+        pipe("a cat", image=random_pil(64, 64, 1), strength=1.5)
+    with pytest.raises(ValueError, match="positive multiples of 8"):
+        pipe("a cat", image=random_pil(60, 64, 1))

@@ -126,20 +126,26 @@ class StableDiffusionPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
-        options = step_options(self.scheduler, eta, generator)
-        # 3. the denoising loop
-        for i, t in enumerate(self.scheduler.timesteps):
+        # 3. the denoising loop, 4. back to pixels
+        latents = self.denoise(latents, self.scheduler.timesteps, context, guidance_scale, step_options(self.scheduler, eta, generator),
+                               callback, callback_steps)
+        return self.decode(latents, output_type, return_dict)
+
+    def denoise(self, latents, timesteps, context, guidance_scale: float, options: dict, callback=None, callback_steps: int = 1):
+        """The loop of the blog post: at every timestep predict the noise (twice, with and without the
+        text, when guided), combine the two predictions, and let the scheduler take one step."""
+        guided = guidance_scale > 1.0
+        for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_prediction = self.unet(model_input, t, context)
+            noise_prediction = self.unet(model_input, t, context)  # (B or 2B, 4, h, w)
             if guided:
                 unconditional, conditional = noise_prediction.chunk(2)
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, latents)
-        # 4. back to pixels
-        return self.decode(latents, output_type, return_dict)
+        return latents
 
     def decode(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Latents -> images in [0, 1], the safety checker's flags, and the requested output type."""
@@ -149,3 +155,61 @@ class StableDiffusionPipeline:
         flags = self.safety_checker.check(images) if self.safety_checker is not None else None
         images = images_out(images, output_type)
         return StableDiffusionOutput(images, flags) if return_dict else (images, flags)
+
+
+def image_tensor(image, device, dtype, factor: int = 8) -> torch.Tensor:
+    """PIL image(s) or a (B, 3, H, W) tensor in [0, 1] -> (B, 3, H, W) in [-1, 1], the autoencoder's range.
+    Sizes must already be multiples of the autoencoder's factor: minildm does not resize silently."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, list) and all(isinstance(i, Image.Image) for i in image):
+        image = torch.from_numpy(np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255 for i in image])).permute(0, 3, 1, 2)
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be a PIL image, a list of them, or a (B, 3, H, W) tensor in [0, 1]; got {type(image).__name__} "
+                         f"{tuple(getattr(image, 'shape', ()))}")
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError(f"image tensor values must lie in [0, 1], got [{image.min().item():.3g}, {image.max().item():.3g}]")
+    check_image_size(image.shape[2], image.shape[3], factor)
+    return (image * 2 - 1).to(device=device, dtype=dtype)
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    """Image-to-image (SDEdit, Meng et al. 2022, arXiv:2108.01073): encode the image, noise it to an
+    intermediate timestep chosen by `strength`, and run the rest of the loop from there. strength 1.0
+    starts from (almost) pure noise; 0.0 returns the image through the autoencoder."""
+
+    @torch.no_grad()
+    def __call__(self, prompt, image, strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
+                 num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback=None, callback_steps: int = 1):
+        prompts = prompt_list(prompt)
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}")
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("callback_steps", callback_steps)
+        check_output_type(output_type)
+        guided = guidance_scale > 1.0
+        if negative_prompt is not None and not guided:
+            raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
+        batch = len(prompts) * num_images_per_prompt
+        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor)
+        if batch % pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images for {batch} outputs ({len(prompts)} prompts x {num_images_per_prompt}): give one image, or one per output")
+
+        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
+        # start `strength` of the way up the schedule: skip its first (1 - strength) steps
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = self.scheduler.timesteps[num_inference_steps - steps_to_run:]
+        # the image's latents, noised to the first timestep we run (drawn from `generator` in diffusers' order)
+        mean, logvar = self.vae.encode(pixels)
+        latents = self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor
+        latents = torch.cat([latents] * (batch // latents.shape[0])).to(self.dtype)  # (B, 4, h, w)
+        if len(timesteps):
+            noise = initial_noise(latents.shape, generator, self.device, self.dtype)
+            latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
+        latents = self.denoise(latents, timesteps, context, guidance_scale, step_options(self.scheduler, eta, generator), callback, callback_steps)
+        return self.decode(latents, output_type, return_dict)
