@@ -241,3 +241,58 @@ def test_image_to_image_matches_diffusers(sd, name):
         pipe("a cat", image=random_pil(64, 64, 1), strength=1.5)
     with pytest.raises(ValueError, match="positive multiples of 8"):
         pipe("a cat", image=random_pil(60, 64, 1))
+
+
+def rectangle_mask(height, width):
+    from PIL import Image
+
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 3 :] = 255  # white = repaint
+    return Image.fromarray(mask)
+
+
+@pytest.fixture(scope="module")
+def inpainting_unet(sd, tmp_path_factory):
+    """A 9-channel inpainting UNet, in a copy of the SD folder."""
+    import shutil
+
+    diffusers = oracle("diffusers")
+    unet = randomize_(diffusers.UNet2DConditionModel(**dict(SMALL_UNET, in_channels=9), cross_attention_dim=32, sample_size=8).eval(), seed=9)
+    folder = tmp_path_factory.mktemp("inpaint") / "pipeline"
+    shutil.copytree(sd["folder"], folder)
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet")
+    return dict(folder=folder, unet=unet)
+
+
+@pytest.mark.parametrize("model, strength, name", [("base 4-channel", 1.0, "PNDM (as published)"), ("base 4-channel", 0.7, "DDIM eta 0.5"),
+                                                    ("inpainting 9-channel", 1.0, "PNDM (as published)"), ("inpainting 9-channel", 0.7, "Euler ancestral")])
+def test_inpainting_matches_diffusers(sd, inpainting_unet, model, strength, name):
+    diffusers = oracle("diffusers")
+    from minildm.pipelines import StableDiffusionInpaintPipeline
+
+    ours_class, theirs_name, options = SD_SCHEDULERS[name]
+    components = dict(sd["reference"].components)
+    folder = sd["folder"]
+    if model.startswith("inpainting"):
+        components["unet"], folder = inpainting_unet["unet"], inpainting_unet["folder"]
+    reference = quietly(diffusers.StableDiffusionInpaintPipeline, **components)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = reference_scheduler(theirs_name, SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(folder)
+    pipe.scheduler = quietly(ours_class.from_config, SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
+    call = dict(prompt=["a red door", "a window"], negative_prompt=["blurry", "dark"], image=random_pil(64, 96, 2), mask_image=rectangle_mask(64, 96),
+                strength=strength, num_inference_steps=6, guidance_scale=7.5, output_type="np", **options)
+    expected = quietly(reference, generator=torch.Generator().manual_seed(0), height=64, width=96, **call).images
+    got = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    compare(f"SD inpainting, {model} UNet, strength {strength}, {name}", got, expected)
+
+
+def test_inpainting_bad_input(sd):
+    from minildm.pipelines import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(sd["folder"])
+    with pytest.raises(ValueError, match=r"the mask is \(1, 1, 32, 32\), the image \(1, 3, 64, 64\)"):
+        pipe("a door", image=random_pil(64, 64, 0), mask_image=rectangle_mask(32, 32))
+    with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
+        pipe("a door", image=random_pil(64, 64, 0), mask_image=rectangle_mask(64, 64), strength=-0.1)

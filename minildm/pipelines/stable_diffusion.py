@@ -131,21 +131,33 @@ class StableDiffusionPipeline:
                                callback, callback_steps)
         return self.decode(latents, output_type, return_dict)
 
-    def denoise(self, latents, timesteps, context, guidance_scale: float, options: dict, callback=None, callback_steps: int = 1):
+    def denoise(self, latents, timesteps, context, guidance_scale: float, options: dict, callback=None, callback_steps: int = 1,
+                extra_input=None, after_step=None):
         """The loop of the blog post: at every timestep predict the noise (twice, with and without the
-        text, when guided), combine the two predictions, and let the scheduler take one step."""
+        text, when guided), combine the two predictions, and let the scheduler take one step.
+        Inpainting adds `extra_input` channels to the UNet's input (the 9-channel model) or blends the
+        known region back in `after_step(i, latents)` (the base model)."""
         guided = guidance_scale > 1.0
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
+            if extra_input is not None:
+                model_input = torch.cat([model_input, extra_input], dim=1)  # (B or 2B, 4 + 5, h, w)
             noise_prediction = self.unet(model_input, t, context)  # (B or 2B, 4, h, w)
             if guided:
                 unconditional, conditional = noise_prediction.chunk(2)
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
+            if after_step is not None:
+                latents = after_step(i, latents)
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, latents)
         return latents
+
+    def encode_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents, a draw from the encoder's Gaussian (with `generator`)."""
+        mean, logvar = self.vae.encode(pixels)
+        return (self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor).to(self.dtype)
 
     def decode(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Latents -> images in [0, 1], the safety checker's flags, and the requested output type."""
@@ -205,11 +217,97 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
         timesteps = self.scheduler.timesteps[num_inference_steps - steps_to_run:]
         # the image's latents, noised to the first timestep we run (drawn from `generator` in diffusers' order)
-        mean, logvar = self.vae.encode(pixels)
-        latents = self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor
-        latents = torch.cat([latents] * (batch // latents.shape[0])).to(self.dtype)  # (B, 4, h, w)
+        latents = self.encode_image(pixels, generator)
+        latents = torch.cat([latents] * (batch // latents.shape[0]))  # (B, 4, h, w)
         if len(timesteps):
             noise = initial_noise(latents.shape, generator, self.device, self.dtype)
             latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
         latents = self.denoise(latents, timesteps, context, guidance_scale, step_options(self.scheduler, eta, generator), callback, callback_steps)
+        return self.decode(latents, output_type, return_dict)
+
+
+def mask_tensor(mask_image, image_shape, device, dtype) -> torch.Tensor:
+    """A PIL mask (white = repaint) or a (B, 1, H, W) tensor in [0, 1] -> (B, 1, H, W) of 0s and 1s,
+    the size of the image (binarised at 0.5 as diffusers does)."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(mask_image, Image.Image):
+        mask_image = [mask_image]
+    if isinstance(mask_image, list) and all(isinstance(m, Image.Image) for m in mask_image):
+        mask_image = torch.from_numpy(np.stack([np.asarray(m.convert("L"), dtype=np.float32) / 255 for m in mask_image]))[:, None]
+    if not isinstance(mask_image, torch.Tensor) or mask_image.ndim != 4 or mask_image.shape[1] != 1:
+        raise ValueError(f"mask_image must be a PIL image, a list of them, or a (B, 1, H, W) tensor in [0, 1]; got {tuple(getattr(mask_image, 'shape', ()))}")
+    if mask_image.shape[2:] != image_shape[2:] or mask_image.shape[0] not in (1, image_shape[0]):
+        raise ValueError(f"the mask is {tuple(mask_image.shape)}, the image {tuple(image_shape)}: give one mask, or one per image, of the image's size")
+    return (mask_image >= 0.5).to(device=device, dtype=dtype)
+
+
+class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
+    """Inpainting: repaint where the mask is white, keep the rest.
+
+    Two models work: the dedicated 9-channel inpainting UNet (runwayml's SD inpainting) sees the mask
+    and the latents of the masked image as 5 extra input channels; the base 4-channel UNet is steered
+    by blending: after every step the unmasked region is replaced by the original image's latents,
+    noised to the next timestep (RePaint-style, Lugmayr et al. 2022, without resampling).
+    """
+
+    @torch.no_grad()
+    def __call__(self, prompt, image, mask_image, strength: float = 1.0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt=None, num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
+                 output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
+        prompts = prompt_list(prompt)
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}")
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("callback_steps", callback_steps)
+        check_output_type(output_type)
+        channels = self.unet.config.in_channels
+        if channels not in (4, 9):
+            raise ValueError(f"inpainting needs a 4-channel (base) or 9-channel (inpainting) UNet, this one takes {channels}")
+        guided = guidance_scale > 1.0
+        if negative_prompt is not None and not guided:
+            raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
+        batch = len(prompts) * num_images_per_prompt
+        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor)
+        mask = mask_tensor(mask_image, pixels.shape, self.device, pixels.dtype)  # 1 = repaint
+        if batch % pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images for {batch} outputs ({len(prompts)} prompts x {num_images_per_prompt}): give one image, or one per output")
+
+        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = self.scheduler.timesteps[num_inference_steps - steps_to_run:]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run: raise either")
+        f = self.vae.config.downsampling_factor
+        shape = (batch, 4, pixels.shape[2] // f, pixels.shape[3] // f)
+        # random draws in diffusers' order: the image's latents, the noise, the masked image's latents
+        image_latents = None
+        if channels == 4 or strength < 1:
+            image_latents = self.encode_image(pixels, generator).repeat(batch // pixels.shape[0], 1, 1, 1)  # (B, 4, h, w)
+        noise = initial_noise(shape, generator, self.device, self.dtype)
+        if strength == 1:
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+        masked_latents = self.encode_image(pixels * (mask < 0.5), generator)  # the image with the hole blanked
+        masked_latents = masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)
+        latent_mask = torch.nn.functional.interpolate(mask, size=shape[2:]).to(self.dtype)  # (Bm, 1, h, w), nearest
+        latent_mask = latent_mask.repeat(batch // latent_mask.shape[0], 1, 1, 1)
+
+        extra_input, after_step = None, None
+        if channels == 9:  # the inpainting UNet reads the mask and the masked image
+            extra_input = torch.cat([latent_mask, masked_latents], dim=1)  # (B, 1 + 4, h, w)
+            extra_input = torch.cat([extra_input] * 2) if guided else extra_input
+        else:  # the base UNet: keep the known region, noised to where the loop now is
+
+            def after_step(i, latents):
+                known = image_latents
+                if i < len(timesteps) - 1:
+                    known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+                return (1 - latent_mask) * known + latent_mask * latents
+
+        latents = self.denoise(latents, timesteps, context, guidance_scale, step_options(self.scheduler, eta, generator), callback, callback_steps,
+                               extra_input=extra_input, after_step=after_step)
         return self.decode(latents, output_type, return_dict)
