@@ -1,14 +1,18 @@
-"""The command line.
+"""The command line: one subcommand per system, plus download and tokenize.
 
-    python -m minildm                                  what is implemented
-    python -m minildm vq-diffusion "a teddy bear playing in the pool" --weights microsoft/vq-diffusion-ithq
+    python -m minildm sd "a photograph of an astronaut riding a horse"        Stable Diffusion v1.x
+    python -m minildm ldm "A painting of a squirrel eating a burger"          LDM text-to-image
+    python -m minildm ldm-uncond -n 4                                         LDM CelebA-HQ faces
+    python -m minildm vq-diffusion "a teddy bear playing in the pool"         VQ-Diffusion
+    python -m minildm download stable-diffusion-v1-4 --dir weights            fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
 
-Weights come from a local folder or a repo already in the Hugging Face cache; minildm never
-downloads. The Stable Diffusion and LDM pipelines arrive with their own subcommands.
+`--weights` takes a pipeline folder, a repo id already in the Hugging Face cache, or (for `sd`) an
+original single-file checkpoint. Images are written as PNGs, with a grid when there are several.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,78 +21,154 @@ import torch
 
 from minildm import __version__
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
-
-STATUS = """minildm {version}: latent diffusion from scratch, checked against diffusers and transformers.
-
-implemented and tested:
-  pipelines       VQDiffusionPipeline (microsoft/vq-diffusion-ithq)
-  tokenizers      CLIPTokenizer (BPE, SD / VQ-Diffusion), BertTokenizer (WordPiece, LDM)
-  text encoders   CLIPTextModel (ViT-L/14, ViT-B/32), LDMBert (LDM text-to-image)
-  autoencoders    AutoencoderKL (KL-f8: SD, LDM text-to-image), VQModel (VQ-f4 CelebA-HQ, VQ-f8 VQ-Diffusion)
-  unet            UNet (SD v1, LDM text-to-image with cross-attention; CelebA-HQ with self-attention)
-  transformer     VQTransformer (VQ-Diffusion), learned classifier-free embeddings
-  schedulers      {schedulers}
-  weights         safetensors (memory-mapped), sharded, .bin/.ckpt read with weights_only=True,
-                  diffusers/transformers component folders, the local Hugging Face cache
-not yet: the Stable Diffusion and LDM pipelines
-
-  python -m minildm vq-diffusion "a teddy bear playing in the pool" --weights microsoft/vq-diffusion-ithq
-  python -m minildm tokenize "a photograph of an astronaut riding a horse"
-  python -m pytest -s tests
-"""
+from minildm.weights import resolve_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_WEIGHTS = {"sd": "CompVis/stable-diffusion-v1-4", "ldm": "CompVis/ldm-text2im-large-256", "ldm-uncond": "CompVis/ldm-celebahq-256",
+                   "vq-diffusion": "microsoft/vq-diffusion-ithq"}
 
 
-def vq_diffusion(args):
-    from minildm.pipelines import VQDiffusionPipeline
+def load_pipeline(args):
+    from minildm import pipelines, schedulers
 
-    print(f"loading {args.weights} ({args.dtype} on {args.device})")
-    pipe = VQDiffusionPipeline.from_pretrained(args.weights, device=args.device, dtype=DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
+    if args.command == "sd":
+        weights = Path(args.weights)
+        single_file = weights.suffix in (".ckpt", ".safetensors") and weights.is_file()
+        if single_file:
+            ema = None if args.ema is None else args.ema == "true"
+            pipe = pipelines.StableDiffusionPipeline.from_single_file(weights, device=args.device, dtype=dtype, ema=ema)
+        else:
+            pipe = pipelines.StableDiffusionPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype)
+    else:
+        single_file = False
+        cls = {"ldm": pipelines.LDMTextToImagePipeline, "ldm-uncond": pipelines.LDMPipeline, "vq-diffusion": pipelines.VQDiffusionPipeline}[args.command]
+        pipe = cls.from_pretrained(args.weights, device=args.device, dtype=dtype)
+    if getattr(args, "scheduler", None):
+        if args.scheduler not in schedulers.__all__:
+            raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {schedulers.__all__}")
+        # the new scheduler takes the folder's training schedule, as diffusers' from_config(pipe.scheduler.config) does
+        config = SINGLE_FILE_SCHEDULER if single_file else json.loads((resolve_folder(args.weights) / "scheduler" / "scheduler_config.json").read_text())
+        pipe.scheduler = getattr(schedulers, args.scheduler).from_config(config)
+    return pipe
+
+
+# what from_single_file uses (facts 5.5)
+SINGLE_FILE_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
+                         "skip_prk_steps": True, "steps_offset": 1}
+
+
+def progress_printer(count_steps):
+    """A callback printing the step rate and time left; count_steps() gives the number of model calls."""
     start = time.perf_counter()
 
-    def progress(i, t, sample):
-        done = i + 1
+    def report(i, t, sample):
+        done, total = i + 1, count_steps()
         rate = done / (time.perf_counter() - start)
-        print(f"\rstep {done}/{args.steps}  {rate:.2f} steps/s  {(args.steps - done) / rate:.0f} s left", end="", flush=True)
+        print(f"\rstep {done}/{total}  {rate:.2f} steps/s  {(total - done) / rate:.0f} s left ", end="", flush=True)
 
-    images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
-                  generator=torch.Generator().manual_seed(args.seed), callback=progress).images
+    return report
+
+
+def generate(args):
+    print(f"loading {args.weights} ({args.dtype} on {args.device})")
+    pipe = load_pipeline(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.command == "ldm-uncond":
+        images = pipe(batch_size=args.n, generator=generator, num_inference_steps=args.steps, eta=args.eta).images
+    elif args.command == "vq-diffusion":
+        images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
+                      generator=generator, callback=progress_printer(lambda: args.steps)).images
+    elif args.command == "ldm":
+        images = pipe([args.prompt] * args.n, height=args.height, width=args.width, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, eta=args.eta, generator=generator).images
+    else:
+        images = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      negative_prompt=args.negative, num_images_per_prompt=args.n, eta=args.eta, generator=generator,
+                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps)))
+        if images.nsfw_content_detected and any(images.nsfw_content_detected):
+            print(f"\nthe safety checker flagged images {[i for i, f in enumerate(images.nsfw_content_detected) if f]} (kept as generated)")
+        images = images.images
     print()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.command}_seed{args.seed}"
     for i, image in enumerate(images):
-        path = out / f"vq_diffusion_seed{args.seed}_{i}.png"
-        image.save(path)
-        print(f"wrote {path}")
+        image.save(out / f"{stem}_{i}.png")
+        print(f"wrote {out / f'{stem}_{i}.png'}")
+    if len(images) > 1:
+        grid = image_grid(images)
+        grid.save(out / f"{stem}_grid.png")
+        print(f"wrote {out / f'{stem}_grid.png'}")
+
+
+def image_grid(images):
+    from PIL import Image
+
+    columns = min(4, len(images))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def add_generation_arguments(parser, command: str, steps: int, guidance: float | None, size: int | None):
+    if command != "ldm-uncond":
+        parser.add_argument("prompt", help="what the image should show")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS[command], help="pipeline folder, repo id in the Hugging Face cache" +
+                        (", or an original .ckpt/.safetensors file" if command == "sd" else ""))
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
+    if guidance is not None:
+        parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale; 1 turns it off")
+    if size is not None:
+        parser.add_argument("--height", type=int, default=size, help="image height, a multiple of 8")
+        parser.add_argument("--width", type=int, default=size, help="image width, a multiple of 8")
+    if command in ("sd", "ldm", "ldm-uncond"):
+        parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    if command in ("sd", "ldm", "ldm-uncond"):
+        parser.add_argument("--scheduler", help="e.g. DDIMScheduler, EulerAncestralDiscreteScheduler (default: the folder's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator for all the noise")
+    parser.add_argument("-n", type=int, default=1, help="number of images")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
+    parser.add_argument("--out", default="outputs", help="folder for the PNG files")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minildm", description="minildm: minimal latent diffusion")
     commands = parser.add_subparsers(dest="command")
-
-    vq = commands.add_parser("vq-diffusion", help="text to image with VQ-Diffusion", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    vq.add_argument("prompt", help="what the image should show")
-    vq.add_argument("--weights", default="microsoft/vq-diffusion-ithq", help="pipeline folder, or repo id in the Hugging Face cache")
-    vq.add_argument("--steps", type=int, default=100, help="denoising steps (VQ-Diffusion was trained with 100 and does not subsample)")
-    vq.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; 1 turns it off")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    sd = commands.add_parser("sd", help="Stable Diffusion v1.x text to image", formatter_class=defaults)
+    add_generation_arguments(sd, "sd", steps=50, guidance=7.5, size=512)
+    sd.add_argument("--negative", help="negative prompt: what the image should not show")
+    sd.add_argument("--ema", choices=["true", "false"], help="for a single file holding both the EMA and the trained UNet")
+    add_generation_arguments(commands.add_parser("ldm", help="LDM text to image (256 px, LDMBert)", formatter_class=defaults), "ldm", steps=50, guidance=1.0, size=256)
+    add_generation_arguments(commands.add_parser("ldm-uncond", help="LDM unconditional CelebA-HQ faces", formatter_class=defaults), "ldm-uncond",
+                             steps=50, guidance=None, size=None)
+    vq = commands.add_parser("vq-diffusion", help="VQ-Diffusion text to image", formatter_class=defaults)
+    add_generation_arguments(vq, "vq-diffusion", steps=100, guidance=5.0, size=None)
     vq.add_argument("--truncation", type=float, default=1.0, help="keep the most likely codes up to this cumulative probability")
-    vq.add_argument("--seed", type=int, default=0, help="seed of the CPU generator for the sampling noise")
-    vq.add_argument("-n", type=int, default=1, help="number of images")
-    vq.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    vq.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations; log-space math stays float32")
-    vq.add_argument("--out", default="outputs", help="folder for the PNG files")
+
+    download = commands.add_parser("download", help="fetch official weights listed in weights_manifest.txt, verified by sha256", formatter_class=defaults)
+    download.add_argument("name", help="a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, vq-diffusion-ithq) or SYSTEM/PATH")
+    download.add_argument("--dir", default="weights", help="files go to DIR/SYSTEM/PATH")
 
     tokenize = commands.add_parser("tokenize", help="print the 77 token ids a text encoder would see")
     tokenize.add_argument("prompt")
     tokenize.add_argument("--bert", action="store_true", help="the LDM BERT WordPiece tokenizer instead of CLIP's")
     args = parser.parse_args(argv)
 
-    if args.command == "vq-diffusion":
+    if args.command in DEFAULT_WEIGHTS:
         try:
-            vq_diffusion(args)
-        except FileNotFoundError as e:
+            generate(args)
+        except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
+    elif args.command == "download":
+        from minildm.download import main_download
+
+        sys.exit(main_download(args.name, args.dir))
     elif args.command == "tokenize":
         tokenizer = BertTokenizer() if args.bert else CLIPTokenizer()
         ids = tokenizer.encode(args.prompt)
@@ -98,6 +178,22 @@ def main(argv=None):
         from minildm import schedulers
 
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
+
+
+STATUS = """minildm {version}: latent diffusion from scratch, checked against diffusers and transformers.
+
+pipelines       StableDiffusionPipeline (+ Img2Img, Inpaint; from_pretrained, from_single_file),
+                LDMTextToImagePipeline, LDMPipeline, VQDiffusionPipeline
+models          CLIPTextModel, LDMBert, AutoencoderKL, VQModel, UNet, VQTransformer
+schedulers      {schedulers}
+weights         safetensors (memory-mapped), sharded, .bin/.ckpt read with weights_only=True,
+                component and pipeline folders, the local Hugging Face cache, `download` with sha256
+
+  python -m minildm sd "a photograph of an astronaut riding a horse" --weights CompVis/stable-diffusion-v1-4
+  python -m minildm download stable-diffusion-v1-4 --dir weights
+  python -m minildm sd --help
+  python -m pytest -s tests
+"""
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_notebook_runs(path, monkeypatch):
 def test_command_line(capsys):
     main([])
     status = capsys.readouterr().out
-    assert "implemented and tested" in status and "DDIMScheduler" in status and "VQDiffusionPipeline" in status
+    assert "StableDiffusionPipeline" in status and "DDIMScheduler" in status and "VQDiffusionPipeline" in status
     main(["tokenize", "a photograph of an astronaut riding a horse"])
     assert "[49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]" in capsys.readouterr().out
     main(["tokenize", "--bert", "A painting of a squirrel eating a burger"])

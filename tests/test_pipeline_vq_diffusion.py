@@ -116,7 +116,8 @@ def test_command_line_writes_a_png(hub_folder, tmp_path, capsys):
     main(["vq-diffusion", "a teddy bear playing in the pool", "--weights", str(hub_folder["folder"]), "--steps", "100", "-n", "2", "--out", str(tmp_path)])
     written = sorted(tmp_path.glob("*.png"))
     output = capsys.readouterr().out
-    assert [p.name for p in written] == ["vq_diffusion_seed0_0.png", "vq_diffusion_seed0_1.png"] and f"wrote {written[0]}" in output
+    assert [p.name for p in written] == ["vq-diffusion_seed0_0.png", "vq-diffusion_seed0_1.png", "vq-diffusion_seed0_grid.png"]
+    assert f"wrote {written[0]}" in output and Image.open(written[2]).size == (32, 16)
     assert Image.open(written[0]).size == (16, 16) and "step 100/100" in output
     with pytest.raises(SystemExit, match="neither a local folder nor in the Hugging Face cache"):
         main(["vq-diffusion", "a cat", "--weights", "someone/not-downloaded"])

@@ -296,3 +296,22 @@ def test_inpainting_bad_input(sd):
         pipe("a door", image=random_pil(64, 64, 0), mask_image=rectangle_mask(32, 32))
     with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
         pipe("a door", image=random_pil(64, 64, 0), mask_image=rectangle_mask(64, 64), strength=-0.1)
+
+
+def test_command_line_writes_pngs(sd, ldm, celeba, tmp_path, capsys):
+    from PIL import Image
+
+    from minildm.__main__ import main
+
+    main(["sd", "a cat", "--weights", str(sd["folder"]), "--steps", "3", "--height", "64", "--width", "96", "-n", "2",
+          "--scheduler", "EulerAncestralDiscreteScheduler", "--negative", "blurry", "--out", str(tmp_path)])
+    main(["ldm", "a squirrel", "--weights", str(ldm["folder"]), "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path)])
+    main(["ldm-uncond", "--weights", str(celeba["folder"]), "--steps", "2", "-n", "3", "--out", str(tmp_path)])
+    output = capsys.readouterr().out
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["ldm-uncond_seed0_0.png", "ldm-uncond_seed0_1.png", "ldm-uncond_seed0_2.png", "ldm-uncond_seed0_grid.png", "ldm_seed0_0.png",
+                     "sd_seed0_0.png", "sd_seed0_1.png", "sd_seed0_grid.png"]
+    assert Image.open(tmp_path / "sd_seed0_0.png").size == (96, 64) and Image.open(tmp_path / "sd_seed0_grid.png").size == (192, 64)
+    assert "step 3/3" in output and f"wrote {tmp_path / 'sd_seed0_grid.png'}" in output
+    with pytest.raises(SystemExit, match="unknown scheduler 'Fast'"):
+        main(["sd", "a cat", "--weights", str(sd["folder"]), "--scheduler", "Fast", "--out", str(tmp_path)])
