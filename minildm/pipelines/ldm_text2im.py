@@ -43,7 +43,7 @@ class LDMTextToImagePipeline:
                  eta: float = 0.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True):
         prompts = prompt_list(prompt)
-        check_image_size(height, width)
+        check_image_size(height, width, self.vqvae.config.downsampling_factor * self.unet.config.downsampling_factor)
         check_output_type(output_type)
         dtype = next(self.unet.parameters()).dtype
         guided = guidance_scale != 1.0  # as diffusers: any scale but 1 runs the unconditional branch
@@ -55,7 +55,8 @@ class LDMTextToImagePipeline:
         context = context.to(dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        shape = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
+        f = self.vqvae.config.downsampling_factor
+        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         if latents is None:
             latents = initial_noise(shape, generator, self.device, dtype)
         elif tuple(latents.shape) != shape:

@@ -107,7 +107,7 @@ class StableDiffusionPipeline:
         f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
         height = height or self.unet.config.sample_size * f
         width = width or self.unet.config.sample_size * f
-        check_image_size(height, width, f)
+        check_image_size(height, width, f * self.unet.config.downsampling_factor)  # the UNet halves the latents too
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
@@ -207,7 +207,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         if negative_prompt is not None and not guided:
             raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
         batch = len(prompts) * num_images_per_prompt
-        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor)
+        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor * self.unet.config.downsampling_factor)
         if batch % pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images for {batch} outputs ({len(prompts)} prompts x {num_images_per_prompt}): give one image, or one per output")
 
@@ -269,7 +269,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         if negative_prompt is not None and not guided:
             raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
         batch = len(prompts) * num_images_per_prompt
-        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor)
+        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor * self.unet.config.downsampling_factor)
         mask = mask_tensor(mask_image, pixels.shape, self.device, pixels.dtype)  # 1 = repaint
         if batch % pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images for {batch} outputs ({len(prompts)} prompts x {num_images_per_prompt}): give one image, or one per output")
