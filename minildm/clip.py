@@ -1,14 +1,19 @@
 """CLIP text transformer: token ids -> one vector per token, the condition for the diffusion model.
+Also CLIP's image transformer, which only Stable Diffusion's safety checker uses.
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision"
 (arXiv:2103.00020), section 2.4: a GPT-2-style pre-norm transformer with a causal mask. Stable
 Diffusion v1 uses the ViT-L/14 text tower and VQ-Diffusion the ViT-B/32 one; both take the final
 LayerNorm's output for every token (`last_hidden_state`), not the pooled/projected embedding.
 
-Matches transformers' `CLIPTextModel` (modeling_clip.py), whose hub key names the key map reads,
-as does the `cond_stage_model.transformer.` prefix of original Stable Diffusion checkpoints.
+The image tower (section 2.4 too) is a Vision Transformer (Dosovitskiy et al. 2020, arXiv:2010.11929)
+built from the same layers, without the causal mask; it summarises an image in one vector.
 
-Shapes: B batch, L tokens (77), D width, H heads, Dh = D / H.
+Matches transformers' `CLIPTextModel` and `CLIPVisionModel` (modeling_clip.py), whose hub key names
+the key maps read, as does the `cond_stage_model.transformer.` prefix of original Stable Diffusion
+checkpoints.
+
+Shapes: B batch, L tokens (77 for text, 257 for a 224x224 image), D width, H heads, Dh = D / H.
 """
 
 from dataclasses import dataclass
@@ -37,9 +42,7 @@ class CLIPTextConfig:
     def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
         """From a transformers `config.json` (CLIPTextModel, or CLIPModel with a `text_config`)."""
         config = config.get("text_config", config)
-        activation = config.get("hidden_act", "quick_gelu")
-        if activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"CLIP hidden_act {activation!r} is not supported; expected 'quick_gelu' or 'gelu'")
+        activation = _hidden_act(config)
         return cls(  # absent keys take transformers' CLIPTextConfig defaults, as transformers would
             vocab_size=config.get("vocab_size", 49408),
             max_length=config.get("max_position_embeddings", 77),
@@ -56,6 +59,45 @@ CLIP_VIT_L_14 = CLIPTextConfig()  # Stable Diffusion v1.x
 CLIP_VIT_B_32 = CLIPTextConfig(width=512, heads=8, mlp_width=2048)  # VQ-Diffusion (facts 4.2)
 
 
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """Defaults: the ViT-L/14 image tower of openai/clip-vit-large-patch14, the one inside SD v1's
+    safety checker (facts 1.3). Field names as in CLIPTextConfig, so `CLIPLayer` takes either."""
+
+    image_size: int = 224
+    patch_size: int = 14  # the "/14" of ViT-L/14: 224 / 14 = 16 patches a side, 256 in all
+    channels: int = 3
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_width: int = 4096
+    norm_eps: float = 1e-5
+    activation: str = "quick_gelu"
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "CLIPVisionConfig":
+        """From a transformers `config.json` (CLIPVisionModel, or CLIPModel / the safety checker with a `vision_config`)."""
+        config = config.get("vision_config", config)
+        return cls(  # absent keys take transformers' CLIPVisionConfig defaults (a ViT-B/32), as transformers would
+            image_size=config.get("image_size", 224),
+            patch_size=config.get("patch_size", 32),
+            channels=config.get("num_channels", 3),
+            width=config.get("hidden_size", 768),
+            layers=config.get("num_hidden_layers", 12),
+            heads=config.get("num_attention_heads", 12),
+            mlp_width=config.get("intermediate_size", 3072),
+            norm_eps=config.get("layer_norm_eps", 1e-5),
+            activation=_hidden_act(config),
+        )
+
+
+def _hidden_act(config: dict) -> str:
+    activation = config.get("hidden_act", "quick_gelu")
+    if activation not in ("quick_gelu", "gelu"):
+        raise ValueError(f"CLIP hidden_act {activation!r} is not supported; expected 'quick_gelu' or 'gelu'")
+    return activation
+
+
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm whose mean and variance are computed in float32, whatever the input dtype:
     in fp16/bf16 the variance of a wide vector loses most of its digits."""
@@ -68,8 +110,8 @@ def attention(q, k, v, causal: bool):
     """softmax(Q K^T / sqrt(Dh)) V, written out for the reader; q, k, v are (B, H, L, Dh).
 
     The softmax runs in float32 (a half-precision softmax over 77 scores loses small weights).
-    `F.scaled_dot_product_attention(q, k, v, is_causal=causal)` computes the same; at 77 tokens the
-    explicit form costs nothing.
+    `F.scaled_dot_product_attention(q, k, v, is_causal=causal)` computes the same; at 77 tokens (or
+    257 image patches) the explicit form costs little.
     """
     scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, L, L)
     if causal:  # token i may attend to tokens 0..i only (CLIP was trained left to right)
@@ -80,15 +122,17 @@ def attention(q, k, v, causal: bool):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """causal: text tokens see only earlier tokens; image patches all see each other (causal=False)."""
+
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
 
     def forward(self, x):  # (B, L, D)
         B, L, D = x.shape
         q, k, v = (proj(x).view(B, L, self.heads, D // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, H, L, Dh)
-        y = attention(q, k, v, causal=True).transpose(1, 2).reshape(B, L, D)
+        y = attention(q, k, v, causal=self.causal).transpose(1, 2).reshape(B, L, D)
         return self.out(y)
 
 
@@ -105,12 +149,13 @@ class MLP(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). The text tower's layers
+    are causal, the image tower's not."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: "CLIPTextConfig | CLIPVisionConfig", causal: bool = True):
         super().__init__()
         self.attn_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
-        self.attn = SelfAttention(config.width, config.heads)
+        self.attn = SelfAttention(config.width, config.heads, causal)
         self.mlp_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
         self.mlp = MLP(config.width, config.mlp_width, config.activation)
 
@@ -149,18 +194,75 @@ def check_input_ids(input_ids, vocab_size: int, max_length: int):
         raise ValueError(f"token ids must lie in [0, {vocab_size}); got [{input_ids.min().item()}, {input_ids.max().item()}]: was a different tokenizer used?")
 
 
+class CLIPVisionModel(nn.Module):
+    """(pixel_values [B, 3, 224, 224], CLIP-normalised) -> pooled image embedding [B, D].
+
+    The image is cut into 14x14 patches; each is embedded linearly (one convolution whose stride is
+    its kernel size). A learned class token goes in front, a learned position embedding is added,
+    and the transformer reads all tokens, each seeing every other. The class token's final state is
+    the image's summary. CLIP adds one LayerNorm before the transformer (paper, section 2.4) and one
+    on the class token at the end.
+    """
+
+    def __init__(self, config: CLIPVisionConfig = CLIPVisionConfig()):
+        super().__init__()
+        self.config = config
+        self.grid = config.image_size // config.patch_size  # patches per side (16)
+        # no bias: the position embedding, added next, already gives every token its own offset
+        self.patch_embedding = nn.Conv2d(config.channels, config.width, config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(config.width))
+        self.position_embedding = nn.Embedding(1 + self.grid**2, config.width)  # the class token's position is 0
+        self.pre_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
+        self.layers = nn.ModuleList(CLIPLayer(config, causal=False) for _ in range(config.layers))
+        self.post_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        check_pixel_values(pixel_values, self.config)
+        B = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, grid, grid)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, grid * grid, D), patches in row-major order
+        class_token = self.class_embedding.expand(B, 1, -1)  # (B, 1, D)
+        x = torch.cat([class_token, patches], dim=1) + self.position_embedding.weight  # (B, 1 + grid * grid, D)
+        x = self.pre_norm(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_norm(x[:, 0])  # (B, D): the class token alone
+
+
+def check_pixel_values(pixel_values, config: CLIPVisionConfig):
+    """Refuse images the tower cannot read, saying what to do instead of failing inside the convolution."""
+    S, C = config.image_size, config.channels
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+        raise TypeError(f"expected pixel_values as a float tensor [B, {C}, {S}, {S}], got {getattr(pixel_values, 'dtype', type(pixel_values))}")
+    if pixel_values.ndim != 4:
+        one = " (one image: add the batch dimension, pixel_values[None])" if pixel_values.ndim == 3 else ""
+        raise ValueError(f"expected pixel_values [B, {C}, {S}, {S}], got shape {tuple(pixel_values.shape)}{one}")
+    if pixel_values.shape[1] != C:
+        layout = " (channels last? use .permute(0, 3, 1, 2))" if pixel_values.shape[-1] == C else ""
+        raise ValueError(f"expected {C} colour channels in dimension 1, got shape {tuple(pixel_values.shape)}{layout}")
+    if pixel_values.shape[2:] != (S, S):
+        raise ValueError(
+            f"the vision tower takes {S}x{S} images, got {pixel_values.shape[2]}x{pixel_values.shape[3]}: "
+            "resize and center-crop first (minildm.safety_checker.preprocess does what CLIPImageProcessor does)"
+        )
+
+
 # --- Official weights -------------------------------------------------------------------------
 # transformers' names (hub files carry a `text_model.` prefix, transformers 5 saves without it;
 # original SD checkpoints prefix `cond_stage_model.transformer.`) -> ours.
-KEY_RULES = [
-    (r"^cond_stage_model\.transformer\.", ""),
-    (r"^text_model\.", ""),
-    (r"^embeddings\.(token|position)_embedding\.", r"\1_embedding."),
+# The transformer layers are named alike in both towers.
+ENCODER_LAYER_RULES = [
     (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.", r"layers.\1.attn.\2."),
     (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"layers.\1.attn.out."),
     (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"layers.\1.attn_norm."),
     (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"layers.\1.mlp_norm."),
     (r"^encoder\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
+]
+KEY_RULES = [
+    (r"^cond_stage_model\.transformer\.", ""),
+    (r"^text_model\.", ""),
+    (r"^embeddings\.(token|position)_embedding\.", r"\1_embedding."),
+    *ENCODER_LAYER_RULES,
     (r"^final_layer_norm\.", "final_norm."),
 ]
 # `position_ids` is an arange buffer that old transformers saved; we compute it in forward.
@@ -185,3 +287,31 @@ def load_clip_text_model(config: CLIPTextConfig, state_dict: dict, device=None, 
         model = CLIPTextModel(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
     return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="CLIP text encoder", hint=_mismatch_hint)
+
+
+# The image tower: hub files carry a `vision_model.` prefix, transformers 5 saves without it.
+VISION_KEY_RULES = [
+    (r"^vision_model\.", ""),
+    (r"^embeddings\.(patch|position)_embedding\.", r"\1_embedding."),
+    (r"^embeddings\.class_embedding$", "class_embedding"),
+    (r"^pre_layrnorm\.", "pre_norm."),  # sic: transformers spells this one "layrnorm"
+    (r"^post_layernorm\.", "post_norm."),
+    *ENCODER_LAYER_RULES,
+]
+VISION_DROPPED_KEYS = [r"(vision_model\.)?embeddings\.position_ids"]
+
+
+def _vision_mismatch_hint(missing, unexpected, mismatched):
+    if any("text_model" in k or "token_embedding" in k for k in unexpected):
+        return "a whole CLIPModel (both towers): load its text and image towers separately"
+    if "patch_embedding.weight" in mismatched:
+        (got_width, _, got_patch, _), (want_width, _, want_patch, _) = mismatched["patch_embedding.weight"]
+        return f"the checkpoint's tower is {got_width} wide with {got_patch}-pixel patches, the config's {want_width} with {want_patch}: config.json belongs to another model"
+    return None
+
+
+def load_clip_vision_model(config: CLIPVisionConfig, state_dict: dict, device=None, dtype=None) -> CLIPVisionModel:
+    with torch.device("meta"):
+        model = CLIPVisionModel(config)
+    weights, file_names = remap_keys(state_dict, VISION_KEY_RULES, VISION_DROPPED_KEYS)
+    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="CLIP vision tower", hint=_vision_mismatch_hint)

@@ -9,7 +9,7 @@ strictly through the model's key map.
 import json
 from pathlib import Path
 
-from minildm import autoencoder, clip, ldm_bert, schedulers, unet, vq_transformer
+from minildm import autoencoder, clip, ldm_bert, safety_checker, schedulers, unet, vq_transformer
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import CheckpointError, find_weights_file, read_config, read_state_dict, resolve_folder
 
@@ -23,6 +23,7 @@ COMPONENTS = {
     "UNet2DModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
     "Transformer2DModel": (vq_transformer.VQTransformerConfig.from_diffusers, vq_transformer.load_vq_transformer),
     "LearnedClassifierFreeSamplingEmbeddings": (vq_transformer.LearnedClassifierFreeEmbeddings.config_from_diffusers, vq_transformer.load_learned_embeddings),
+    "StableDiffusionSafetyChecker": (safety_checker.config_from_diffusers, safety_checker.load_safety_checker),
 }
 
 

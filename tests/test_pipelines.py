@@ -315,3 +315,42 @@ def test_command_line_writes_pngs(sd, ldm, celeba, tmp_path, capsys):
     assert "step 3/3" in output and f"wrote {tmp_path / 'sd_seed0_grid.png'}" in output
     with pytest.raises(SystemExit, match="unknown scheduler 'Fast'"):
         main(["sd", "a cat", "--weights", str(sd["folder"]), "--scheduler", "Fast", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("threshold, flagged", [(-1.0, True), (1.0, False)])
+def test_safety_checker_reports_and_never_blacks_out(sd, tmp_path, threshold, flagged):
+    """With a safety checker in the folder, nsfw_content_detected equals diffusers' flags; where
+    diffusers replaces a flagged image by black, minildm returns the image as generated."""
+    import shutil
+
+    diffusers, transformers = oracle("diffusers"), oracle("transformers")
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from test_safety_checker import SMALL_TEXT, SMALL_VISION
+
+    checker = randomize_(StableDiffusionSafetyChecker(transformers.CLIPConfig(vision_config=SMALL_VISION, text_config=SMALL_TEXT, projection_dim=16)).eval())
+    with torch.no_grad():  # every concept fires (threshold -1) or none does (+1: cosine similarities are at most 1)
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    folder = tmp_path / "pipeline"
+    shutil.copytree(sd["folder"], folder)
+    checker.save_pretrained(folder / "safety_checker")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    unchecked = StableDiffusionPipeline.from_pretrained(folder, safety_checker=False)
+    assert pipe.safety_checker is not None and unchecked.safety_checker is None
+    reference = quietly(diffusers.StableDiffusionPipeline, **dict(sd["reference"].components, safety_checker=checker,
+                                                                  feature_extractor=transformers.CLIPImageProcessor(crop_size=224, size=224)))
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = reference_scheduler("PNDMScheduler", SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
+    call = dict(prompt=["a cat", "a dog"], height=64, width=64, num_inference_steps=3, output_type="np")
+    expected = quietly(reference, generator=torch.Generator().manual_seed(0), **call)
+    got = pipe(generator=torch.Generator().manual_seed(0), **call)
+    assert got.nsfw_content_detected == expected.nsfw_content_detected == [flagged, flagged]
+    as_generated = unchecked(generator=torch.Generator().manual_seed(0), **call).images
+    assert np.array_equal(got.images, as_generated) and got.images.max() > 0  # reported, not blacked out
+    print(f"safety checker threshold {threshold}: flags {got.nsfw_content_detected} as diffusers'; images kept "
+          f"(diffusers' max pixel {expected.images.max():.2f}, minildm's {got.images.max():.2f})")

@@ -186,7 +186,7 @@ def test_load_component_output_matches_the_weights(tmp_path):
 def test_unknown_class_and_missing_config(tmp_path):
     folder = component_folder(tmp_path / "unet")
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
-    with pytest.raises(CheckpointError, match=r"names class 'UNet3DConditionModel'; minildm can load \['AutoencoderKL', 'CLIPTextModel', 'LDMBertModel', 'LearnedClassifierFreeSamplingEmbeddings', 'Transformer2DModel', 'UNet2DConditionModel', 'UNet2DModel', 'VQModel'\]"):
+    with pytest.raises(CheckpointError, match=r"names class 'UNet3DConditionModel'; minildm can load \['AutoencoderKL', 'CLIPTextModel', 'LDMBertModel', 'LearnedClassifierFreeSamplingEmbeddings', 'StableDiffusionSafetyChecker', 'Transformer2DModel', 'UNet2DConditionModel', 'UNet2DModel', 'VQModel'\]"):
         minildm.load_component(folder)
     (folder / "config.json").write_text(json.dumps({"hidden_size": 3}))
     with pytest.raises(CheckpointError, match="names no class"):
