@@ -99,22 +99,42 @@ class StableDiffusionPipeline:
             raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt), got {negative_prompt!r}")
         return torch.cat([encode(negatives), text]).to(self.dtype)
 
-    @torch.no_grad()
-    def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 negative_prompt=None, num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
+    def check_call(self, prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type) -> tuple:
+        """The checks every SD pipeline call makes; -> (prompts, guided, batch size)."""
         prompts = prompt_list(prompt)
-        f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        check_image_size(height, width, f * self.unet.config.downsampling_factor)  # the UNet halves the latents too
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         guided = guidance_scale > 1.0  # classifier-free guidance; 1.0 means the conditional prediction alone
         if negative_prompt is not None and not guided:
             raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
-        batch = len(prompts) * num_images_per_prompt
+        return prompts, guided, len(prompts) * num_images_per_prompt
+
+    def image_batch(self, image, batch: int) -> torch.Tensor:
+        """The input image(s) in [-1, 1], checked against the number of outputs."""
+        factor = self.vae.config.downsampling_factor * self.unet.config.downsampling_factor
+        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, factor)
+        if batch % pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images for {batch} outputs (prompts x images per prompt): give one image, or one per output")
+        return pixels
+
+    def timesteps_from_strength(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """Start `strength` of the way up the schedule: set it, then skip its first (1 - strength) share."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}")
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
+        return self.scheduler.timesteps[num_inference_steps - steps_to_run:]
+
+    @torch.no_grad()
+    def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt=None, num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
+        prompts, guided, batch = self.check_call(prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type)
+        f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        check_image_size(height, width, f * self.unet.config.downsampling_factor)  # the UNet halves the latents too
 
         # 1. the text condition
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
@@ -197,25 +217,10 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     def __call__(self, prompt, image, strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
                  num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None, output_type: str = "pil",
                  return_dict: bool = True, callback=None, callback_steps: int = 1):
-        prompts = prompt_list(prompt)
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}")
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        check_count("callback_steps", callback_steps)
-        check_output_type(output_type)
-        guided = guidance_scale > 1.0
-        if negative_prompt is not None and not guided:
-            raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
-        batch = len(prompts) * num_images_per_prompt
-        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor * self.unet.config.downsampling_factor)
-        if batch % pixels.shape[0]:
-            raise ValueError(f"{pixels.shape[0]} images for {batch} outputs ({len(prompts)} prompts x {num_images_per_prompt}): give one image, or one per output")
-
+        prompts, guided, batch = self.check_call(prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type)
+        timesteps = self.timesteps_from_strength(num_inference_steps, strength)
+        pixels = self.image_batch(image, batch)
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
-        # start `strength` of the way up the schedule: skip its first (1 - strength) steps
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
-        timesteps = self.scheduler.timesteps[num_inference_steps - steps_to_run:]
         # the image's latents, noised to the first timestep we run (drawn from `generator` in diffusers' order)
         latents = self.encode_image(pixels, generator)
         latents = torch.cat([latents] * (batch // latents.shape[0]))  # (B, 4, h, w)
@@ -256,30 +261,16 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     def __call__(self, prompt, image, mask_image, strength: float = 1.0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt=None, num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
                  output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
-        prompts = prompt_list(prompt)
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}")
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        check_count("callback_steps", callback_steps)
-        check_output_type(output_type)
+        prompts, guided, batch = self.check_call(prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type)
         channels = self.unet.config.in_channels
         if channels not in (4, 9):
             raise ValueError(f"inpainting needs a 4-channel (base) or 9-channel (inpainting) UNet, this one takes {channels}")
-        guided = guidance_scale > 1.0
-        if negative_prompt is not None and not guided:
-            raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
-        batch = len(prompts) * num_images_per_prompt
-        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, self.vae.config.downsampling_factor * self.unet.config.downsampling_factor)
+        timesteps = self.timesteps_from_strength(num_inference_steps, strength)
+        pixels = self.image_batch(image, batch)
         mask = mask_tensor(mask_image, pixels.shape, self.device, pixels.dtype)  # 1 = repaint
-        if batch % pixels.shape[0]:
-            raise ValueError(f"{pixels.shape[0]} images for {batch} outputs ({len(prompts)} prompts x {num_images_per_prompt}): give one image, or one per output")
-
-        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
-        timesteps = self.scheduler.timesteps[num_inference_steps - steps_to_run:]
         if len(timesteps) == 0:
             raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run: raise either")
+        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
         f = self.vae.config.downsampling_factor
         shape = (batch, 4, pixels.shape[2] // f, pixels.shape[3] // f)
         # random draws in diffusers' order: the image's latents, the noise, the masked image's latents
