@@ -234,7 +234,8 @@ def resolve_repo(repo_id: str, revision: str = "main") -> Path:
     if not repo_folder.is_dir():
         raise FileNotFoundError(
             f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({cache}). "
-            f"Download it where there is internet (`huggingface-cli download {repo_id}`), or pass the path of a folder."
+            f"Fetch the official files with `python -m minildm download SYSTEM --dir weights` (systems: weights_manifest.txt) "
+            f"and pass that folder, or download {repo_id} with `huggingface-cli download {repo_id}`."
         )
     ref = repo_folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
