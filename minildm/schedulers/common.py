@@ -10,6 +10,7 @@ import inspect
 import math
 import warnings
 
+import numpy as np
 import torch
 
 
@@ -39,6 +40,25 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int):
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train_timesteps:
         raise ValueError(f"num_inference_steps must be an integer from 1 to num_train_timesteps ({num_train_timesteps}), got {num_inference_steps!r}")
+
+
+def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str, steps_offset: int = 0) -> np.ndarray:
+    """The n integer training steps to visit, noisiest first (DDPM, DDIM, PNDM), spaced as diffusers does:
+
+    leading   0, T//n, 2 T//n, ... shifted by steps_offset (SD: 1, 21, ..., 981 for 50 steps)
+    trailing  T - 1, T - 1 - T/n, ... rounded; np.arange yields one value too many for some n
+              (61, 103, ...), which diffusers keeps as a step at timestep -1: minildm keeps n
+    linspace  evenly from T - 1 down to 0, both ends included, rounded
+    """
+    T, n = num_train_timesteps, num_inference_steps
+    if timestep_spacing == "leading":
+        timesteps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
+    elif timestep_spacing == "trailing":
+        timesteps = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1
+    else:
+        timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    check_timesteps_in_range(timesteps, T)
+    return timesteps.copy()
 
 
 def check_timesteps_in_range(timesteps, num_train_timesteps: int):

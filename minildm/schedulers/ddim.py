@@ -12,10 +12,9 @@ diffusers' DDIMScheduler and, with steps_offset=1 and set_alpha_to_one=False, th
 DDIMSampler (facts 6.3).
 """
 
-import numpy as np
 import torch
 
-from minildm.schedulers.common import NO_THRESHOLDING, add_noise, check_num_inference_steps, check_timesteps_in_range, config_kwargs, make_betas, randn
+from minildm.schedulers.common import NO_THRESHOLDING, add_noise, check_num_inference_steps, config_kwargs, make_betas, randn, spaced_timesteps
 
 
 class DDIMScheduler:
@@ -46,15 +45,8 @@ class DDIMScheduler:
         """Choose the num_inference_steps training steps to visit, from noisiest to cleanest."""
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = n = num_inference_steps
-        T = self.num_train_timesteps
-        if self.timestep_spacing == "leading":  # 0, T/n, 2T/n, ... shifted by steps_offset
-            timesteps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.steps_offset
-        elif self.timestep_spacing == "trailing":  # ..., T - 1 - T/n, T - 1
-            timesteps = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1  # [:n]: see sigmas.sigma_schedule
-        else:  # linspace: evenly from T - 1 to 0, both ends included
-            timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        check_timesteps_in_range(timesteps, T)
-        self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
+        timesteps = spaced_timesteps(self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample  # DDIM's model sees x_t unscaled

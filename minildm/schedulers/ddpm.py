@@ -10,10 +10,9 @@ where a_t = alphas_cumprod[t], and over a subsequence of steps alpha_t = a_t / a
 beta_t = 1 - alpha_t. Matches diffusers' DDPMScheduler.
 """
 
-import numpy as np
 import torch
 
-from minildm.schedulers.common import NO_THRESHOLDING, add_noise, check_num_inference_steps, check_timesteps_in_range, config_kwargs, make_betas, randn
+from minildm.schedulers.common import NO_THRESHOLDING, add_noise, check_num_inference_steps, config_kwargs, make_betas, randn, spaced_timesteps
 
 
 class DDPMScheduler:
@@ -44,15 +43,8 @@ class DDPMScheduler:
     def set_timesteps(self, num_inference_steps: int, device=None):
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = n = num_inference_steps
-        T = self.num_train_timesteps
-        if self.timestep_spacing == "leading":
-            timesteps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.steps_offset
-        elif self.timestep_spacing == "trailing":
-            timesteps = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1  # [:n]: see sigmas.sigma_schedule
-        else:
-            timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        check_timesteps_in_range(timesteps, T)
-        self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
+        timesteps = spaced_timesteps(self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample

@@ -36,7 +36,7 @@ into a noise estimate with the sample and time the step starts from.
 import numpy as np
 import torch
 
-from minildm.schedulers.common import add_noise, check_num_inference_steps, check_timesteps_in_range, config_kwargs, make_betas
+from minildm.schedulers.common import add_noise, check_num_inference_steps, config_kwargs, make_betas, spaced_timesteps
 
 RUNGE_KUTTA_CALLS = 12  # three RK4 steps of four model calls before PLMS has its three past estimates
 
@@ -81,13 +81,7 @@ class PNDMScheduler:
                              f"be at least 4 with skip_prk_steps=False, got {num_inference_steps} (or use skip_prk_steps=True)")
         self.num_inference_steps = n = num_inference_steps
         T = self.num_train_timesteps
-        if self.timestep_spacing == "leading":  # 0, T/n, 2T/n, ... shifted by steps_offset
-            steps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.steps_offset
-        elif self.timestep_spacing == "trailing":  # ..., T - 1 - T/n, T - 1
-            steps = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1  # [:n]: see sigmas.sigma_schedule
-        else:  # linspace: evenly from T - 1 to 0, both ends included
-            steps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        check_timesteps_in_range(steps, T)
+        steps = spaced_timesteps(self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset)
 
         if self.skip_prk_steps:
             # the Heun correction of the first step calls the model at the second time, where the next step starts again
