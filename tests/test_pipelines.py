@@ -69,6 +69,7 @@ SD_SCHEDULERS = {  # name -> (minildm class, diffusers class name, extra call op
     "DDIM eta 0.5": (schedulers.DDIMScheduler, "DDIMScheduler", {"eta": 0.5}),
     "LMS": (schedulers.LMSDiscreteScheduler, "LMSDiscreteScheduler", {}),
     "Euler ancestral": (schedulers.EulerAncestralDiscreteScheduler, "EulerAncestralDiscreteScheduler", {}),
+    "Heun": (schedulers.HeunDiscreteScheduler, "HeunDiscreteScheduler", {}),
 }
 
 
@@ -222,7 +223,7 @@ def random_pil(height, width, seed):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("name", ["PNDM (as published)", "DDIM eta 0.5", "Euler ancestral"])
+@pytest.mark.parametrize("name", ["PNDM (as published)", "DDIM eta 0.5", "Euler ancestral", "Heun"])
 def test_image_to_image_matches_diffusers(sd, name):
     diffusers = oracle("diffusers")
     from minildm.pipelines import StableDiffusionImg2ImgPipeline

@@ -94,3 +94,13 @@ def test_bad_input_is_refused():
         DDIMScheduler(prediction_type="x0")
     with pytest.raises(ValueError, match="reaches timestep 1000, outside the 1000 training steps"):
         DDPMScheduler(steps_offset=1).set_timesteps(1000)
+
+
+def test_every_scheduler_takes_a_generator():
+    """Pipelines pass `generator` to every scheduler's step; the deterministic ones accept and ignore it."""
+    import inspect
+
+    from minildm import schedulers
+
+    for name in schedulers.__all__:
+        assert "generator" in inspect.signature(getattr(schedulers, name).step).parameters, name

@@ -124,7 +124,8 @@ class StableDiffusionPipeline:
             raise ValueError(f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}")
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
-        return self.scheduler.timesteps[num_inference_steps - steps_to_run:]
+        calls_per_step = getattr(self.scheduler, "order", 1)  # Heun calls the model twice per step
+        return self.scheduler.timesteps[(num_inference_steps - steps_to_run) * calls_per_step:]
 
     @torch.no_grad()
     def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,

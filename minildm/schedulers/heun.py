@@ -25,6 +25,7 @@ from minildm.schedulers.sigmas import predicted_x0, sigma_schedule, step_index
 class HeunDiscreteScheduler:
     # diffusers options kept out of minildm, with the value that leaves the algorithm above unchanged
     UNIMPLEMENTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0}
+    order = 2  # model calls per step: pipelines that start part-way down the schedule (img2img) skip 2 entries per step
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, beta_schedule: str = "linear",
                  trained_betas=None, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
@@ -64,8 +65,9 @@ class HeunDiscreteScheduler:
         sigma = self.sigmas[step_index(self.level_timesteps, timestep, "scale_model_input")]
         return sample / (sigma**2 + 1) ** 0.5
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
-        """One stage of a Heun step: the Euler stage (returns x_euler), or, after it, the correction (returns x_next)."""
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One stage of a Heun step: the Euler stage (returns x_euler), or, after it, the correction (returns x_next).
+        Deterministic: `generator` is accepted, so that a pipeline can pass one to any scheduler, and unused."""
         i = step_index(self.level_timesteps, timestep, "step")  # the model saw `sample` at noise level sigmas[i]
         sigma = self.sigmas[i]
         d = (sample - predicted_x0(model_output, sample, sigma, self.prediction_type)) / sigma  # dx/dsigma here
