@@ -75,13 +75,15 @@ def generate(args):
     pipe = load_pipeline(args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.command == "ldm-uncond":
-        images = pipe(batch_size=args.n, generator=generator, num_inference_steps=args.steps, eta=args.eta).images
+        images = pipe(batch_size=args.n, generator=generator, num_inference_steps=args.steps, eta=args.eta,
+                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps))).images
     elif args.command == "vq-diffusion":
         images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
                       generator=generator, callback=progress_printer(lambda: args.steps)).images
     elif args.command == "ldm":
         images = pipe([args.prompt] * args.n, height=args.height, width=args.width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, eta=args.eta, generator=generator).images
+                      guidance_scale=args.guidance, eta=args.eta, generator=generator,
+                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps))).images
     else:
         images = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       negative_prompt=args.negative, num_images_per_prompt=args.n, eta=args.eta, generator=generator,

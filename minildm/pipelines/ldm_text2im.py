@@ -41,7 +41,8 @@ class LDMTextToImagePipeline:
     @torch.no_grad()
     def __call__(self, prompt, height: int = 256, width: int = 256, num_inference_steps: int = 50, guidance_scale: float = 1.0,
                  eta: float = 0.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, callback=None):
+        """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         prompts = prompt_list(prompt)
         check_image_size(height, width, self.vqvae.config.downsampling_factor * self.unet.config.downsampling_factor)
         check_output_type(output_type)
@@ -63,13 +64,15 @@ class LDMTextToImagePipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(self.device, dtype) * self.scheduler.init_noise_sigma
         options = step_options(self.scheduler, eta, generator)
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             noise_prediction = self.unet(model_input, t, context)
             if guided:
                 unconditional, conditional = noise_prediction.chunk(2)
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
+            if callback is not None:
+                callback(i, t, latents)
 
         vae_dtype = next(self.vqvae.parameters()).dtype
         images = self.vqvae.decode(latents.to(vae_dtype) / self.vqvae.config.scaling_factor)

@@ -36,7 +36,8 @@ class LDMPipeline:
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, eta: float = 0.0, num_inference_steps: int = 50,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, callback=None):
+        """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         check_count("batch_size", batch_size)
         check_output_type(output_type)
         dtype = next(self.unet.parameters()).dtype
@@ -45,9 +46,11 @@ class LDMPipeline:
         latents = initial_noise((batch_size, self.unet.config.in_channels, size, size), generator, self.device, dtype)
         latents = latents * self.scheduler.init_noise_sigma
         options = step_options(self.scheduler, eta, generator)
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
             noise_prediction = self.unet(self.scheduler.scale_model_input(latents, t), t)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
+            if callback is not None:
+                callback(i, t, latents)
 
         vae_dtype = next(self.vqvae.parameters()).dtype
         latents = latents.to(vae_dtype) / self.vqvae.config.scaling_factor
