@@ -5,37 +5,54 @@ written from scratch, loading the official weights and checked numerically again
 transformers.
 """
 
+from minildm import schedulers
 from minildm.autoencoder import KL_F8, VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderConfig, AutoencoderKL, VQModel
 from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel
 from minildm.ldm_bert import LDMBert, LDMBertConfig
 from minildm.load import load_component
-from minildm.unet import CELEBAHQ, LDM_TEXT2IM, SD_V1, UNet, UNetConfig
+from minildm.pipelines import (LDMPipeline, LDMTextToImagePipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                               StableDiffusionPipeline, VQDiffusionPipeline)
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
+from minildm.unet import CELEBAHQ, LDM_TEXT2IM, SD_V1, UNet, UNetConfig
+from minildm.vq_transformer import ITHQ, VQTransformer, VQTransformerConfig
 from minildm.weights import CheckpointError, read_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoencoderConfig",
-    "AutoencoderKL",
-    "KL_F8",
-    "VQModel",
-    "VQ_F4_CELEBAHQ",
-    "VQ_F8_ITHQ",
-    "BertTokenizer",
-    "CLIPTokenizer",
-    "CLIPTextConfig",
+    # pipelines
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "LDMTextToImagePipeline",
+    "LDMPipeline",
+    "VQDiffusionPipeline",
+    "schedulers",
+    # models and their configs
     "CLIPTextModel",
-    "CLIP_VIT_B_32",
+    "CLIPTextConfig",
     "CLIP_VIT_L_14",
-    "CheckpointError",
+    "CLIP_VIT_B_32",
     "LDMBert",
     "LDMBertConfig",
-    "load_component",
+    "AutoencoderKL",
+    "VQModel",
+    "AutoencoderConfig",
+    "KL_F8",
+    "VQ_F4_CELEBAHQ",
+    "VQ_F8_ITHQ",
     "UNet",
     "UNetConfig",
     "SD_V1",
     "LDM_TEXT2IM",
     "CELEBAHQ",
+    "VQTransformer",
+    "VQTransformerConfig",
+    "ITHQ",
+    # tokenizers and loading
+    "CLIPTokenizer",
+    "BertTokenizer",
+    "load_component",
     "read_state_dict",
+    "CheckpointError",
 ]
