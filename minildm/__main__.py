@@ -157,6 +157,13 @@ def main(argv=None):
     download.add_argument("name", help="a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, vq-diffusion-ithq) or SYSTEM/PATH")
     download.add_argument("--dir", default="weights", help="files go to DIR/SYSTEM/PATH")
 
+    train = commands.add_parser("train", help="train a tiny model on the shapes world (minildm/train.py)", formatter_class=defaults)
+    train.add_argument("system", choices=["sd"], help="which system to train")
+    train.add_argument("--out", required=True, help="a new folder, or the folder of a run to resume")
+    train.add_argument("--minutes", type=float, help="training time, shared by the stages (default: 80; 0.75 with --quick)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the drawn data and of every random choice")
+    train.add_argument("--quick", action="store_true", help="toy sizes: the whole path in about a minute")
+
     tokenize = commands.add_parser("tokenize", help="print the 77 token ids a text encoder would see")
     tokenize.add_argument("prompt")
     tokenize.add_argument("--bert", action="store_true", help="the LDM BERT WordPiece tokenizer instead of CLIP's")
@@ -171,6 +178,13 @@ def main(argv=None):
         from minildm.download import main_download
 
         sys.exit(main_download(args.name, args.dir))
+    elif args.command == "train":
+        from minildm.train import main_train
+
+        try:
+            sys.exit(main_train(args.system, args.out, args.minutes, args.seed, args.quick))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     elif args.command == "tokenize":
         tokenizer = BertTokenizer() if args.bert else CLIPTokenizer()
         ids = tokenizer.encode(args.prompt)

@@ -91,6 +91,23 @@ class AutoencoderConfig:
         )
 
 
+    def to_diffusers(self, sample_size: int = 512) -> dict:
+        """The diffusers `config.json` of this model (what `from_diffusers` reads back); sample_size,
+        the image size it was trained at, is only informative (diffusers' tiled decoding reads it)."""
+        n = len(self.channels)
+        config = {
+            "_class_name": "VQModel" if self.is_vq else "AutoencoderKL", "_diffusers_version": "0.42.1",
+            "in_channels": self.in_channels, "out_channels": self.out_channels, "block_out_channels": list(self.channels),
+            "down_block_types": ["AttnDownEncoderBlock2D" if i in self.attention_levels else "DownEncoderBlock2D" for i in range(n)],
+            "up_block_types": ["AttnUpDecoderBlock2D" if n - 1 - i in self.attention_levels else "UpDecoderBlock2D" for i in range(n)],
+            "layers_per_block": self.layers_per_level, "latent_channels": self.latent_channels, "norm_num_groups": self.norm_groups,
+            "act_fn": "silu", "sample_size": sample_size, "scaling_factor": self.scaling_factor,
+        }
+        if self.is_vq:
+            config.update(num_vq_embeddings=self.codebook_size, vq_embed_dim=self.code_dim)
+        return config
+
+
 KL_F8 = AutoencoderConfig()  # Stable Diffusion v1.x and CompVis/ldm-text2im-large-256 (facts 1.3, 2.2)
 VQ_F4_CELEBAHQ = AutoencoderConfig(channels=(128, 256, 512), latent_channels=3, codebook_size=8192, code_dim=3, scaling_factor=1.0)  # facts 3.2-3.3
 VQ_F8_ITHQ = AutoencoderConfig(  # microsoft/vq-diffusion-ithq (facts 4.2-4.3); works on indices, so no scaling

@@ -16,6 +16,7 @@ checkpoints.
 Shapes: B batch, L tokens (77 for text, 257 for a 224x224 image), D width, H heads, Dh = D / H.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,15 @@ class CLIPTextConfig:
             norm_eps=config.get("layer_norm_eps", 1e-5),
             activation=activation,
         )
+
+
+    def to_diffusers(self) -> dict:
+        """The transformers `config.json` of this model (what `from_diffusers` reads back)."""
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": self.vocab_size,
+                "max_position_embeddings": self.max_length, "hidden_size": self.width, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "intermediate_size": self.mlp_width, "layer_norm_eps": self.norm_eps,
+                "hidden_act": self.activation, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+                "projection_dim": self.width, "torch_dtype": "float32"}
 
 
 CLIP_VIT_L_14 = CLIPTextConfig()  # Stable Diffusion v1.x
@@ -267,6 +277,22 @@ KEY_RULES = [
 ]
 # `position_ids` is an arange buffer that old transformers saved; we compute it in forward.
 DROPPED_KEYS = [r"(cond_stage_model\.transformer\.)?(text_model\.)?embeddings\.position_ids"]
+
+
+def transformers_name(name: str) -> str:
+    """Our name -> the hub file's (`text_model.` prefix): the inverse of KEY_RULES, for saving."""
+    rules = [
+        (r"^(token|position)_embedding\.", r"embeddings.\1_embedding."),
+        (r"^layers\.(\d+)\.attn\.(q|k|v)\.", r"encoder.layers.\1.self_attn.\2_proj."),
+        (r"^layers\.(\d+)\.attn\.out\.", r"encoder.layers.\1.self_attn.out_proj."),
+        (r"^layers\.(\d+)\.attn_norm\.", r"encoder.layers.\1.layer_norm1."),
+        (r"^layers\.(\d+)\.mlp_norm\.", r"encoder.layers.\1.layer_norm2."),
+        (r"^layers\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+        (r"^final_norm\.", "final_layer_norm."),
+    ]
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return "text_model." + name
 
 
 def _mismatch_hint(missing, unexpected, mismatched):

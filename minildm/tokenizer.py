@@ -127,8 +127,9 @@ class CLIPTokenizer:
         return {token: i for i, token in enumerate(tokens)}, merges
 
     @classmethod
-    def from_folder(cls, folder, max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
-        """Read a hub `tokenizer/` folder: vocab.json, merges.txt, and the pad token if one is named."""
+    def from_folder(cls, folder, max_length: int | None = None) -> "CLIPTokenizer":
+        """Read a hub `tokenizer/` folder: vocab.json, merges.txt, the pad token if one is named, and
+        the padded length (`model_max_length` of tokenizer_config.json, 77 when absent)."""
         folder = Path(folder)
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
@@ -136,6 +137,7 @@ class CLIPTokenizer:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         merge_lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in merge_lines if line and not line.startswith("#version")]
+        max_length = max_length or _model_max_length(folder)
         return cls(vocab, merges, pad_token=_special_token(folder, "pad_token") or cls.END, max_length=max_length)
 
     def encode(self, text: str) -> list:
@@ -210,3 +212,15 @@ def _special_token(folder: Path, name: str) -> str | None:
             if isinstance(value, str):
                 return value
     return None
+
+
+def _model_max_length(folder: Path) -> int:
+    """The padded length a tokenizer folder asks for. Official folders say 77; the embedded teaching
+    models use shorter contexts (their captions are at most 13 tokens), as transformers would read."""
+    path = folder / "tokenizer_config.json"
+    value = json.loads(path.read_text(encoding="utf-8")).get("model_max_length") if path.is_file() else None
+    if value is None or value > 10**6:  # transformers writes a huge sentinel for "no limit"
+        return MAX_LENGTH
+    if not isinstance(value, int) or value < 2:
+        raise ValueError(f"{path}: model_max_length must be an integer >= 2 (start + end token), got {value!r}")
+    return value

@@ -101,6 +101,24 @@ class UNetConfig:
         )
 
 
+    def to_diffusers(self) -> dict:
+        """The diffusers `config.json` of this UNet (what `from_diffusers` reads back)."""
+        n, attends = len(self.channels), self.attention_levels
+        if self.context_dim is None:
+            down = ["AttnDownBlock2D" if i in attends else "DownBlock2D" for i in range(n)]
+            up = ["AttnUpBlock2D" if n - 1 - i in attends else "UpBlock2D" for i in range(n)]
+            extra = {"_class_name": "UNet2DModel", "attention_head_dim": self.head_channels}
+        else:
+            down = ["CrossAttnDownBlock2D" if i in attends else "DownBlock2D" for i in range(n)]
+            up = ["CrossAttnUpBlock2D" if n - 1 - i in attends else "UpBlock2D" for i in range(n)]
+            # attention_head_dim is the number of heads here (the naming trap in from_diffusers)
+            extra = {"_class_name": "UNet2DConditionModel", "attention_head_dim": self.heads, "cross_attention_dim": self.context_dim}
+        return {**extra, "_diffusers_version": "0.42.1", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "block_out_channels": list(self.channels), "down_block_types": down, "up_block_types": up,
+                "layers_per_block": self.layers_per_level, "norm_num_groups": self.norm_groups, "norm_eps": self.norm_eps,
+                "sample_size": self.sample_size, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0}
+
+
 SD_V1 = UNetConfig()  # CompVis/stable-diffusion-v1-4 and every SD 1.x fine-tune: 859,520,964 parameters
 LDM_TEXT2IM = UNetConfig(context_dim=1280, sample_size=32)  # CompVis/ldm-text2im-large-256 (LDMBert context): 872,300,484
 CELEBAHQ = UNetConfig(  # CompVis/ldm-celebahq-256, unconditional on VQ-f4 latents: 274,056,163

@@ -1,0 +1,195 @@
+"""The synthetic shapes world the embedded teaching models are trained on, and its scorer.
+
+One filled shape on a plain background, 64x64 RGB, with a caption that says what and where:
+
+    "a red circle on a blue background"
+    "a green triangle on the left side of a white background"
+
+The world is small enough to learn on two CPU cores in an hour, yet it asks everything of a
+text-to-image model that a real one needs: bind a colour to an object (not to the background),
+draw a shape, place it where the words say. Twelve (colour, shape, background) triples are never
+shown in training, in any position; a model that draws them has composed the words, not
+remembered pictures.
+
+The scorer reads the four attributes back from pixels alone (no learned model): the background is
+the median colour of the border, the shape is every pixel closer to its own colour than to the
+background's, its colour is the median of those pixels, its position the centroid's x, and its
+kind the template (circle, square, triangle of the same area, at the same centroid) it overlaps
+best. Scores are the fraction of images whose attribute matches the caption.
+
+Shapes: H x W = 64 x 64 pixels, B images; images are uint8 (B, H, W, 3) numpy arrays.
+"""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64  # pixels a side
+SUPERSAMPLE = 4  # drawn at 256 x 256, then box-filtered down: anti-aliased edges
+PALETTE = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+}
+SHAPE_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")  # the first six
+BACKGROUNDS = tuple(PALETTE)  # any of the nine but the shape's own colour
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {"left": 18, "center": 32, "right": 46}  # centre x in pixels; centre y is always 32
+CENTRE_Y = 32
+JITTER = 2  # +- pixels on both centre coordinates
+RADII = (11, 15)  # half-width, inclusive range
+
+# (colour, shape, background) triples never drawn for training, in any position.
+HELD_OUT = (
+    ("red", "triangle", "white"), ("green", "circle", "black"), ("blue", "square", "yellow"),
+    ("yellow", "triangle", "blue"), ("purple", "circle", "green"), ("orange", "square", "purple"),
+    ("red", "square", "gray"), ("green", "triangle", "orange"), ("blue", "circle", "red"),
+    ("yellow", "square", "black"), ("purple", "triangle", "white"), ("orange", "circle", "blue"),
+)
+
+# Area of each shape for half-width r, over r^2: a circle pi r^2, a square (2r)^2, an equilateral
+# triangle of side 2r (height sqrt(3) r) sqrt(3) r^2. The scorer inverts these to size its templates.
+AREA_PER_R2 = {"circle": np.pi, "square": 4.0, "triangle": np.sqrt(3.0)}
+
+
+def all_triples() -> list:
+    """Every (colour, shape, background) the world can draw: 6 x 3 x 8 = 144."""
+    return [(c, s, b) for c in SHAPE_COLOURS for s in SHAPES for b in BACKGROUNDS if b != c]
+
+
+def training_triples() -> list:
+    held_out = set(HELD_OUT)
+    return [t for t in all_triples() if t not in held_out]
+
+
+def caption(colour: str, shape: str, background: str | None, position: str) -> str:
+    """The world's caption; background None leaves the background phrase out (any background)."""
+    where = "" if position == "center" else f" on the {position} side of"
+    if background is None:
+        return f"a {colour} {shape}" + (where[: -len(" of")] if where else "")
+    return f"a {colour} {shape}{where or ' on'} a {background} background"
+
+
+def triangle_vertices(cx: float, cy: float, r: float) -> list:
+    """Equilateral, pointing up, side 2r, centroid at (cx, cy): the centroid lies a third of the
+    height above the base."""
+    height = np.sqrt(3.0) * r
+    return [(cx, cy - 2 * height / 3), (cx - r, cy + height / 3), (cx + r, cy + height / 3)]
+
+
+def draw(colour: str, shape: str, background: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """One image, (64, 64, 3) uint8: the shape centred at (cx, cy) with half-width r, in pixels."""
+    if colour not in SHAPE_COLOURS or shape not in SHAPES or background not in PALETTE or background == colour:
+        raise ValueError(f"not a drawable scene: colour {colour!r} (one of {SHAPE_COLOURS}), shape {shape!r} "
+                         f"(one of {SHAPES}), background {background!r} (one of {BACKGROUNDS}, not the shape's colour)")
+    s = SUPERSAMPLE
+    canvas = Image.new("RGB", (SIZE * s, SIZE * s), PALETTE[background])
+    pen = ImageDraw.Draw(canvas)
+    # pixel centres: pixel i covers [i, i+1), so a coordinate x maps to x * s in the big canvas
+    x, y, half = (cx + 0.5) * s, (cy + 0.5) * s, r * s
+    if shape == "circle":
+        pen.ellipse([x - half, y - half, x + half, y + half], fill=PALETTE[colour])
+    elif shape == "square":
+        pen.rectangle([x - half, y - half, x + half, y + half], fill=PALETTE[colour])
+    else:
+        pen.polygon(triangle_vertices(x, y, half), fill=PALETTE[colour])
+    return np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX))
+
+
+def sample_scene(rng: np.random.Generator, triples: list) -> dict:
+    """A random scene from `triples`: position, jitter and radius drawn uniformly."""
+    colour, shape, background = triples[rng.integers(len(triples))]
+    position = list(POSITIONS)[rng.integers(3)]
+    return dict(colour=colour, shape=shape, background=background, position=position,
+                cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER), cy=CENTRE_Y + rng.uniform(-JITTER, JITTER),
+                r=rng.uniform(RADII[0], RADII[1]))
+
+
+def draw_scene(scene: dict) -> np.ndarray:
+    return draw(scene["colour"], scene["shape"], scene["background"], scene["cx"], scene["cy"], scene["r"])
+
+
+def make_dataset(n: int, seed: int, triples: list | None = None):
+    """n drawn images (n, 64, 64, 3) uint8 and their scenes, from the training triples by default."""
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, triples or training_triples()) for _ in range(n)]
+    return np.stack([draw_scene(s) for s in scenes]), scenes
+
+
+# --- the scorer ---------------------------------------------------------------------------------
+
+
+def _nearest(colour: np.ndarray, names) -> str:
+    distances = [np.sum((colour - np.array(PALETTE[name], dtype=np.float64)) ** 2) for name in names]
+    return names[int(np.argmin(distances))]
+
+
+def _template(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """A binary mask (64, 64) of `shape` at half-width r and centroid (cx, cy), pixel-centre sampled."""
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(xs - cx) <= r) & (np.abs(ys - cy) <= r)
+    height = np.sqrt(3.0) * r
+    top, base = cy - 2 * height / 3, cy + height / 3
+    # inside: below the apex line pair and above the base; half-width grows linearly from the apex
+    half_width = (ys - top) / height * r
+    return (ys >= top) & (ys <= base) & (np.abs(xs - cx) <= half_width)
+
+
+def read_image(image: np.ndarray) -> dict:
+    """Attributes read back from one image (64, 64, 3) uint8: colour, shape, background, position.
+
+    Any attribute that cannot be read (no shape found) is None, which never matches a caption.
+    """
+    if image.shape != (SIZE, SIZE, 3):
+        raise ValueError(f"expected a (64, 64, 3) image, got {image.shape}")
+    pixels = image.astype(np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (252, 3)
+    background_rgb = np.median(border, axis=0)
+    background = _nearest(background_rgb, BACKGROUNDS)
+    # First guess at the shape: pixels clearly unlike the background; its colour is their median.
+    distance_to_background = np.linalg.norm(pixels - background_rgb, axis=-1)  # (64, 64)
+    rough = distance_to_background > 40
+    if rough.sum() < 20:
+        return dict(colour=None, shape=None, background=background, position=None)
+    shape_rgb = np.median(pixels[rough], axis=0)
+    # Then every pixel nearer the shape's colour than the background's: anti-aliased edge pixels
+    # split at the halfway colour, so the mask's area is the shape's.
+    mask = np.linalg.norm(pixels - shape_rgb, axis=-1) < distance_to_background
+    colour = _nearest(shape_rgb, SHAPE_COLOURS)
+    ys, xs = np.nonzero(mask)
+    cx, cy, area = xs.mean(), ys.mean(), float(mask.sum())
+    position = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - cx))
+    overlaps = {}
+    for shape, k in AREA_PER_R2.items():
+        template = _template(shape, cx, cy, np.sqrt(area / k))
+        overlaps[shape] = (template & mask).sum() / (template | mask).sum()  # intersection over union
+    return dict(colour=colour, shape=max(overlaps, key=overlaps.get), background=background, position=position)
+
+
+ATTRIBUTES = ("colour", "shape", "background", "position")
+
+
+def score(images: np.ndarray, scenes: list) -> dict:
+    """Fraction of images whose read attributes match their scenes': per attribute and all four."""
+    if len(images) != len(scenes):
+        raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
+    hits = {name: 0 for name in ATTRIBUTES + ("all",)}
+    for image, scene in zip(images, scenes):
+        read = read_image(image)
+        right = [read[name] == scene[name] for name in ATTRIBUTES]
+        for name, ok in zip(ATTRIBUTES, right):
+            hits[name] += ok
+        hits["all"] += all(right)
+    return {name: count / len(images) for name, count in hits.items()}
+
+
+def format_scores(title: str, scores: dict) -> str:
+    return f"{title:<28} " + "  ".join(f"{name} {scores[name]:.3f}" for name in ATTRIBUTES + ("all",))
