@@ -5,6 +5,8 @@ written from scratch, loading the official weights and checked numerically again
 transformers.
 """
 
+from pathlib import Path
+
 from minildm import schedulers
 from minildm.autoencoder import KL_F8, VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderConfig, AutoencoderKL, VQModel
 from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel
@@ -18,6 +20,10 @@ from minildm.vq_transformer import ITHQ, VQTransformer, VQTransformerConfig
 from minildm.weights import CheckpointError, read_state_dict
 
 __version__ = "0.1.0"
+
+# The embedded teaching model: a tiny Stable Diffusion trained by minildm/train.py on the shapes world
+# (minildm/shapes.py), a diffusers-layout folder that StableDiffusionPipeline.from_pretrained reads.
+TINY_SD = Path(__file__).parent / "assets" / "tiny-sd"
 
 __all__ = [
     # pipelines
@@ -55,4 +61,5 @@ __all__ = [
     "load_component",
     "read_state_dict",
     "CheckpointError",
+    "TINY_SD",
 ]

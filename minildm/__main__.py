@@ -70,7 +70,30 @@ def progress_printer(count_steps):
     return report
 
 
+# The embedded teaching model (minildm/assets/tiny-sd, trained by minildm/train.py on the shapes
+# world) runs when no --weights are given, with the settings it was scored at; official weights get
+# SD's own defaults.
+EMBEDDED_SD_DEFAULTS = {"steps": 25, "guidance": 4.0, "height": 64, "width": 64}
+OFFICIAL_SD_DEFAULTS = {"steps": 50, "guidance": 7.5, "height": 512, "width": 512}
+
+
+def fill_sd_defaults(args):
+    from minildm import TINY_SD
+
+    if args.weights is None:
+        args.weights = str(TINY_SD)
+        print(f"no --weights given: using the embedded tiny-sd model ({TINY_SD}, 64x64 shapes; see its README.md)")
+        defaults = EMBEDDED_SD_DEFAULTS
+    else:
+        defaults = OFFICIAL_SD_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def generate(args):
+    if args.command == "sd":
+        fill_sd_defaults(args)
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
     pipe = load_pipeline(args)
     generator = torch.Generator().manual_seed(args.seed)
@@ -119,12 +142,16 @@ def image_grid(images):
 def add_generation_arguments(parser, command: str, steps: int, guidance: float | None, size: int | None):
     if command != "ldm-uncond":
         parser.add_argument("prompt", help="what the image should show")
-    parser.add_argument("--weights", default=DEFAULT_WEIGHTS[command], help="pipeline folder, repo id in the Hugging Face cache" +
-                        (", or an original .ckpt/.safetensors file" if command == "sd" else ""))
+    if command == "sd":  # the defaults depend on the weights: see fill_sd_defaults
+        steps = guidance = size = None
+        parser.add_argument("--weights", help="pipeline folder, repo id in the Hugging Face cache, or an original .ckpt/.safetensors "
+                            "file (default: the embedded tiny-sd, 64x64, 25 steps, guidance 4; official weights: 512x512, 50 steps, 7.5)")
+    else:
+        parser.add_argument("--weights", default=DEFAULT_WEIGHTS[command], help="pipeline folder or repo id in the Hugging Face cache")
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
-    if guidance is not None:
+    if command != "ldm-uncond":
         parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale; 1 turns it off")
-    if size is not None:
+    if command in ("sd", "ldm"):
         parser.add_argument("--height", type=int, default=size, help="image height, a multiple of 8")
         parser.add_argument("--width", type=int, default=size, help="image width, a multiple of 8")
     if command in ("sd", "ldm", "ldm-uncond"):
@@ -143,7 +170,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command")
     defaults = argparse.ArgumentDefaultsHelpFormatter
     sd = commands.add_parser("sd", help="Stable Diffusion v1.x text to image", formatter_class=defaults)
-    add_generation_arguments(sd, "sd", steps=50, guidance=7.5, size=512)
+    add_generation_arguments(sd, "sd", steps=None, guidance=None, size=None)
     sd.add_argument("--negative", help="negative prompt: what the image should not show")
     sd.add_argument("--ema", choices=["true", "false"], help="for a single file holding both the EMA and the trained UNet")
     add_generation_arguments(commands.add_parser("ldm", help="LDM text to image (256 px, LDMBert)", formatter_class=defaults), "ldm", steps=50, guidance=1.0, size=256)

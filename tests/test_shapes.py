@@ -1,0 +1,79 @@
+"""The shapes world: exact captions and held-out list, the drawing's geometry, and a scorer that is
+right on freshly drawn images of every combination (and wrong when the caption is)."""
+
+import numpy as np
+import pytest
+
+from minildm import shapes
+
+
+def every_combination(per_combination: int, seed: int):
+    """Scenes of every (colour, shape, background) x position, jitter and radius random."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for triple in shapes.all_triples():
+        for position in shapes.POSITIONS:
+            for _ in range(per_combination):
+                scene = shapes.sample_scene(rng, [triple])
+                scene.update(position=position, cx=shapes.POSITIONS[position] + rng.uniform(-2, 2))
+                scenes.append(scene)
+    return np.stack([shapes.draw_scene(s) for s in scenes]), scenes
+
+
+def test_world_is_the_specified_one():
+    assert len(shapes.all_triples()) == 6 * 3 * 8
+    assert len(shapes.HELD_OUT) == 12 and len(set(shapes.HELD_OUT)) == 12
+    assert set(shapes.HELD_OUT) <= set(shapes.all_triples())
+    assert not set(shapes.HELD_OUT) & set(shapes.training_triples())
+    assert len(shapes.training_triples()) == 144 - 12
+    assert shapes.caption("red", "circle", "blue", "center") == "a red circle on a blue background"
+    assert shapes.caption("green", "triangle", "white", "left") == "a green triangle on the left side of a white background"
+    assert shapes.caption("blue", "square", None, "right") == "a blue square on the right side"
+    assert shapes.caption("blue", "square", None, "center") == "a blue square"
+    assert shapes.PALETTE["orange"] == (245, 130, 20) and shapes.PALETTE["black"] == (15, 15, 15)
+
+
+def test_drawing_geometry():
+    square = shapes.draw("red", "square", "white", 32, 32, 12)
+    assert square.shape == (64, 64, 3) and square.dtype == np.uint8
+    assert tuple(square[32, 32]) == shapes.PALETTE["red"] and tuple(square[2, 2]) == shapes.PALETTE["white"]
+    red = np.all(square == shapes.PALETTE["red"], axis=-1)
+    assert red.sum() == 23 * 23  # pixels fully inside [20.5, 44.5): the rest are anti-aliased edge pixels
+    edge = ~red & ~np.all(square == shapes.PALETTE["white"], axis=-1)
+    assert edge.sum() > 0  # drawn supersampled: mixed colours at the border
+    triangle = shapes.draw("blue", "triangle", "black", 32, 32, 14)
+    weight = np.linalg.norm(triangle.astype(float) - shapes.PALETTE["black"], axis=-1)
+    ys, xs = np.mgrid[0:64, 0:64]
+    centroid = (np.sum(weight * xs) / weight.sum(), np.sum(weight * ys) / weight.sum())
+    print(f"triangle centroid {centroid[0]:.2f}, {centroid[1]:.2f} (drawn at 32, 32)")
+    assert abs(centroid[0] - 32) < 0.3 and abs(centroid[1] - 32) < 0.3  # the centroid, not the box centre
+    inside = weight > 0.5 * weight.max()
+    assert inside[24].sum() < inside[36].sum()  # pointing up: narrower above the centre than below
+
+
+def test_bad_scenes_are_refused():
+    with pytest.raises(ValueError, match="not the shape's colour"):
+        shapes.draw("red", "circle", "red", 32, 32, 12)
+    with pytest.raises(ValueError, match="one of"):
+        shapes.draw("white", "circle", "red", 32, 32, 12)
+    with pytest.raises(ValueError, match=r"expected a \(64, 64, 3\) image"):
+        shapes.read_image(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_scorer_reads_every_combination():
+    images, scenes = every_combination(per_combination=2, seed=7)
+    scores = shapes.score(images, scenes)
+    print(shapes.format_scores(f"{len(images)} drawn images", scores))
+    assert scores["all"] >= 0.99 and min(scores.values()) >= 0.99
+
+
+def test_scorer_says_no_to_wrong_captions():
+    images, scenes = every_combination(per_combination=1, seed=8)
+    names = {"colour": shapes.SHAPE_COLOURS, "shape": shapes.SHAPES, "background": shapes.BACKGROUNDS, "position": tuple(shapes.POSITIONS)}
+    for attribute, choices in names.items():
+        wrong = [dict(s, **{attribute: choices[(choices.index(s[attribute]) + 1) % len(choices)]}) for s in scenes]
+        scores = shapes.score(images, wrong)
+        print(f"captions with the wrong {attribute}: {attribute} {scores[attribute]:.3f}")
+        assert scores[attribute] <= 0.01 and scores["all"] <= 0.01
+    blank = np.full((4, 64, 64, 3), 128, np.uint8)  # nothing drawn: no shape is read
+    assert shapes.read_image(blank[0])["shape"] is None
