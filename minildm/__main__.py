@@ -1,11 +1,13 @@
 """The command line: one subcommand per system, plus download and tokenize.
 
-    python -m minildm sd "a photograph of an astronaut riding a horse"        Stable Diffusion v1.x
+    python -m minildm sd "a red circle on a blue background"                  Stable Diffusion v1.x (embedded tiny model)
+    python -m minildm sd "an astronaut riding a horse" --weights DIR          ... with official weights
     python -m minildm ldm "A painting of a squirrel eating a burger"          LDM text-to-image
     python -m minildm ldm-uncond -n 4                                         LDM CelebA-HQ faces
     python -m minildm vq-diffusion "a teddy bear playing in the pool"         VQ-Diffusion
     python -m minildm download stable-diffusion-v1-4 --dir weights            fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
+    python -m minildm train sd --out runs/tiny-sd                             retrain the embedded model
 
 `--weights` takes a pipeline folder, a repo id already in the Hugging Face cache, or (for `sd`) an
 original single-file checkpoint. Images are written as PNGs, with a grid when there are several.
@@ -187,7 +189,7 @@ def main(argv=None):
     train = commands.add_parser("train", help="train a tiny model on the shapes world (minildm/train.py)", formatter_class=defaults)
     train.add_argument("system", choices=["sd"], help="which system to train")
     train.add_argument("--out", required=True, help="a new folder, or the folder of a run to resume")
-    train.add_argument("--minutes", type=float, help="training time, shared by the stages (default: 80; 0.75 with --quick)")
+    train.add_argument("--minutes", type=float, help="training time, shared by the stages (default: 84; 0.75 with --quick)")
     train.add_argument("--seed", type=int, default=0, help="seed of the drawn data and of every random choice")
     train.add_argument("--quick", action="store_true", help="toy sizes: the whole path in about a minute")
 
@@ -232,7 +234,9 @@ schedulers      {schedulers}
 weights         safetensors (memory-mapped), sharded, .bin/.ckpt read with weights_only=True,
                 component and pipeline folders, the local Hugging Face cache, `download` with sha256
 
+  python -m minildm sd "a red circle on a blue background"          (the embedded tiny model, offline)
   python -m minildm sd "a photograph of an astronaut riding a horse" --weights CompVis/stable-diffusion-v1-4
+  python -m minildm train sd --out runs/tiny-sd                      (how the tiny model was made, 80 min)
   python -m minildm download stable-diffusion-v1-4 --dir weights
   python -m minildm sd --help
   python -m pytest -s tests

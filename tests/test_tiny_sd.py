@@ -74,7 +74,11 @@ def test_diffusers_gives_the_same_images(tiny_sd):
         warnings.simplefilter("ignore")
         reference = diffusers.StableDiffusionPipeline.from_pretrained(minildm.TINY_SD)
     reference.set_progress_bar_config(disable=True)
-    assert type(reference.scheduler).__name__ == "DDIMScheduler" and reference.tokenizer.model_max_length == 16
+    assert type(reference.scheduler).__name__ == "DDIMScheduler"
+    assert reference.tokenizer.model_max_length == 16 and tiny_sd.tokenizer.max_length == 16  # from tokenizer_config.json
+    prompts = ["a red circle on a blue background", "a yellow square on the left side of a gray background", ""]
+    expected_ids = reference.tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert torch.equal(tiny_sd.tokenizer(prompts), expected_ids)
     call = dict(prompt=["a red circle on a blue background", "a purple triangle on the right side of a white background"],
                 height=64, width=64, num_inference_steps=25, guidance_scale=4.0, output_type="np")
     expected = reference(generator=torch.Generator().manual_seed(0), **call).images
@@ -86,8 +90,9 @@ def test_diffusers_gives_the_same_images(tiny_sd):
 
 def test_readme_first_command_runs_offline(tmp_path):
     readme = (REPO / "README.md").read_text()
-    first = next(line for line in readme.splitlines() if line.startswith("python -m minildm sd"))
-    command = first.split("#")[0].strip()
+    first = readme.split("```bash\n")[1].splitlines()[0]  # the README opens with install && generate
+    assert first.startswith("pip install") and "&& python -m minildm sd" in first
+    command = first.split("#")[0].split("&&")[-1].strip()  # the install step is what CI has already done
     assert "--weights" not in command and '"a red circle on a blue background"' in command
     environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     result = subprocess.run(command.replace("python", sys.executable, 1) + f" --out {tmp_path}", shell=True, cwd=REPO,
@@ -159,3 +164,16 @@ def test_training_command_line_errors(tmp_path):
                             capture_output=True, text=True, env=environment, cwd=REPO, timeout=60)
     print(result.stderr.strip())
     assert result.returncode != 0 and "--minutes must be a positive number" in result.stderr
+
+
+def test_tokenizer_folder_length_is_checked(tmp_path):
+    import shutil
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(minildm.TINY_SD / "tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, model_max_length=1)))
+    with pytest.raises(ValueError, match="model_max_length must be an integer >= 2"):
+        minildm.CLIPTokenizer.from_folder(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, model_max_length=int(1e30))))  # transformers' "no limit"
+    assert minildm.CLIPTokenizer.from_folder(folder).max_length == 77
