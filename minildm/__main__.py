@@ -1,13 +1,13 @@
 """The command line: one subcommand per system, plus download and tokenize.
 
-    python -m minildm sd "a red circle on a blue background"                  Stable Diffusion v1.x (embedded tiny model)
+    python -m minildm sd "a red circle on a blue background"                  SD v1.x, the embedded tiny model
     python -m minildm sd "an astronaut riding a horse" --weights DIR          ... with official weights
     python -m minildm ldm "A painting of a squirrel eating a burger"          LDM text-to-image
     python -m minildm ldm-uncond -n 4                                         LDM CelebA-HQ faces
     python -m minildm vq-diffusion "a teddy bear playing in the pool"         VQ-Diffusion
     python -m minildm download stable-diffusion-v1-4 --dir weights            fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
-    python -m minildm train sd --out runs/tiny-sd                             retrain the embedded model
+    python -m minildm train sd --out runs/tiny-sd                             retrain the tiny model
 
 `--weights` takes a pipeline folder, a repo id already in the Hugging Face cache, or (for `sd`) an
 original single-file checkpoint. Images are written as PNGs, with a grid when there are several.
@@ -84,7 +84,7 @@ def fill_sd_defaults(args):
 
     if args.weights is None:
         args.weights = str(TINY_SD)
-        print(f"no --weights given: using the embedded tiny-sd model ({TINY_SD}, 64x64 shapes; see its README.md)")
+        print(f"no --weights given: using the embedded tiny-sd model ({TINY_SD}; see its README.md)")
         defaults = EMBEDDED_SD_DEFAULTS
     else:
         defaults = OFFICIAL_SD_DEFAULTS
@@ -146,10 +146,13 @@ def add_generation_arguments(parser, command: str, steps: int, guidance: float |
         parser.add_argument("prompt", help="what the image should show")
     if command == "sd":  # the defaults depend on the weights: see fill_sd_defaults
         steps = guidance = size = None
-        parser.add_argument("--weights", help="pipeline folder, repo id in the Hugging Face cache, or an original .ckpt/.safetensors "
-                            "file (default: the embedded tiny-sd, 64x64, 25 steps, guidance 4; official weights: 512x512, 50 steps, 7.5)")
+        weights_help = ("pipeline folder, repo id in the Hugging Face cache, or an original .ckpt/.safetensors file "
+                        "(default: the embedded tiny-sd at 64x64, 25 steps, guidance 4; "
+                        "official weights default to 512x512, 50 steps, guidance 7.5)")
+        parser.add_argument("--weights", help=weights_help)
     else:
-        parser.add_argument("--weights", default=DEFAULT_WEIGHTS[command], help="pipeline folder or repo id in the Hugging Face cache")
+        parser.add_argument("--weights", default=DEFAULT_WEIGHTS[command],
+                            help="pipeline folder or repo id in the Hugging Face cache")
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
     if command != "ldm-uncond":
         parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale; 1 turns it off")
@@ -186,10 +189,12 @@ def main(argv=None):
     download.add_argument("name", help="a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, vq-diffusion-ithq) or SYSTEM/PATH")
     download.add_argument("--dir", default="weights", help="files go to DIR/SYSTEM/PATH")
 
-    train = commands.add_parser("train", help="train a tiny model on the shapes world (minildm/train.py)", formatter_class=defaults)
+    train = commands.add_parser("train", help="train a tiny model on the shapes world (minildm/train.py)",
+                                formatter_class=defaults)
     train.add_argument("system", choices=["sd"], help="which system to train")
     train.add_argument("--out", required=True, help="a new folder, or the folder of a run to resume")
-    train.add_argument("--minutes", type=float, help="training time, shared by the stages (default: 84; 0.75 with --quick)")
+    train.add_argument("--minutes", type=float,
+                       help="training time, shared by the stages (default: 84; 0.75 with --quick)")
     train.add_argument("--seed", type=int, default=0, help="seed of the drawn data and of every random choice")
     train.add_argument("--quick", action="store_true", help="toy sizes: the whole path in about a minute")
 
@@ -236,7 +241,7 @@ weights         safetensors (memory-mapped), sharded, .bin/.ckpt read with weigh
 
   python -m minildm sd "a red circle on a blue background"          (the embedded tiny model, offline)
   python -m minildm sd "a photograph of an astronaut riding a horse" --weights CompVis/stable-diffusion-v1-4
-  python -m minildm train sd --out runs/tiny-sd                      (how the tiny model was made, 80 min)
+  python -m minildm train sd --out runs/tiny-sd                      (how the tiny model was made, 84 min)
   python -m minildm download stable-diffusion-v1-4 --dir weights
   python -m minildm sd --help
   python -m pytest -s tests

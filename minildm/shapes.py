@@ -46,10 +46,18 @@ RADII = (11, 15)  # half-width, inclusive range
 
 # (colour, shape, background) triples never drawn for training, in any position.
 HELD_OUT = (
-    ("red", "triangle", "white"), ("green", "circle", "black"), ("blue", "square", "yellow"),
-    ("yellow", "triangle", "blue"), ("purple", "circle", "green"), ("orange", "square", "purple"),
-    ("red", "square", "gray"), ("green", "triangle", "orange"), ("blue", "circle", "red"),
-    ("yellow", "square", "black"), ("purple", "triangle", "white"), ("orange", "circle", "blue"),
+    ("red", "triangle", "white"),
+    ("green", "circle", "black"),
+    ("blue", "square", "yellow"),
+    ("yellow", "triangle", "blue"),
+    ("purple", "circle", "green"),
+    ("orange", "square", "purple"),
+    ("red", "square", "gray"),
+    ("green", "triangle", "orange"),
+    ("blue", "circle", "red"),
+    ("yellow", "square", "black"),
+    ("purple", "triangle", "white"),
+    ("orange", "circle", "blue"),
 )
 
 # Area of each shape for half-width r, over r^2: a circle pi r^2, a square (2r)^2, an equilateral
@@ -84,9 +92,16 @@ def triangle_vertices(cx: float, cy: float, r: float) -> list:
 
 def draw(colour: str, shape: str, background: str, cx: float, cy: float, r: float) -> np.ndarray:
     """One image, (64, 64, 3) uint8: the shape centred at (cx, cy) with half-width r, in pixels."""
-    if colour not in SHAPE_COLOURS or shape not in SHAPES or background not in PALETTE or background == colour:
-        raise ValueError(f"not a drawable scene: colour {colour!r} (one of {SHAPE_COLOURS}), shape {shape!r} "
-                         f"(one of {SHAPES}), background {background!r} (one of {BACKGROUNDS}, not the shape's colour)")
+    if (
+        colour not in SHAPE_COLOURS
+        or shape not in SHAPES
+        or background not in PALETTE
+        or background == colour
+    ):
+        raise ValueError(
+            f"not a drawable scene: colour {colour!r} (one of {SHAPE_COLOURS}), shape {shape!r} "
+            f"(one of {SHAPES}), background {background!r} (one of {BACKGROUNDS}, not the shape's colour)"
+        )
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (SIZE * s, SIZE * s), PALETTE[background])
     pen = ImageDraw.Draw(canvas)
@@ -105,13 +120,21 @@ def sample_scene(rng: np.random.Generator, triples: list) -> dict:
     """A random scene from `triples`: position, jitter and radius drawn uniformly."""
     colour, shape, background = triples[rng.integers(len(triples))]
     position = list(POSITIONS)[rng.integers(3)]
-    return dict(colour=colour, shape=shape, background=background, position=position,
-                cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER), cy=CENTRE_Y + rng.uniform(-JITTER, JITTER),
-                r=rng.uniform(RADII[0], RADII[1]))
+    return dict(
+        colour=colour,
+        shape=shape,
+        background=background,
+        position=position,
+        cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER),
+        cy=CENTRE_Y + rng.uniform(-JITTER, JITTER),
+        r=rng.uniform(RADII[0], RADII[1]),
+    )
 
 
 def draw_scene(scene: dict) -> np.ndarray:
-    return draw(scene["colour"], scene["shape"], scene["background"], scene["cx"], scene["cy"], scene["r"])
+    return draw(
+        scene["colour"], scene["shape"], scene["background"], scene["cx"], scene["cy"], scene["r"]
+    )
 
 
 def make_dataset(n: int, seed: int, triples: list | None = None):
@@ -125,7 +148,9 @@ def make_dataset(n: int, seed: int, triples: list | None = None):
 
 
 def _nearest(colour: np.ndarray, names) -> str:
-    distances = [np.sum((colour - np.array(PALETTE[name], dtype=np.float64)) ** 2) for name in names]
+    distances = [
+        np.sum((colour - np.array(PALETTE[name], dtype=np.float64)) ** 2) for name in names
+    ]
     return names[int(np.argmin(distances))]
 
 
@@ -170,8 +195,15 @@ def read_image(image: np.ndarray) -> dict:
     overlaps = {}
     for shape, k in AREA_PER_R2.items():
         template = _template(shape, cx, cy, np.sqrt(area / k))
-        overlaps[shape] = (template & mask).sum() / (template | mask).sum()  # intersection over union
-    return dict(colour=colour, shape=max(overlaps, key=overlaps.get), background=background, position=position)
+        overlaps[shape] = (template & mask).sum() / (
+            template | mask
+        ).sum()  # intersection over union
+    return dict(
+        colour=colour,
+        shape=max(overlaps, key=overlaps.get),
+        background=background,
+        position=position,
+    )
 
 
 ATTRIBUTES = ("colour", "shape", "background", "position")
@@ -192,4 +224,6 @@ def score(images: np.ndarray, scenes: list) -> dict:
 
 
 def format_scores(title: str, scores: dict) -> str:
-    return f"{title:<28} " + "  ".join(f"{name} {scores[name]:.3f}" for name in ATTRIBUTES + ("all",))
+    return f"{title:<28} " + "  ".join(
+        f"{name} {scores[name]:.3f}" for name in ATTRIBUTES + ("all",)
+    )

@@ -56,36 +56,72 @@ from minildm.unet import UNet, UNetConfig, diffusers_name as unet_file_name
 # --- the models: sizes chosen from measured throughput on 2 CPU cores --------------------------
 # f8 like SD's own autoencoder. GroupNorm in 4 groups rather than one per channel: a plain
 # background is one flat colour, and normalising each channel alone would erase it.
-VAE = AutoencoderConfig(channels=(16, 32, 64, 64), layers_per_level=1, latent_channels=4, norm_groups=4)
+VAE = AutoencoderConfig(
+    channels=(16, 32, 64, 64), layers_per_level=1, latent_channels=4, norm_groups=4
+)
 # No attention at the 8x8 level (it costs a third of the step time); the 4x4 and 2x2 levels and the
 # middle block attend to the caption, and self-attention there already sees the whole latent.
-UNET = UNetConfig(channels=(64, 96, 96), layers_per_level=1, attention_levels=(1, 2), context_dim=64, heads=4, sample_size=8)
+UNET = UNetConfig(
+    channels=(64, 96, 96),
+    layers_per_level=1,
+    attention_levels=(1, 2),
+    context_dim=64,
+    heads=4,
+    sample_size=8,
+)
 # CLIP's full 49,408-token vocabulary (the shipped BPE), 64 wide: the token embedding is 3.2 M of its
 # 3.3 M parameters. 16 positions: the longest caption is 13 tokens with start and end.
 TEXT = CLIPTextConfig(max_length=16, width=64, layers=2, heads=4, mlp_width=256)
 
 # --quick: the same pipeline at toy sizes, to check the whole path in about a minute.
-QUICK_VAE = AutoencoderConfig(channels=(8, 16, 16, 16), layers_per_level=1, latent_channels=4, norm_groups=4)
-QUICK_UNET = UNetConfig(channels=(32, 32), layers_per_level=1, attention_levels=(1,), context_dim=32, heads=2, sample_size=8)
+QUICK_VAE = AutoencoderConfig(
+    channels=(8, 16, 16, 16), layers_per_level=1, latent_channels=4, norm_groups=4
+)
+QUICK_UNET = UNetConfig(
+    channels=(32, 32),
+    layers_per_level=1,
+    attention_levels=(1,),
+    context_dim=32,
+    heads=2,
+    sample_size=8,
+)
 QUICK_TEXT = CLIPTextConfig(max_length=16, width=32, layers=1, heads=2, mlp_width=64)
 
 # SD v1's training noise schedule (CompVis/stable-diffusion `configs/stable-diffusion/v1-inference.yaml`)
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
 # the shipped sampler: DDIM with SD's settings (diffusers' scheduler_config.json of stable-diffusion-v1-4)
-SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", **SCHEDULE, "clip_sample": False,
-                    "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.42.1",
+    **SCHEDULE,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
 
 
 class Settings:
     """What one run does; `--quick` only shrinks it."""
 
     def __init__(self, minutes: float, seed: int, quick: bool):
-        self.minutes, self.seed, self.quick = minutes, seed, quick
-        self.vae, self.unet, self.text = (QUICK_VAE, QUICK_UNET, QUICK_TEXT) if quick else (VAE, UNET, TEXT)
-        self.images = 1024 if quick else 10000  # drawn once; stage 2 sees each ~25 times, newly noised
+        self.minutes = minutes
+        self.seed = seed
+        self.quick = quick
+        if quick:
+            self.vae, self.unet, self.text = QUICK_VAE, QUICK_UNET, QUICK_TEXT
+        else:
+            self.vae, self.unet, self.text = VAE, UNET, TEXT
+        # drawn once; stage 2 sees each image about 30 times, newly noised each time
+        self.images = 1024 if quick else 10000
         self.autoencoder_share = 0.4  # of the minutes: the autoencoder is the first gate
-        self.vae_batch, self.vae_lr = 16, 1e-3  # small batches, many updates: measured best for the AE
-        self.unet_batch, self.unet_lr = 64, 1e-3
+        self.vae_batch = 16  # small batches, many updates: they helped most in our measurements
+        self.vae_lr = 1e-3
+        self.unet_batch = 64
+        self.unet_lr = 1e-3
         self.kl_weight = 1e-6
         self.caption_dropout = 0.1  # empty caption: the unconditional prediction for guidance
         self.background_dropout = 0.1  # "a red circle" alone: any background
@@ -94,7 +130,11 @@ class Settings:
 
     def sizes(self) -> dict:
         """The model configs, as stored in checkpoints and compared on resume."""
-        return {"vae": asdict(self.vae), "unet": asdict(self.unet), "text_encoder": asdict(self.text)}
+        return {
+            "vae": asdict(self.vae),
+            "unet": asdict(self.unet),
+            "text_encoder": asdict(self.text),
+        }
 
 
 # --- the output folder: refuse what is not ours, resume what is -----------------------------------
@@ -109,20 +149,34 @@ def check_output_folder(out: Path, settings: Settings) -> dict | None:
     if not out.exists() or not any(out.iterdir()):
         return None
     if not (out / MARKER).is_file():
-        raise ValueError(f"--out {out} exists and is not a minildm training folder (it has no {MARKER}): "
-                         "give a new folder, or the folder of a run to resume")
+        raise ValueError(
+            f"--out {out} exists and is not a minildm training folder (it has no {MARKER}): "
+            "give a new folder, or the folder of a run to resume"
+        )
     path = out / "checkpoint.pt"
     if not path.is_file():
-        raise ValueError(f"{out} is a minildm training folder without checkpoint.pt, nothing to resume: give a new folder")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only, never code
+        raise ValueError(
+            f"{out} is a minildm training folder without checkpoint.pt, nothing to resume: give a new folder"
+        )
+    checkpoint = torch.load(
+        path, map_location="cpu", weights_only=True
+    )  # tensors and plain values only, never code
     stored = json.loads(checkpoint["sizes"])
     if stored != json.loads(json.dumps(settings.sizes())):
-        what = [name for name in stored if stored[name] != json.loads(json.dumps(settings.sizes()))[name]]
-        raise ValueError(f"{path} holds models of other sizes ({', '.join(what)} differ; it was made "
-                         f"{'with' if checkpoint['quick'] else 'without'} --quick): resume with the same flags, "
-                         "or start a new --out folder")
+        what = [
+            name
+            for name in stored
+            if stored[name] != json.loads(json.dumps(settings.sizes()))[name]
+        ]
+        raise ValueError(
+            f"{path} holds models of other sizes ({', '.join(what)} differ; it was made "
+            f"{'with' if checkpoint['quick'] else 'without'} --quick): resume with the same flags, "
+            "or start a new --out folder"
+        )
     if checkpoint["seed"] != settings.seed:
-        raise ValueError(f"{path} was trained with --seed {checkpoint['seed']}, not {settings.seed}: resume with the same seed")
+        raise ValueError(
+            f"{path} was trained with --seed {checkpoint['seed']}, not {settings.seed}: resume with the same seed"
+        )
     return checkpoint
 
 
@@ -167,8 +221,11 @@ class Progress:
         if now - self.last_print >= self.every:
             rate = (step - self.last_step) * self.batch / (now - self.last_print)
             left = max(self.budget_s - elapsed_s, 0)
-            print(f"{self.stage} step {step:6d} | loss {np.mean(self.losses[-50:]):.4f} | {rate:6.1f} img/s | "
-                  f"lr {lr:.2e} | {left / 60:5.1f} min left", flush=True)
+            print(
+                f"{self.stage} step {step:6d} | loss {np.mean(self.losses[-50:]):.4f} | {rate:6.1f} img/s | "
+                f"lr {lr:.2e} | {left / 60:5.1f} min left",
+                flush=True,
+            )
             self.last_print, self.last_step = now, step
 
 
@@ -181,8 +238,11 @@ def ema_update(ema: list, params: list, decay: float):
 # --- stage 1: the autoencoder ---------------------------------------------------------------------
 
 
-def train_autoencoder(vae, images: torch.Tensor, settings: Settings, state: dict, out: Path, history: dict):
-    """Reconstruction (L1) + KL, Adam, for this stage's share of the time. Resumes from `state`."""
+def train_autoencoder(
+    vae, images: torch.Tensor, settings: Settings, state: dict, out: Path, history: dict
+):
+    """Reconstruction (L1 + squared) + KL, Adam, for this stage's share of the time; resumes from
+    `state`."""
     budget_s = settings.minutes * 60 * settings.autoencoder_share
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -200,7 +260,9 @@ def train_autoencoder(vae, images: torch.Tensor, settings: Settings, state: dict
         generator.set_state(state["vae_rng"])
         step, elapsed_s = state["vae_step"], state["vae_seconds"]
     vae.train()
-    progress = Progress("autoencoder", budget_s, settings.vae_batch, every=10 if settings.quick else 30)
+    progress = Progress(
+        "autoencoder", budget_s, settings.vae_batch, every=10 if settings.quick else 30
+    )
     last_checkpoint = time.perf_counter()
     while elapsed_s < budget_s:
         started = time.perf_counter()
@@ -209,13 +271,16 @@ def train_autoencoder(vae, images: torch.Tensor, settings: Settings, state: dict
         if torch.rand((), generator=generator) < 0.5:
             x = x.flip(3)  # mirror left-right: still a scene of the world
         mean, logvar = vae.encode(x)  # each (B, 4, 8, 8)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)  # reparameterised sample
+        noise = torch.randn(mean.shape, generator=generator)
+        z = mean + torch.exp(0.5 * logvar) * noise  # the reparameterised sample
         reconstruction = vae.decode(z)
         # KL(N(mean, var) || N(0, 1)) summed over the latent, averaged over the batch (as in CompVis'
         # DiagonalGaussianDistribution.kl); L1 averaged over pixels
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
         # L1 keeps flat colours exact; the squared error adds a stronger pull on large colour errors
-        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + settings.kl_weight * kl
+        loss = (
+            F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + settings.kl_weight * kl
+        )
         lr = learning_rate(settings.vae_lr, elapsed_s / budget_s, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -228,12 +293,24 @@ def train_autoencoder(vae, images: torch.Tensor, settings: Settings, state: dict
         if step % 10 == 0:
             history["vae_loss"].append((step, float(np.mean(progress.losses[-10:]))))
         if time.perf_counter() - last_checkpoint > settings.checkpoint_every:
-            state.update(vae=vae.state_dict(), vae_optimizer=optimizer.state_dict(), vae_rng=generator.get_state(),
-                         vae_step=step, vae_seconds=elapsed_s, history=json.dumps(history))
+            state.update(
+                vae=vae.state_dict(),
+                vae_optimizer=optimizer.state_dict(),
+                vae_rng=generator.get_state(),
+                vae_step=step,
+                vae_seconds=elapsed_s,
+                history=json.dumps(history),
+            )
             save_checkpoint(out, state)
             last_checkpoint = time.perf_counter()
     vae.eval()
-    state.update(vae=vae.state_dict(), vae_step=step, vae_seconds=elapsed_s, vae_done=True, history=json.dumps(history))
+    state.update(
+        vae=vae.state_dict(),
+        vae_step=step,
+        vae_seconds=elapsed_s,
+        vae_done=True,
+        history=json.dumps(history),
+    )
     state.pop("vae_optimizer", None)
     save_checkpoint(out, state)
     print(f"autoencoder: {step} steps in {elapsed_s / 60:.1f} min", flush=True)
@@ -260,7 +337,9 @@ def caption_table(scenes: list, tokenizer: CLIPTokenizer) -> torch.Tensor:
     return torch.stack([tokenizer(full), tokenizer(short), tokenizer([""] * len(scenes))], dim=1)
 
 
-def train_diffusion(unet, text_encoder, latents, captions, settings: Settings, state: dict, out: Path, history: dict):
+def train_diffusion(
+    unet, text_encoder, latents, captions, settings: Settings, state: dict, out: Path, history: dict
+):
     """eps-prediction MSE on SD v1's schedule; UNet and text encoder together; EMA of both."""
     budget_s = settings.minutes * 60 * (1 - settings.autoencoder_share)
     means, stds, scaling_factor = latents
@@ -279,17 +358,23 @@ def train_diffusion(unet, text_encoder, latents, captions, settings: Settings, s
         step, elapsed_s = state["unet_step"], state["unet_seconds"]
     unet.train()
     text_encoder.train()
-    progress = Progress("diffusion", budget_s, settings.unet_batch, every=10 if settings.quick else 30)
+    progress = Progress(
+        "diffusion", budget_s, settings.unet_batch, every=10 if settings.quick else 30
+    )
     last_checkpoint = time.perf_counter()
     B = settings.unet_batch
     while elapsed_s < budget_s:
         started = time.perf_counter()
         index = torch.randint(len(means), (B,), generator=generator)
-        # which caption: 0 full, 1 without background, 2 empty
+        # which caption: 0 full (u above both thresholds), 1 without background, 2 empty
         u = torch.rand(B, generator=generator)
-        variant = (u < settings.caption_dropout + settings.background_dropout).long() + (u < settings.caption_dropout).long()
+        without_background = u < settings.caption_dropout + settings.background_dropout
+        empty = u < settings.caption_dropout
+        variant = without_background.long() + empty.long()
         ids = captions[index, variant]  # (B, L)
-        x0 = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor  # (B, 4, 8, 8)
+        # a fresh sample of each image's posterior, scaled to unit variance as SD's latents are
+        posterior_noise = torch.randn(means[index].shape, generator=generator)
+        x0 = (means[index] + stds[index] * posterior_noise) * scaling_factor  # (B, 4, 8, 8)
         t = torch.randint(0, len(alphas_cumprod), (B,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas_cumprod[t].view(B, 1, 1, 1)
@@ -310,8 +395,16 @@ def train_diffusion(unet, text_encoder, latents, captions, settings: Settings, s
         if step % 10 == 0:
             history["unet_loss"].append((step, float(np.mean(progress.losses[-10:]))))
         if time.perf_counter() - last_checkpoint > settings.checkpoint_every:
-            state.update(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), unet_optimizer=optimizer.state_dict(),
-                         unet_rng=generator.get_state(), ema=ema, unet_step=step, unet_seconds=elapsed_s, history=json.dumps(history))
+            state.update(
+                unet=unet.state_dict(),
+                text_encoder=text_encoder.state_dict(),
+                unet_optimizer=optimizer.state_dict(),
+                unet_rng=generator.get_state(),
+                ema=ema,
+                unet_step=step,
+                unet_seconds=elapsed_s,
+                history=json.dumps(history),
+            )
             save_checkpoint(out, state)
             last_checkpoint = time.perf_counter()
     with torch.no_grad():  # the shipped weights are the average
@@ -319,8 +412,15 @@ def train_diffusion(unet, text_encoder, latents, captions, settings: Settings, s
             p.copy_(e)
     unet.eval()
     text_encoder.eval()
-    state.update(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), ema=ema, unet_step=step,
-                 unet_seconds=elapsed_s, unet_done=True, history=json.dumps(history))
+    state.update(
+        unet=unet.state_dict(),
+        text_encoder=text_encoder.state_dict(),
+        ema=ema,
+        unet_step=step,
+        unet_seconds=elapsed_s,
+        unet_done=True,
+        history=json.dumps(history),
+    )
     state.pop("unet_optimizer", None)
     save_checkpoint(out, state)
     print(f"diffusion: {step} steps in {elapsed_s / 60:.1f} min", flush=True)
@@ -339,26 +439,48 @@ def autoencoder_scores(vae, per_combination: int = 1, seed: int = 12345) -> dict
         for position in shapes.POSITIONS:
             for _ in range(per_combination):
                 scene = shapes.sample_scene(rng, [triple])
-                scene.update(position=position, cx=shapes.POSITIONS[position] + rng.uniform(-shapes.JITTER, shapes.JITTER))
+                scene.update(
+                    position=position,
+                    cx=shapes.POSITIONS[position] + rng.uniform(-shapes.JITTER, shapes.JITTER),
+                )
                 scenes.append(scene)
     images = torch.from_numpy(np.stack([shapes.draw_scene(s) for s in scenes]))
-    decoded = torch.cat([vae.decode(vae.encode(to_model_input(images[i : i + 200]))[0]) for i in range(0, len(images), 200)])
+    decoded = []
+    for start in range(0, len(images), 200):
+        mean, _ = vae.encode(to_model_input(images[start : start + 200]))
+        decoded.append(vae.decode(mean))  # the posterior mean, as a sampler's latents would be
+    decoded = torch.cat(decoded)
     return shapes.score(to_uint8(decoded), scenes)
 
 
 def prompt_scenes(triples: list) -> list:
     """Each triple in each of the three positions, as the scorer's scenes."""
-    return [dict(colour=c, shape=s, background=b, position=p) for c, s, b in triples for p in shapes.POSITIONS]
+    return [
+        dict(colour=c, shape=s, background=b, position=p)
+        for c, s, b in triples
+        for p in shapes.POSITIONS
+    ]
 
 
-def pipeline_scores(pipe, triples: list, seeds=(0, 1), steps: int = 25, guidance: float = 4.0) -> dict:
+def pipeline_scores(
+    pipe, triples: list, seeds=(0, 1), steps: int = 25, guidance: float = 4.0
+) -> dict:
     """Generate every triple x position x seed with the pipeline and score the images."""
     scenes = prompt_scenes(triples)
-    prompts = [shapes.caption(s["colour"], s["shape"], s["background"], s["position"]) for s in scenes]
+    prompts = [
+        shapes.caption(s["colour"], s["shape"], s["background"], s["position"]) for s in scenes
+    ]
     images = []
     for seed in seeds:
-        out = pipe(prompts, height=shapes.SIZE, width=shapes.SIZE, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=torch.Generator().manual_seed(seed), output_type="np")
+        out = pipe(
+            prompts,
+            height=shapes.SIZE,
+            width=shapes.SIZE,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        )
         images.append((np.asarray(out.images) * 255).round().astype(np.uint8))
     return shapes.score(np.concatenate(images), scenes * len(seeds))
 
@@ -368,9 +490,17 @@ def held_out_grid(pipe, seed: int = 0, steps: int = 25, guidance: float = 4.0):
     from PIL import Image
 
     scenes = prompt_scenes(list(shapes.HELD_OUT))
-    prompts = [shapes.caption(s["colour"], s["shape"], s["background"], s["position"]) for s in scenes]
-    images = pipe(prompts, height=shapes.SIZE, width=shapes.SIZE, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=torch.Generator().manual_seed(seed)).images
+    prompts = [
+        shapes.caption(s["colour"], s["shape"], s["background"], s["position"]) for s in scenes
+    ]
+    images = pipe(
+        prompts,
+        height=shapes.SIZE,
+        width=shapes.SIZE,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+    ).images
     S = shapes.SIZE
     grid = Image.new("RGB", (len(shapes.HELD_OUT) * S, len(shapes.POSITIONS) * S))
     for i, image in enumerate(images):  # scenes run triple by triple, three positions each
@@ -379,8 +509,14 @@ def held_out_grid(pipe, seed: int = 0, steps: int = 25, guidance: float = 4.0):
 
 
 # six training triples for the "seen" table: every colour, every shape, varied backgrounds
-SEEN_TRIPLES = [("red", "circle", "blue"), ("green", "square", "white"), ("blue", "triangle", "yellow"),
-                ("yellow", "circle", "purple"), ("purple", "square", "orange"), ("orange", "triangle", "gray")]
+SEEN_TRIPLES = [
+    ("red", "circle", "blue"),
+    ("green", "square", "white"),
+    ("blue", "triangle", "yellow"),
+    ("yellow", "circle", "purple"),
+    ("purple", "square", "orange"),
+    ("orange", "triangle", "gray"),
+]
 
 
 # --- saving the diffusers folder ------------------------------------------------------------------
@@ -388,42 +524,94 @@ SEEN_TRIPLES = [("red", "circle", "blue"), ("green", "square", "white"), ("blue"
 
 def _half(state: dict, rename) -> dict:
     """fp16, contiguous, renamed to the official layout: what the shipped files hold."""
-    return {rename(name): tensor.detach().to(torch.float16).contiguous() for name, tensor in state.items()}
+    return {
+        rename(name): tensor.detach().to(torch.float16).contiguous()
+        for name, tensor in state.items()
+    }
 
 
-def save_pipeline_folder(out: Path, vae, text_encoder, unet, tokenizer_folder_source: CLIPTokenizer):
+def save_pipeline_folder(
+    out: Path, vae, text_encoder, unet, tokenizer_folder_source: CLIPTokenizer
+):
     """Write model_index.json and the five component folders in diffusers' layout, weights in fp16."""
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
-             "image_encoder": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, config, weights, file in [
-        ("vae", vae.config.to_diffusers(sample_size=shapes.SIZE), _half(vae.state_dict(), vae_file_name), "diffusion_pytorch_model"),
-        ("unet", unet.config.to_diffusers(), _half(unet.state_dict(), lambda n: unet_file_name(n, unet.config)), "diffusion_pytorch_model"),
-        ("text_encoder", text_encoder.config.to_diffusers(), _half(text_encoder.state_dict(), transformers_name), "model"),
+        (
+            "vae",
+            vae.config.to_diffusers(sample_size=shapes.SIZE),
+            _half(vae.state_dict(), vae_file_name),
+            "diffusion_pytorch_model",
+        ),
+        (
+            "unet",
+            unet.config.to_diffusers(),
+            _half(unet.state_dict(), lambda n: unet_file_name(n, unet.config)),
+            "diffusion_pytorch_model",
+        ),
+        (
+            "text_encoder",
+            text_encoder.config.to_diffusers(),
+            _half(text_encoder.state_dict(), transformers_name),
+            "model",
+        ),
     ]:
         (out / name).mkdir(exist_ok=True)
         (out / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, out / name / f"{file}.safetensors", metadata={"format": "pt"})
     (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SCHEDULER_CONFIG, indent=2) + "\n"
+    )
     save_tokenizer_folder(out / "tokenizer", tokenizer_folder_source)
 
 
 def save_tokenizer_folder(folder: Path, tokenizer: CLIPTokenizer):
     """vocab.json + merges.txt made from the shipped BPE file, and SD's padding at the short length."""
     folder.mkdir(exist_ok=True)
-    vocab, merges = CLIPTokenizer._vocab_from_bpe_file(Path(shapes.__file__).parent / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz")
+    vocab, merges = CLIPTokenizer._vocab_from_bpe_file(
+        Path(shapes.__file__).parent / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz"
+    )
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     end = CLIPTokenizer.END
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length, "bos_token": CLIPTokenizer.START,
-              "eos_token": end, "pad_token": end, "unk_token": end, "do_lower_case": True, "clean_up_tokenization_spaces": True}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": tokenizer.max_length,
+        "bos_token": CLIPTokenizer.START,
+        "eos_token": end,
+        "pad_token": end,
+        "unk_token": end,
+        "do_lower_case": True,
+        "clean_up_tokenization_spaces": True,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": CLIPTokenizer.START, "eos_token": end, "pad_token": end, "unk_token": end}, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": CLIPTokenizer.START,
+                "eos_token": end,
+                "pad_token": end,
+                "unk_token": end,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 # --- the whole run --------------------------------------------------------------------------------
@@ -431,8 +619,11 @@ def save_tokenizer_folder(folder: Path, tokenizer: CLIPTokenizer):
 
 def host_description() -> str:
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + \
-           ("AVX-512 with native bf16" if bf16 else "no native bf16 (AVX2-class)") + f", torch {torch.__version__}"
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        + ("AVX-512 with native bf16" if bf16 else "no native bf16 (AVX2-class)")
+        + f", torch {torch.__version__}"
+    )
 
 
 def train_sd(out, minutes: float | None = None, seed: int = 0, quick: bool = False) -> dict:
@@ -440,21 +631,33 @@ def train_sd(out, minutes: float | None = None, seed: int = 0, quick: bool = Fal
     if minutes is None:
         minutes = 0.75 if quick else 84.0
     if not (isinstance(minutes, (int, float)) and minutes > 0 and math.isfinite(minutes)):
-        raise ValueError(f"--minutes must be a positive number of minutes of training, got {minutes!r}")
+        raise ValueError(
+            f"--minutes must be a positive number of minutes of training, got {minutes!r}"
+        )
     out = Path(out)
     settings = Settings(float(minutes), seed, quick)
     checkpoint = check_output_folder(out, settings)
     out.mkdir(parents=True, exist_ok=True)
-    command = f"python -m minildm train sd --out {out} --minutes {minutes:g} --seed {seed}" + (" --quick" if quick else "")
-    (out / MARKER).write_text(json.dumps({"trainer": "minildm train sd", "command": command}, indent=2) + "\n")
+    command = f"python -m minildm train sd --out {out} --minutes {minutes:g} --seed {seed}" + (
+        " --quick" if quick else ""
+    )
+    (out / MARKER).write_text(
+        json.dumps({"trainer": "minildm train sd", "command": command}, indent=2) + "\n"
+    )
     started = time.perf_counter()
     torch.manual_seed(seed)
     state = checkpoint or {"sizes": json.dumps(settings.sizes()), "quick": quick, "seed": seed}
-    history = json.loads(state["history"]) if "history" in state else {"vae_loss": [], "unet_loss": []}
-    print(f"{'resuming' if checkpoint else 'training'} tiny Stable Diffusion in {out}: {minutes:g} min, seed {seed}"
-          f"{', quick' if quick else ''}; host: {host_description()}", flush=True)
+    history = (
+        json.loads(state["history"]) if "history" in state else {"vae_loss": [], "unet_loss": []}
+    )
+    print(
+        f"{'resuming' if checkpoint else 'training'} tiny Stable Diffusion in {out}: {minutes:g} min, seed {seed}"
+        f"{', quick' if quick else ''}; host: {host_description()}",
+        flush=True,
+    )
 
-    images, scenes = shapes.make_dataset(settings.images, seed)  # (N, 64, 64, 3) uint8, training triples only
+    # (N, 64, 64, 3) uint8, training triples only
+    images, scenes = shapes.make_dataset(settings.images, seed)
     images = torch.from_numpy(images)
 
     vae = AutoencoderKL(settings.vae).to(memory_format=torch.channels_last)
@@ -469,7 +672,9 @@ def train_sd(out, minutes: float | None = None, seed: int = 0, quick: bool = Fal
         means, stds = encode_dataset(vae, images)
         # SD's scale_factor: 1 / std of the latents, so the diffusion model sees unit variance (Rombach
         # et al. 2022, appendix D.1: 0.18215 for SD's autoencoder, measured the same way)
-        sampled = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(seed))
+        sampled = means + stds * torch.randn(
+            means.shape, generator=torch.Generator().manual_seed(seed)
+        )
         state.update(scaling_factor=float(1.0 / sampled.std()), means=means, stds=stds)
     means, stds, scaling_factor = state["means"], state["stds"], state["scaling_factor"]
     vae = _with_scaling_factor(vae, scaling_factor)
@@ -481,7 +686,16 @@ def train_sd(out, minutes: float | None = None, seed: int = 0, quick: bool = Fal
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
     else:
-        train_diffusion(unet, text_encoder, (means, stds, scaling_factor), caption_table(scenes, tokenizer), settings, state, out, history)
+        train_diffusion(
+            unet,
+            text_encoder,
+            (means, stds, scaling_factor),
+            caption_table(scenes, tokenizer),
+            settings,
+            state,
+            out,
+            history,
+        )
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
@@ -492,23 +706,43 @@ def train_sd(out, minutes: float | None = None, seed: int = 0, quick: bool = Fal
     # Score what was saved, read back as a user would (fp16 weights), with the folder's scheduler.
     pipe = StableDiffusionPipeline.from_pretrained(out)
     seeds, steps = ((0,), 5) if quick else ((0, 1), 25)
+    held_out = list(shapes.HELD_OUT[:2]) if quick else list(shapes.HELD_OUT)
+    seen = SEEN_TRIPLES[:2] if quick else SEEN_TRIPLES
     report = {
-        "command": command, "seed": seed, "minutes": minutes, "quick": quick, "host": host_description(),
-        "training_minutes": round(training_s / 60, 1), "vae_steps": state["vae_step"], "unet_steps": state["unet_step"],
-        "scaling_factor": scaling_factor, "sizes": settings.sizes(),
-        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
-                       [("vae", vae), ("unet", unet), ("text_encoder", text_encoder)]},
+        "command": command,
+        "seed": seed,
+        "minutes": minutes,
+        "quick": quick,
+        "host": host_description(),
+        "training_minutes": round(training_s / 60, 1),
+        "vae_steps": state["vae_step"],
+        "unet_steps": state["unet_step"],
+        "scaling_factor": scaling_factor,
+        "evaluation_steps": steps,
+        "evaluation_seeds": list(seeds),
+        "sizes": settings.sizes(),
+        "parameters": {
+            name: sum(p.numel() for p in m.parameters())
+            for name, m in [("vae", vae), ("unet", unet), ("text_encoder", text_encoder)]
+        },
         "autoencoder_scores": autoencoder_scores(pipe.vae, per_combination=1),
-        "held_out_scores": pipeline_scores(pipe, list(shapes.HELD_OUT[:2] if quick else shapes.HELD_OUT), seeds, steps),
-        "seen_scores": pipeline_scores(pipe, SEEN_TRIPLES[:2] if quick else SEEN_TRIPLES, seeds, steps),
+        "held_out_triples": len(held_out),
+        "held_out_scores": pipeline_scores(pipe, held_out, seeds, steps),
+        "seen_triples": len(seen),
+        "seen_scores": pipeline_scores(pipe, seen, seeds, steps),
         "history": history,
     }
     held_out_grid(pipe, steps=steps).save(out / "samples.png", optimize=True)
     report["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
-    (out / MARKER).write_text(json.dumps({"trainer": "minildm train sd", **report}, indent=2) + "\n")
+    (out / MARKER).write_text(
+        json.dumps({"trainer": "minildm train sd", **report}, indent=2) + "\n"
+    )
     (out / "README.md").write_text(folder_readme(report))
-    for title, key in [("autoencoder (all triples)", "autoencoder_scores"), ("held-out triples", "held_out_scores"),
-                       ("seen triples", "seen_scores")]:
+    for title, key in [
+        ("autoencoder (all triples)", "autoencoder_scores"),
+        ("held-out triples", "held_out_scores"),
+        ("seen triples", "seen_scores"),
+    ]:
         print(shapes.format_scores(title, report[key]), flush=True)
     return report
 
@@ -521,38 +755,52 @@ def _with_scaling_factor(vae, scaling_factor: float):
 
 
 def folder_readme(report: dict) -> str:
-    def table(key):
-        s = report[key]
-        return f"{s['colour']:.3f} | {s['shape']:.3f} | {s['background']:.3f} | {s['position']:.3f} | {s['all']:.3f} |"
+    """The shipped folder's README: how it was made and what it scores."""
+
+    def row(key):
+        scores = report[key]
+        return " | ".join(f"{scores[name]:.3f}" for name in shapes.ATTRIBUTES + ("all",)) + " |"
 
     p = report["parameters"]
-    return f"""# tiny-sd: a Stable Diffusion v1 of {sum(p.values()) / 1e6:.1f} M parameters trained by minildm on the shapes world
+    vae, unet, text = (
+        report["sizes"]["vae"],
+        report["sizes"]["unet"],
+        report["sizes"]["text_encoder"],
+    )
+    million = sum(p.values()) / 1e6
+    latent = shapes.SIZE // 8
+    attends = " and ".join(
+        f"{latent >> level}x{latent >> level}" for level in unet["attention_levels"]
+    )
+    steps, seeds = report["evaluation_steps"], len(report["evaluation_seeds"])
+    return f"""# tiny-sd: Stable Diffusion v1 at {million:.1f} M parameters, trained by minildm on the shapes world
 
-Made by `{report['command']}` (minildm/train.py), seed {report['seed']}, on {report['host']}:
-{report['training_minutes']} min of training ({report['vae_steps']} autoencoder steps, {report['unet_steps']} UNet +
-text-encoder steps), {report['wall_minutes']} min in all with drawing, caching and scoring.
+Made by `{report["command"]}` (minildm/train.py), seed {report["seed"]},
+on {report["host"]}: {report["training_minutes"]} min of training ({report["vae_steps"]} autoencoder
+steps, {report["unet_steps"]} UNet + text-encoder steps), {report["wall_minutes"]} min in all with
+drawing, caching and scoring.
 
-Architecture: SD v1's three models at small sizes, stored in diffusers' layout, fp16 weights.
-- vae: `AutoencoderKL` block_out_channels {report['sizes']['vae']['channels']}, f8, 4 latent channels,
-  {p['vae']:,} parameters, scaling_factor {report['scaling_factor']:.5f} (1 / std of the training latents)
-- unet: `UNet2DConditionModel` block_out_channels {report['sizes']['unet']['channels']}, cross-attention at the
-  4x4 and 2x2 levels and in the middle block, context width {report['sizes']['unet']['context_dim']}, {p['unet']:,} parameters
-- text_encoder: `CLIPTextModel` width {report['sizes']['text_encoder']['width']}, {report['sizes']['text_encoder']['layers']}
-  layers, CLIP's full BPE vocabulary, {report['sizes']['text_encoder']['max_length']} positions, {p['text_encoder']:,} parameters
+SD v1's three models at small sizes, in diffusers' layout, fp16 weights:
+- vae: `AutoencoderKL`, block_out_channels {vae["channels"]}, f8, 4 latent channels,
+  {p["vae"]:,} parameters, scaling_factor {report["scaling_factor"]:.5f} (1 / std of the latents)
+- unet: `UNet2DConditionModel`, block_out_channels {unet["channels"]}, cross-attention at the
+  {attends} levels and in the middle block, context width {unet["context_dim"]}, {p["unet"]:,} parameters
+- text_encoder: `CLIPTextModel`, width {text["width"]}, {text["layers"]} layers, CLIP's full BPE
+  vocabulary, {text["max_length"]} positions, {p["text_encoder"]:,} parameters
 - scheduler: DDIM on SD v1's training schedule (scaled_linear 0.00085-0.012, 1000 steps, epsilon)
 
-Scores (minildm/shapes.py's scorer; generation at 25 DDIM steps, guidance 4.0, 3 positions x 2 seeds):
+Scores (minildm/shapes.py's scorer; {steps} DDIM steps, guidance 4.0, 3 positions x {seeds} seeds):
 
 | images | colour | shape | background | position | all four |
 |---|---|---|---|---|---|
-| autoencoder round trip, every triple and position | {table('autoencoder_scores')}
-| 12 held-out triples (never seen in training) | {table('held_out_scores')}
-| 6 training triples | {table('seen_scores')}
+| autoencoder round trip, every triple and position | {row("autoencoder_scores")}
+| {report["held_out_triples"]} held-out triples (never seen in training) | {row("held_out_scores")}
+| {report["seen_triples"]} training triples | {row("seen_scores")}
 
 ![the 12 held-out triples, left / center / right, seed 0](samples.png)
 
 `samples.png`: the 12 held-out (colour, shape, background) triples, one per column, in the order of
-`minildm.shapes.HELD_OUT` (red triangle on white first), left / center / right by row; seed 0, 25
+`minildm.shapes.HELD_OUT` (red triangle on white first), left / center / right by row; seed 0, {steps}
 DDIM steps, guidance 4.0, shown at twice their 64x64 size. `training.json` holds the run's settings,
 loss curves and scores.
 """

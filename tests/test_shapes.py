@@ -27,7 +27,10 @@ def test_world_is_the_specified_one():
     assert not set(shapes.HELD_OUT) & set(shapes.training_triples())
     assert len(shapes.training_triples()) == 144 - 12
     assert shapes.caption("red", "circle", "blue", "center") == "a red circle on a blue background"
-    assert shapes.caption("green", "triangle", "white", "left") == "a green triangle on the left side of a white background"
+    assert (
+        shapes.caption("green", "triangle", "white", "left")
+        == "a green triangle on the left side of a white background"
+    )
     assert shapes.caption("blue", "square", None, "right") == "a blue square on the right side"
     assert shapes.caption("blue", "square", None, "center") == "a blue square"
     assert shapes.PALETTE["orange"] == (245, 130, 20) and shapes.PALETTE["black"] == (15, 15, 15)
@@ -36,9 +39,14 @@ def test_world_is_the_specified_one():
 def test_drawing_geometry():
     square = shapes.draw("red", "square", "white", 32, 32, 12)
     assert square.shape == (64, 64, 3) and square.dtype == np.uint8
-    assert tuple(square[32, 32]) == shapes.PALETTE["red"] and tuple(square[2, 2]) == shapes.PALETTE["white"]
+    assert (
+        tuple(square[32, 32]) == shapes.PALETTE["red"]
+        and tuple(square[2, 2]) == shapes.PALETTE["white"]
+    )
     red = np.all(square == shapes.PALETTE["red"], axis=-1)
-    assert red.sum() == 23 * 23  # pixels fully inside [20.5, 44.5): the rest are anti-aliased edge pixels
+    assert (
+        red.sum() == 23 * 23
+    )  # pixels fully inside [20.5, 44.5): the rest are anti-aliased edge pixels
     edge = ~red & ~np.all(square == shapes.PALETTE["white"], axis=-1)
     assert edge.sum() > 0  # drawn supersampled: mixed colours at the border
     triangle = shapes.draw("blue", "triangle", "black", 32, 32, 14)
@@ -46,7 +54,9 @@ def test_drawing_geometry():
     ys, xs = np.mgrid[0:64, 0:64]
     centroid = (np.sum(weight * xs) / weight.sum(), np.sum(weight * ys) / weight.sum())
     print(f"triangle centroid {centroid[0]:.2f}, {centroid[1]:.2f} (drawn at 32, 32)")
-    assert abs(centroid[0] - 32) < 0.3 and abs(centroid[1] - 32) < 0.3  # the centroid, not the box centre
+    assert (
+        abs(centroid[0] - 32) < 0.3 and abs(centroid[1] - 32) < 0.3
+    )  # the centroid, not the box centre
     inside = weight > 0.5 * weight.max()
     assert inside[24].sum() < inside[36].sum()  # pointing up: narrower above the centre than below
 
@@ -69,9 +79,17 @@ def test_scorer_reads_every_combination():
 
 def test_scorer_says_no_to_wrong_captions():
     images, scenes = every_combination(per_combination=1, seed=8)
-    names = {"colour": shapes.SHAPE_COLOURS, "shape": shapes.SHAPES, "background": shapes.BACKGROUNDS, "position": tuple(shapes.POSITIONS)}
+    names = {
+        "colour": shapes.SHAPE_COLOURS,
+        "shape": shapes.SHAPES,
+        "background": shapes.BACKGROUNDS,
+        "position": tuple(shapes.POSITIONS),
+    }
     for attribute, choices in names.items():
-        wrong = [dict(s, **{attribute: choices[(choices.index(s[attribute]) + 1) % len(choices)]}) for s in scenes]
+        wrong = [
+            dict(s, **{attribute: choices[(choices.index(s[attribute]) + 1) % len(choices)]})
+            for s in scenes
+        ]
         scores = shapes.score(images, wrong)
         print(f"captions with the wrong {attribute}: {attribute} {scores[attribute]:.3f}")
         assert scores[attribute] <= 0.01 and scores["all"] <= 0.01

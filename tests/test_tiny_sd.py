@@ -43,15 +43,25 @@ def test_folder_is_small_and_complete():
     size = sum(p.stat().st_size for p in files)
     print(f"tiny-sd: {len(files)} files, {size / 1e6:.1f} MB")
     assert size <= 20e6
-    for part in ("model_index.json", "README.md", "tokenizer/vocab.json", "tokenizer/merges.txt", "text_encoder/config.json",
-                 "vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors", "scheduler/scheduler_config.json"):
+    for part in (
+        "model_index.json",
+        "README.md",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "text_encoder/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "scheduler/scheduler_config.json",
+    ):
         assert (minildm.TINY_SD / part).is_file(), part
     assert not (minildm.TINY_SD / "checkpoint.pt").exists()
 
 
 def test_autoencoder_keeps_all_four_attributes(tiny_sd):
-    scores = autoencoder_scores(tiny_sd.vae, per_combination=1, seed=2024)  # 432 fresh drawings, held-out triples too
+    scores = autoencoder_scores(
+        tiny_sd.vae, per_combination=1, seed=2024
+    )  # 432 fresh drawings, held-out triples too
     print(shapes.format_scores("autoencoder round trip", scores))
     assert scores["all"] >= 0.98
 
@@ -61,7 +71,11 @@ def test_held_out_and_seen_scores(tiny_sd):
     held_out = pipeline_scores(tiny_sd, list(shapes.HELD_OUT), seeds=(0, 1), steps=25, guidance=4.0)
     seen = pipeline_scores(tiny_sd, SEEN_TRIPLES, seeds=(0, 1), steps=25, guidance=4.0)
     print(f"\n{'':28} " + "  ".join(f"{name:>10}" for name in TARGETS))
-    for title, scores in [("12 held-out x 3 x 2 seeds", held_out), ("6 seen x 3 x 2 seeds", seen), ("target (held-out)", TARGETS)]:
+    for title, scores in [
+        ("12 held-out x 3 x 2 seeds", held_out),
+        ("6 seen x 3 x 2 seeds", seen),
+        ("target (held-out)", TARGETS),
+    ]:
         print(f"{title:28} " + "  ".join(f"{scores[name]:10.3f}" for name in TARGETS))
     print(f"108 images in {time.perf_counter() - started:.1f} s")
     for name, target in TARGETS.items():
@@ -75,35 +89,71 @@ def test_diffusers_gives_the_same_images(tiny_sd):
         reference = diffusers.StableDiffusionPipeline.from_pretrained(minildm.TINY_SD)
     reference.set_progress_bar_config(disable=True)
     assert type(reference.scheduler).__name__ == "DDIMScheduler"
-    assert reference.tokenizer.model_max_length == 16 and tiny_sd.tokenizer.max_length == 16  # from tokenizer_config.json
-    prompts = ["a red circle on a blue background", "a yellow square on the left side of a gray background", ""]
-    expected_ids = reference.tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert (
+        reference.tokenizer.model_max_length == 16 and tiny_sd.tokenizer.max_length == 16
+    )  # from tokenizer_config.json
+    prompts = [
+        "a red circle on a blue background",
+        "a yellow square on the left side of a gray background",
+        "",
+    ]
+    expected_ids = reference.tokenizer(
+        prompts, padding="max_length", max_length=16, return_tensors="pt"
+    ).input_ids
     assert torch.equal(tiny_sd.tokenizer(prompts), expected_ids)
-    call = dict(prompt=["a red circle on a blue background", "a purple triangle on the right side of a white background"],
-                height=64, width=64, num_inference_steps=25, guidance_scale=4.0, output_type="np")
+    call = dict(
+        prompt=[
+            "a red circle on a blue background",
+            "a purple triangle on the right side of a white background",
+        ],
+        height=64,
+        width=64,
+        num_inference_steps=25,
+        guidance_scale=4.0,
+        output_type="np",
+    )
     expected = reference(generator=torch.Generator().manual_seed(0), **call).images
     got = tiny_sd(generator=torch.Generator().manual_seed(0), **call).images
     error = float(np.abs(got - expected).max())
-    print(f"tiny-sd, minildm vs diffusers, 2 prompts, 25 DDIM steps: image max abs difference {error:.1e} (tolerance 1e-4)")
+    print(
+        f"tiny-sd, minildm vs diffusers, 2 prompts, 25 DDIM steps: "
+        f"image max abs difference {error:.1e} (tolerance 1e-4)"
+    )
     assert error < 1e-4
 
 
 def test_readme_first_command_runs_offline(tmp_path):
     readme = (REPO / "README.md").read_text()
-    first = readme.split("```bash\n")[1].splitlines()[0]  # the README opens with install && generate
+    first = readme.split("```bash\n")[1].splitlines()[
+        0
+    ]  # the README opens with install && generate
     assert first.startswith("pip install") and "&& python -m minildm sd" in first
-    command = first.split("#")[0].split("&&")[-1].strip()  # the install step is what CI has already done
+    command = (
+        first.split("#")[0].split("&&")[-1].strip()
+    )  # the install step is what CI has already done
     assert "--weights" not in command and '"a red circle on a blue background"' in command
     environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(command.replace("python", sys.executable, 1) + f" --out {tmp_path}", shell=True, cwd=REPO,
-                            capture_output=True, text=True, env=environment, timeout=300)
+    result = subprocess.run(
+        command.replace("python", sys.executable, 1) + f" --out {tmp_path}",
+        shell=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     print(result.stdout[-500:], result.stderr[-500:])
     assert result.returncode == 0
     assert "embedded tiny-sd" in result.stdout
     image = np.asarray(Image.open(tmp_path / "sd_seed0_0.png").convert("RGB"))
     read = shapes.read_image(image)
     print("the scorer reads:", read)
-    assert (read["colour"], read["shape"], read["background"], read["position"]) == ("red", "circle", "blue", "center")
+    assert (read["colour"], read["shape"], read["background"], read["position"]) == (
+        "red",
+        "circle",
+        "blue",
+        "center",
+    )
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -113,18 +163,31 @@ def test_quick_training_run(tmp_path):
     started = time.perf_counter()
     report = train_sd(tmp_path / "run", quick=True, seed=3)
     seconds = time.perf_counter() - started
-    print(f"train sd --quick: {seconds:.0f} s, {report['vae_steps']} autoencoder and {report['unet_steps']} UNet steps")
+    print(
+        f"train sd --quick: {seconds:.0f} s, {report['vae_steps']} autoencoder and {report['unet_steps']} UNet steps"
+    )
     assert seconds <= 90
     for name in ("vae_loss", "unet_loss"):
         losses = [loss for _, loss in report["history"][name]]
-        first, last = np.mean(losses[: max(len(losses) // 5, 1)]), np.mean(losses[-max(len(losses) // 5, 1):])
+        first, last = (
+            np.mean(losses[: max(len(losses) // 5, 1)]),
+            np.mean(losses[-max(len(losses) // 5, 1) :]),
+        )
         print(f"{name}: first fifth {first:.4f}, last fifth {last:.4f}")
         assert last < 0.8 * first
     folder = tmp_path / "run"
     assert json.loads((folder / "training.json").read_text())["quick"] is True
-    call = dict(prompt="a red circle on a blue background", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
-                output_type="np")
-    ours = StableDiffusionPipeline.from_pretrained(folder)(generator=torch.Generator().manual_seed(0), **call).images
+    call = dict(
+        prompt="a red circle on a blue background",
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        output_type="np",
+    )
+    ours = StableDiffusionPipeline.from_pretrained(folder)(
+        generator=torch.Generator().manual_seed(0), **call
+    ).images
     diffusers = oracle("diffusers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -160,8 +223,24 @@ def test_training_bad_input(tmp_path):
 
 def test_training_command_line_errors(tmp_path):
     environment = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "minildm", "train", "sd", "--out", str(tmp_path / "x"), "--minutes", "0"],
-                            capture_output=True, text=True, env=environment, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minildm",
+            "train",
+            "sd",
+            "--out",
+            str(tmp_path / "x"),
+            "--minutes",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO,
+        timeout=60,
+    )
     print(result.stderr.strip())
     assert result.returncode != 0 and "--minutes must be a positive number" in result.stderr
 
@@ -175,5 +254,7 @@ def test_tokenizer_folder_length_is_checked(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, model_max_length=1)))
     with pytest.raises(ValueError, match="model_max_length must be an integer >= 2"):
         minildm.CLIPTokenizer.from_folder(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, model_max_length=int(1e30))))  # transformers' "no limit"
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(dict(config, model_max_length=int(1e30)))
+    )  # transformers' "no limit"
     assert minildm.CLIPTokenizer.from_folder(folder).max_length == 77
