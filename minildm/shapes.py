@@ -144,6 +144,20 @@ def make_dataset(n: int, seed: int, triples: list | None = None):
     return np.stack([draw_scene(s) for s in scenes]), scenes
 
 
+def every_combination(per_combination: int, seed: int):
+    """Fresh drawings of every (colour, shape, background), held-out triples included, in every
+    position, jitter and radius random: (n, 64, 64, 3) uint8 images and their scenes."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for triple in all_triples():
+        for position in POSITIONS:
+            for _ in range(per_combination):
+                scene = sample_scene(rng, [triple])
+                scene.update(position=position, cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER))
+                scenes.append(scene)
+    return np.stack([draw_scene(s) for s in scenes]), scenes
+
+
 # --- the scorer ---------------------------------------------------------------------------------
 
 

@@ -433,18 +433,8 @@ def train_diffusion(
 def autoencoder_scores(vae, per_combination: int = 1, seed: int = 12345) -> dict:
     """Encode and decode freshly drawn images of every (colour, shape, background) in every
     position, held-out triples included; the scorer reads the reconstructions."""
-    rng = np.random.default_rng(seed)
-    scenes = []
-    for triple in shapes.all_triples():
-        for position in shapes.POSITIONS:
-            for _ in range(per_combination):
-                scene = shapes.sample_scene(rng, [triple])
-                scene.update(
-                    position=position,
-                    cx=shapes.POSITIONS[position] + rng.uniform(-shapes.JITTER, shapes.JITTER),
-                )
-                scenes.append(scene)
-    images = torch.from_numpy(np.stack([shapes.draw_scene(s) for s in scenes]))
+    images, scenes = shapes.every_combination(per_combination, seed)
+    images = torch.from_numpy(images)
     decoded = []
     for start in range(0, len(images), 200):
         mean, _ = vae.encode(to_model_input(images[start : start + 200]))

@@ -7,19 +7,6 @@ import pytest
 from minildm import shapes
 
 
-def every_combination(per_combination: int, seed: int):
-    """Scenes of every (colour, shape, background) x position, jitter and radius random."""
-    rng = np.random.default_rng(seed)
-    scenes = []
-    for triple in shapes.all_triples():
-        for position in shapes.POSITIONS:
-            for _ in range(per_combination):
-                scene = shapes.sample_scene(rng, [triple])
-                scene.update(position=position, cx=shapes.POSITIONS[position] + rng.uniform(-2, 2))
-                scenes.append(scene)
-    return np.stack([shapes.draw_scene(s) for s in scenes]), scenes
-
-
 def test_world_is_the_specified_one():
     assert len(shapes.all_triples()) == 6 * 3 * 8
     assert len(shapes.HELD_OUT) == 12 and len(set(shapes.HELD_OUT)) == 12
@@ -71,14 +58,14 @@ def test_bad_scenes_are_refused():
 
 
 def test_scorer_reads_every_combination():
-    images, scenes = every_combination(per_combination=2, seed=7)
+    images, scenes = shapes.every_combination(per_combination=2, seed=7)
     scores = shapes.score(images, scenes)
     print(shapes.format_scores(f"{len(images)} drawn images", scores))
     assert scores["all"] >= 0.99 and min(scores.values()) >= 0.99
 
 
 def test_scorer_says_no_to_wrong_captions():
-    images, scenes = every_combination(per_combination=1, seed=8)
+    images, scenes = shapes.every_combination(per_combination=1, seed=8)
     names = {
         "colour": shapes.SHAPE_COLOURS,
         "shape": shapes.SHAPES,
