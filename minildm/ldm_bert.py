@@ -14,6 +14,7 @@ residual stream: 8 heads x 64 = 512 channels inside a 1280-wide model, with q/k/
 Shapes: B batch, L tokens (77), D width (1280), H heads, Dh head width (64).
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,24 @@ class LDMBertConfig:
             head_width=config.get("head_dim", 64),
             mlp_width=config.get("encoder_ffn_dim", 5120),
         )
+
+    def to_diffusers(self) -> dict:
+        """The transformers-style `bert/config.json` of diffusers' LDMBertModel (what
+        `from_diffusers` reads back)."""
+        return {
+            "architectures": ["LDMBertModel"],
+            "model_type": "ldmbert",
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_length,
+            "d_model": self.width,
+            "encoder_layers": self.layers,
+            "encoder_attention_heads": self.heads,
+            "head_dim": self.head_width,
+            "encoder_ffn_dim": self.mlp_width,
+            "activation_function": "gelu",
+            "scale_embedding": False,
+            "pad_token_id": 0,
+        }
 
 
 class SelfAttention(nn.Module):
@@ -149,6 +168,29 @@ KEY_RULES = [
 ]
 # The language-model head is trained but unused for conditioning (facts 6.7).
 DROPPED_KEYS = [r"(cond_stage_model\.transformer\.)?to_logits\.(weight|bias)"]
+
+
+# ours -> diffusers' LDMBertModel, for writing a folder (the inverse of the first rules above)
+DIFFUSERS_NAMES = [
+    (r"^token_embedding\.", "model.embed_tokens."),
+    (r"^position_embedding\.", "model.embed_positions."),
+    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.self_attn_layer_norm."),
+    (r"^layers\.(\d+)\.attn\.(q|k|v)\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.attn\.out\.", r"model.layers.\1.self_attn.out_proj."),
+    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.final_layer_norm."),
+    (r"^layers\.(\d+)\.mlp\.(fc1|fc2)\.", r"model.layers.\1.\2."),
+    (r"^final_norm\.", "model.layer_norm."),
+]
+
+
+def diffusers_name(name: str) -> str:
+    """Our parameter name -> its name in diffusers' LDMBertModel (which also has a language-model
+    head, `to_logits`, that conditioning never uses: a folder written from ours leaves it out)."""
+    for pattern, replacement in DIFFUSERS_NAMES:
+        name, count = re.subn(pattern, replacement, name)
+        if count:
+            return name
+    raise KeyError(f"no diffusers name for LDMBert parameter {name!r}")
 
 
 def _mismatch_hint(missing, unexpected, mismatched):

@@ -16,6 +16,7 @@ Shapes: B batch, N = h*w tokens (1024), C width (1408), L context tokens (77), D
 (512), K codes (4096).
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,23 @@ class VQTransformerConfig:
         return cls(num_classes=config["num_vector_embeds"], height=size, width=size, layers=config.get("num_layers", 1),
                    heads=config.get("num_attention_heads", 16), head_dim=config.get("attention_head_dim", 88),
                    context_dim=config.get("cross_attention_dim"), num_timesteps=config.get("num_embeds_ada_norm"))
+
+    def to_diffusers(self) -> dict:
+        """The diffusers `Transformer2DModel` config.json of this model (what `from_diffusers` reads back)."""
+        return {
+            "_class_name": "Transformer2DModel",
+            "_diffusers_version": "0.42.1",
+            "num_vector_embeds": self.num_classes,
+            "sample_size": self.height,
+            "num_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "attention_head_dim": self.head_dim,
+            "cross_attention_dim": self.context_dim,
+            "num_embeds_ada_norm": self.num_timesteps,
+            "activation_fn": "geglu-approximate",
+            "attention_bias": True,
+            "norm_elementwise_affine": True,
+        }
 
 
 ITHQ = VQTransformerConfig()  # 1,359,274,624 parameters
@@ -207,6 +225,26 @@ KEY_RULES = [
     (r"\.ff\.net\.0\.proj\.", ".ff.fc1."),
     (r"\.ff\.net\.2\.", ".ff.fc2."),
 ]
+
+
+# ours -> diffusers' Transformer2DModel, for writing a folder (the inverse of the last rules above)
+DIFFUSERS_NAMES = [
+    (r"^token_embedding\.", "latent_image_embedding.emb."),
+    (r"^row_embedding\.", "latent_image_embedding.height_emb."),
+    (r"^column_embedding\.", "latent_image_embedding.width_emb."),
+    (r"^blocks\.", "transformer_blocks."),
+    (r"\.(attn[12])\.(q|k|v)\.", r".\1.to_\2."),
+    (r"\.(attn[12])\.out\.", r".\1.to_out.0."),
+    (r"\.ff\.fc1\.", ".ff.net.0.proj."),
+    (r"\.ff\.fc2\.", ".ff.net.2."),
+]
+
+
+def diffusers_name(name: str) -> str:
+    """Our parameter name -> its name in diffusers' Transformer2DModel (every rule that matches applies)."""
+    for pattern, replacement in DIFFUSERS_NAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def load_vq_transformer(config: VQTransformerConfig, state_dict: dict, device=None, dtype=None) -> VQTransformer:

@@ -24,6 +24,14 @@ import torch.nn.functional as F
 from minildm.schedulers.common import check_num_inference_steps, config_kwargs
 
 
+def _at(values: torch.Tensor, t) -> torch.Tensor:
+    """values[t] for one step t (an int), or per sample for a (B,) tensor of steps, shaped (B, 1, 1)
+    to broadcast over (B, classes, N): sampling uses one t for the batch, training one per image."""
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        return values[t].view(-1, 1, 1)
+    return values[t]
+
+
 def _cumulative_schedules(T: int, alpha_start, alpha_end, gamma_start, gamma_end):
     """Per-step and cumulative alpha and gamma (float64 numpy, as the references compute them).
 
@@ -88,8 +96,9 @@ class VQDiffusionScheduler:
         uniform = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
         return -torch.log(-torch.log(uniform + 1e-30) + 1e-30)
 
-    def log_posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def log_posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """log p(x_{t-1} | x_t) = log sum_x0 q(x_{t-1} | x_t, x0) p(x0 | x_t) (eq. 11), (B, K+1, N).
+        t: one step (an int) or one per image (a (B,) tensor, in training).
 
         By Bayes, q(x_{t-1} | x_t, x0) = q(x_t | x_{t-1}) q(x_{t-1} | x0) / q(x_t | x0). So: weight each
         candidate x0 by p(x0 | x_t) / q(x_t | x0), normalise, carry it t-1 steps forward with the
@@ -107,13 +116,13 @@ class VQDiffusionScheduler:
         q(x_t | x0) over the K codes x0 (cumulative, (B, K, N)), or q(x_t | x_{t-1}) over the K codes and
         the mask (one step, (B, K+1, N))."""
         if cumulative:
-            log_a, log_b, log_c = self.log_alpha_bar[t], self.log_beta_bar[t], self.log_gamma_bar[t]
+            log_a, log_b, log_c = (_at(x, t) for x in (self.log_alpha_bar, self.log_beta_bar, self.log_gamma_bar))
         else:
-            log_a, log_b, log_c = self.log_alpha[t], self.log_beta[t], self.log_gamma[t]
+            log_a, log_b, log_c = (_at(x, t) for x in (self.log_alpha, self.log_beta, self.log_gamma))
         # from a code: stay (alpha + beta) if it is the observed code, else move to it (beta)
         log_q = (log_onehot_x_t[:, :-1, :] + log_a).logaddexp(log_b)  # (B, K, N)
         # where x_t is the mask, every code reached it with probability gamma
-        log_q[(x_t == self.mask_class).unsqueeze(1).expand_as(log_q)] = log_c
+        log_q = torch.where((x_t == self.mask_class).unsqueeze(1), log_c, log_q)
         if not cumulative:  # from the mask one can only stay masked: probability 1 iff x_t is the mask
             log_q = torch.cat((log_q, log_onehot_x_t[:, -1:, :]), dim=1)  # (B, K+1, N)
         return log_q
@@ -122,5 +131,11 @@ class VQDiffusionScheduler:
         """Push a distribution over codes (B, K, N) through t+1 steps of noise: (B, K+1, N) over codes
         and the mask. At t = -1 this is the identity (alpha_bar 1, gamma_bar 0)."""
         B, _, N = log_p_x_0.shape
-        codes = (log_p_x_0 + self.log_alpha_bar[t]).logaddexp(self.log_beta_bar[t])
-        return torch.cat((codes, self.log_gamma_bar[t].expand(B, 1, N)), dim=1)
+        codes = (log_p_x_0 + _at(self.log_alpha_bar, t)).logaddexp(_at(self.log_beta_bar, t))
+        return torch.cat((codes, _at(self.log_gamma_bar, t).expand(B, 1, N)), dim=1)
+
+    def log_q_x_t_given_x_0(self, x_0: torch.Tensor, t) -> torch.Tensor:
+        """The forward process in one jump (eq. 6): log q(x_t | x0) over the K codes and the mask,
+        (B, K+1, N), for clean codes x_0 (B, N). What training samples x_t from."""
+        log_onehot_x_0 = torch.log(F.one_hot(x_0, self.mask_class).permute(0, 2, 1).float().clamp(min=1e-30))  # (B, K, N)
+        return self._forward_cumulative(log_onehot_x_0, t)
