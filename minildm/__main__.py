@@ -191,10 +191,14 @@ def main(argv=None):
 
     train = commands.add_parser("train", help="train a tiny model on the shapes world (minildm/train.py)",
                                 formatter_class=defaults)
-    train.add_argument("system", choices=["sd"], help="which system to train")
+    train.add_argument("system", choices=["sd", "ldm", "ldm-uncond", "vq-diffusion"], help="which system to train")
     train.add_argument("--out", required=True, help="a new folder, or the folder of a run to resume")
     train.add_argument("--minutes", type=float,
-                       help="training time, shared by the stages (default: 84; 0.75 with --quick)")
+                       help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, vq-diffusion 32; "
+                            "0.75 with --quick)")
+    train.add_argument("--autoencoder", metavar="FOLDER",
+                       help="ldm and vq-diffusion: the pipeline folder whose autoencoder to reuse "
+                            "(default: the embedded tiny-sd, resp. tiny-ldm-uncond)")
     train.add_argument("--seed", type=int, default=0, help="seed of the drawn data and of every random choice")
     train.add_argument("--quick", action="store_true", help="toy sizes: the whole path in about a minute")
 
@@ -216,7 +220,7 @@ def main(argv=None):
         from minildm.train import main_train
 
         try:
-            sys.exit(main_train(args.system, args.out, args.minutes, args.seed, args.quick))
+            sys.exit(main_train(args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder))
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif args.command == "tokenize":
