@@ -802,8 +802,10 @@ COMPONENT_CLASSES = {
         "vqvae": ["diffusers", "VQModel"],
     },
     "vq-diffusion": {
+        # the module that defines the class, as diffusers' own save_pretrained records it (the hub's
+        # "vq_diffusion" no longer resolves since the pipeline moved under pipelines/deprecated)
         "learned_classifier_free_sampling_embeddings": [
-            "vq_diffusion",
+            "diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion",
             "LearnedClassifierFreeSamplingEmbeddings",
         ],
         "scheduler": ["diffusers", "VQDiffusionScheduler"],

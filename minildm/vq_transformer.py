@@ -80,7 +80,14 @@ class VQTransformerConfig:
             "num_embeds_ada_norm": self.num_timesteps,
             "activation_fn": "geglu-approximate",
             "attention_bias": True,
+            "norm_type": "ada_norm",
             "norm_elementwise_affine": True,
+            "norm_eps": 1e-5,
+            "only_cross_attention": False,
+            "double_self_attention": False,
+            "upcast_attention": False,
+            "use_linear_projection": False,
+            "dropout": 0.0,
         }
 
 
