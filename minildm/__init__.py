@@ -24,6 +24,11 @@ __version__ = "0.1.0"
 # The embedded teaching model: a tiny Stable Diffusion trained by minildm/train.py on the shapes world
 # (minildm/shapes.py), a diffusers-layout folder that StableDiffusionPipeline.from_pretrained reads.
 TINY_SD = Path(__file__).parent / "assets" / "tiny-sd"
+# ... and one for each of the other three systems, trained on the same world
+TINY_LDM = Path(__file__).parent / "assets" / "tiny-ldm"
+TINY_LDM_UNCOND = Path(__file__).parent / "assets" / "tiny-ldm-uncond"
+TINY_VQ_DIFFUSION = Path(__file__).parent / "assets" / "tiny-vq-diffusion"
+TINY_MODELS = {"sd": TINY_SD, "ldm": TINY_LDM, "ldm-uncond": TINY_LDM_UNCOND, "vq-diffusion": TINY_VQ_DIFFUSION}
 
 __all__ = [
     # pipelines
@@ -62,4 +67,8 @@ __all__ = [
     "read_state_dict",
     "CheckpointError",
     "TINY_SD",
+    "TINY_LDM",
+    "TINY_LDM_UNCOND",
+    "TINY_VQ_DIFFUSION",
+    "TINY_MODELS",
 ]

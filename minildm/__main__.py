@@ -72,30 +72,40 @@ def progress_printer(count_steps):
     return report
 
 
-# The embedded teaching model (minildm/assets/tiny-sd, trained by minildm/train.py on the shapes
-# world) runs when no --weights are given, with the settings it was scored at; official weights get
-# SD's own defaults.
-EMBEDDED_SD_DEFAULTS = {"steps": 25, "guidance": 4.0, "height": 64, "width": 64}
-OFFICIAL_SD_DEFAULTS = {"steps": 50, "guidance": 7.5, "height": 512, "width": 512}
+# The embedded teaching models (minildm/assets/tiny-*, trained by minildm/train.py on the shapes
+# world) run when no --weights are given, with the settings they were scored at; official weights
+# get their own systems' defaults.
+EMBEDDED_DEFAULTS = {
+    "sd": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
+    "ldm": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
+    "ldm-uncond": {"steps": 25},
+    "vq-diffusion": {"steps": 50, "guidance": 4.0},
+}
+OFFICIAL_DEFAULTS = {
+    "sd": {"steps": 50, "guidance": 7.5, "height": 512, "width": 512},
+    "ldm": {"steps": 50, "guidance": 1.0, "height": 256, "width": 256},
+    "ldm-uncond": {"steps": 50},
+    "vq-diffusion": {"steps": 100, "guidance": 5.0},
+}
 
 
-def fill_sd_defaults(args):
-    from minildm import TINY_SD
+def fill_defaults(args):
+    import minildm
 
     if args.weights is None:
-        args.weights = str(TINY_SD)
-        print(f"no --weights given: using the embedded tiny-sd model ({TINY_SD}; see its README.md)")
-        defaults = EMBEDDED_SD_DEFAULTS
+        folder = minildm.TINY_MODELS[args.command]
+        args.weights = str(folder)
+        print(f"no --weights given: using the embedded {folder.name} model ({folder}; see its README.md)")
+        defaults = EMBEDDED_DEFAULTS[args.command]
     else:
-        defaults = OFFICIAL_SD_DEFAULTS
+        defaults = OFFICIAL_DEFAULTS[args.command]
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
 
 def generate(args):
-    if args.command == "sd":
-        fill_sd_defaults(args)
+    fill_defaults(args)
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
     pipe = load_pipeline(args)
     generator = torch.Generator().manual_seed(args.seed)
@@ -144,15 +154,15 @@ def image_grid(images):
 def add_generation_arguments(parser, command: str, steps: int, guidance: float | None, size: int | None):
     if command != "ldm-uncond":
         parser.add_argument("prompt", help="what the image should show")
-    if command == "sd":  # the defaults depend on the weights: see fill_sd_defaults
-        steps = guidance = size = None
-        weights_help = ("pipeline folder, repo id in the Hugging Face cache, or an original .ckpt/.safetensors file "
-                        "(default: the embedded tiny-sd at 64x64, 25 steps, guidance 4; "
-                        "official weights default to 512x512, 50 steps, guidance 7.5)")
-        parser.add_argument("--weights", help=weights_help)
-    else:
-        parser.add_argument("--weights", default=DEFAULT_WEIGHTS[command],
-                            help="pipeline folder or repo id in the Hugging Face cache")
+    # the defaults depend on the weights: see fill_defaults
+    embedded, official = EMBEDDED_DEFAULTS[command], OFFICIAL_DEFAULTS[command]
+    settings = ", ".join(f"{name} {value}" for name, value in embedded.items())
+    official_settings = ", ".join(f"{name} {value}" for name, value in official.items())
+    single_file = ", or an original .ckpt/.safetensors file" if command == "sd" else ""
+    weights_help = (f"pipeline folder, repo id in the Hugging Face cache{single_file} (default: the embedded "
+                    f"tiny-{command}, at {settings}; official weights default to {official_settings})")
+    parser.add_argument("--weights", help=weights_help)
+    steps = guidance = size = None
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
     if command != "ldm-uncond":
         parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale; 1 turns it off")

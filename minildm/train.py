@@ -753,7 +753,9 @@ def held_out_grid(pipe, seed: int = 0, steps: int = 25, guidance: float = 4.0):
     ]
     images = generate(pipe, prompts, seed, steps, guidance, output_type="pil")
     # scenes run triple by triple, three positions each: transpose to one column per triple
-    by_row = [images[triple * 3 + row] for row in range(3) for triple in range(len(shapes.HELD_OUT))]
+    by_row = [
+        images[triple * 3 + row] for row in range(3) for triple in range(len(shapes.HELD_OUT))
+    ]
     return image_grid(by_row, columns=len(shapes.HELD_OUT))
 
 
@@ -903,7 +905,12 @@ def save_tokenizer_folder(folder: Path, tokenizer: CLIPTokenizer):
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
     )
     end = CLIPTokenizer.END
-    special = {"bos_token": CLIPTokenizer.START, "eos_token": end, "pad_token": end, "unk_token": end}
+    special = {
+        "bos_token": CLIPTokenizer.START,
+        "eos_token": end,
+        "pad_token": end,
+        "unk_token": end,
+    }
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": tokenizer.max_length,
@@ -959,7 +966,9 @@ def reused_folders(system: str, autoencoder_from) -> dict:
         wanted["text_encoder"] = ASSETS / "tiny-sd" / "text_encoder"
         wanted["tokenizer"] = ASSETS / "tiny-sd" / "tokenizer"
     elif autoencoder_from is not None:
-        raise ValueError(f"train {system} trains its own autoencoder: --autoencoder is for ldm and vq-diffusion")
+        raise ValueError(
+            f"train {system} trains its own autoencoder: --autoencoder is for ldm and vq-diffusion"
+        )
     for name, folder in wanted.items():
         if not folder.is_dir():
             raise ValueError(
@@ -1191,7 +1200,9 @@ def evaluate(out: Path, system: str, settings: Settings, state: dict, reused: di
     }[system]
     pipe = pipeline.from_pretrained(out)
     if system in ("sd", "ldm-uncond"):
-        report["autoencoder_scores"] = autoencoder_scores(pipe.vqvae if system != "sd" else pipe.vae)
+        report["autoencoder_scores"] = autoencoder_scores(
+            pipe.vqvae if system != "sd" else pipe.vae
+        )
         print(shapes.format_scores("autoencoder (all triples)", report["autoencoder_scores"]))
     if system == "ldm-uncond":
         count, steps = (8, 5) if quick else (64, 25)
@@ -1251,7 +1262,9 @@ def describe_model(name: str, module, reused_from: Path | None) -> str:
     elif isinstance(module, UNet):
         kind = "UNet2DModel" if config.context_dim is None else "UNet2DConditionModel"
         where = "self-attention" if config.context_dim is None else "cross-attention"
-        detail = f"block_out_channels {config.channels}, {where} at levels {config.attention_levels}"
+        detail = (
+            f"block_out_channels {config.channels}, {where} at levels {config.attention_levels}"
+        )
     elif isinstance(module, CLIPTextModel):
         kind = "CLIPTextModel"
         detail = f"width {config.width}, {config.layers} layers, {config.max_length} positions"
@@ -1279,7 +1292,8 @@ def folder_readme(report: dict) -> str:
     system = report["system"]
     million = sum(report["parameters"].values()) / 1e6
     steps = ", ".join(f"{count} {name} steps" for name, count in report["steps"].items())
-    text = f"""# tiny-{system}: {SYSTEM_TITLES[system]} at {million:.1f} M parameters, trained by minildm on the shapes world
+    title = f"tiny-{system}: {SYSTEM_TITLES[system]} at {million:.1f} M parameters"
+    text = f"""# {title}, trained by minildm on the shapes world
 
 Made by `{report["command"]}` (minildm/train.py), seed {report["seed"]},
 on {report["host"]}: {report["training_minutes"]} min of training ({steps}),

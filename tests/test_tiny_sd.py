@@ -172,7 +172,7 @@ def test_quick_training_run(tmp_path):
     report = train_sd(tmp_path / "run", quick=True, seed=3)
     seconds = time.perf_counter() - started
     print(
-        f"train sd --quick: {seconds:.0f} s, {report['vae_steps']} autoencoder and {report['unet_steps']} UNet steps"
+        f"train sd --quick: {seconds:.0f} s, {report['steps']['vae']} autoencoder and {report['steps']['unet']} UNet steps"
     )
     assert seconds <= 90
     for name in ("vae_loss", "unet_loss"):
