@@ -949,7 +949,8 @@ def save_bert_tokenizer_folder(folder: Path):
 def host_description() -> str:
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        + ("thread, " if torch.get_num_threads() == 1 else "threads, ")
         + ("AVX-512 with native bf16" if bf16 else "no native bf16 (AVX2-class)")
         + f", torch {torch.__version__}"
     )
@@ -1251,6 +1252,14 @@ def _score_row(scores: dict) -> str:
     return " | ".join(f"{scores[name]:.3f}" for name in shapes.ATTRIBUTES + ("all",)) + " |"
 
 
+def _display(path: Path) -> str:
+    """A path as a reader of the folder's README can follow it: relative to the repository if inside."""
+    try:
+        return str(Path(path).resolve().relative_to(ASSETS.parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def describe_model(name: str, module, reused_from: Path | None) -> str:
     """One README line for a model of the folder: its diffusers class, size and parameters."""
     config = module.config if hasattr(module, "config") else None
@@ -1283,7 +1292,7 @@ def describe_model(name: str, module, reused_from: Path | None) -> str:
     else:
         kind, detail = "LearnedClassifierFreeSamplingEmbeddings", "the learned empty caption"
     count = sum(p.numel() for p in module.parameters())
-    reused = f", reused unchanged from {reused_from}" if reused_from is not None else ""
+    reused = f", reused unchanged from {_display(reused_from)}" if reused_from is not None else ""
     return f"- {name}: `{kind}`, {detail}, {count:,} parameters{reused}"
 
 
