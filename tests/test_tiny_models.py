@@ -290,7 +290,9 @@ def test_training_bad_input(tmp_path):
     ):
         train("vq-diffusion", tmp_path / "b", quick=True, autoencoder_from=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="trains its own autoencoder"):
-        train("ldm-uncond", tmp_path / "c", quick=True, autoencoder_from=minildm.TINY_SD)
+        train("sd", tmp_path / "c", quick=True, autoencoder_from=minildm.TINY_SD)
+    with pytest.raises(ValueError, match="train ldm-uncond needs a VQModel autoencoder"):
+        train("ldm-uncond", tmp_path / "c", quick=True, autoencoder_from=minildm.TINY_LDM)
     assert not any((tmp_path / name).exists() for name in "abc")
     # a run of another system is not resumed as this one
     other = tmp_path / "sd-run"
