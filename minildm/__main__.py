@@ -204,8 +204,8 @@ def main(argv=None):
     train.add_argument("system", choices=["sd", "ldm", "ldm-uncond", "vq-diffusion"], help="which system to train")
     train.add_argument("--out", required=True, help="a new folder, or the folder of a run to resume")
     train.add_argument("--minutes", type=float,
-                       help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, vq-diffusion 32; "
-                            "0.75 with --quick)")
+                       help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, "
+                            "vq-diffusion 32; 0.75 with --quick)")
     train.add_argument("--autoencoder", metavar="FOLDER",
                        help="ldm and vq-diffusion: the pipeline folder whose autoencoder to reuse "
                             "(default: the embedded tiny-sd, resp. tiny-ldm-uncond)")

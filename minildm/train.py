@@ -68,6 +68,7 @@ from minildm.clip import CLIPTextConfig, CLIPTextModel, transformers_name
 from minildm.ldm_bert import LDMBert, LDMBertConfig
 from minildm.ldm_bert import diffusers_name as bert_file_name
 from minildm.load import load_component, load_tokenizer
+from minildm.weights import read_config
 from minildm.pipelines import (
     LDMPipeline,
     LDMTextToImagePipeline,
@@ -204,7 +205,9 @@ DEFAULT_MINUTES = {"sd": 84.0, "ldm": 30.0, "ldm-uncond": 42.0, "vq-diffusion": 
 class Settings:
     """What one run does; `--quick` only shrinks it."""
 
-    def __init__(self, system: str, minutes: float, seed: int, quick: bool, reuse_autoencoder=False):
+    def __init__(
+        self, system: str, minutes: float, seed: int, quick: bool, reuse_autoencoder=False
+    ):
         self.system = system
         self.minutes = minutes
         self.seed = seed
@@ -984,6 +987,20 @@ def reused_folders(system: str, autoencoder_from) -> dict:
                 "--autoencoder the pipeline folder of a finished `train "
                 f"{'sd' if system == 'ldm' else 'ldm-uncond'}` run"
             )
+    if "autoencoder" in wanted:  # its kind and codebook, from config.json, before any work
+        config = read_config(wanted["autoencoder"])
+        kind = "AutoencoderKL" if system == "ldm" else "VQModel"
+        if config.get("_class_name") != kind:
+            raise ValueError(
+                f"train {system} needs a {kind} autoencoder, and {wanted['autoencoder']} holds a "
+                f"{config.get('_class_name')!r}"
+            )
+        codes = config.get("num_vq_embeddings")
+        if system == "vq-diffusion" and codes + 1 != TRANSFORMER.num_classes:
+            raise ValueError(
+                f"{wanted['autoencoder']} has {codes} codes; the tiny VQ-Diffusion transformer "
+                f"is built for {TRANSFORMER.num_classes - 1}"
+            )
     return wanted
 
 
@@ -1062,14 +1079,6 @@ def train(
             seed=seed,
         )
     autoencoder.eval().requires_grad_(False)
-    if autoencoder.config.is_vq != (system in ("ldm-uncond", "vq-diffusion")):
-        wanted = "a VQModel" if system != "ldm" else "an AutoencoderKL"
-        raise ValueError(f"train {system} needs {wanted} autoencoder, and {reused['autoencoder']} is not one")
-    if system == "vq-diffusion" and autoencoder.config.codebook_size + 1 != TRANSFORMER.num_classes:
-        raise ValueError(
-            f"{reused['autoencoder']} has {autoencoder.config.codebook_size} codes; the tiny "
-            f"VQ-Diffusion transformer is built for {TRANSFORMER.num_classes - 1}"
-        )
 
     if "latents" not in state:
         latents = encode_dataset(autoencoder, images)

@@ -137,5 +137,6 @@ class VQDiffusionScheduler:
     def log_q_x_t_given_x_0(self, x_0: torch.Tensor, t) -> torch.Tensor:
         """The forward process in one jump (eq. 6): log q(x_t | x0) over the K codes and the mask,
         (B, K+1, N), for clean codes x_0 (B, N). What training samples x_t from."""
-        log_onehot_x_0 = torch.log(F.one_hot(x_0, self.mask_class).permute(0, 2, 1).float().clamp(min=1e-30))  # (B, K, N)
+        onehot_x_0 = F.one_hot(x_0, self.mask_class).permute(0, 2, 1).float()  # (B, K, N)
+        log_onehot_x_0 = torch.log(onehot_x_0.clamp(min=1e-30))
         return self._forward_cumulative(log_onehot_x_0, t)
