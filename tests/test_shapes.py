@@ -82,3 +82,22 @@ def test_scorer_says_no_to_wrong_captions():
         assert scores[attribute] <= 0.01 and scores["all"] <= 0.01
     blank = np.full((4, 64, 64, 3), 128, np.uint8)  # nothing drawn: no shape is read
     assert shapes.read_image(blank[0])["shape"] is None
+
+
+def test_read_scene_accepts_drawings_and_refuses_what_is_not_one_clean_shape():
+    images, scenes = shapes.every_combination(1, seed=7)
+    accepted = [shapes.read_scene(image) for image in images]
+    print(f"read_scene: {sum(a is not None for a in accepted)}/{len(images)} fresh drawings accepted")
+    assert all(a is not None for a in accepted)
+    assert all(a == {k: s[k] for k in shapes.ATTRIBUTES} for a, s in zip(accepted, scenes))
+    blank = np.full((64, 64, 3), shapes.PALETTE["gray"], dtype=np.uint8)
+    assert shapes.read_scene(blank) is None  # no shape at all
+    two_colours = images[0].copy()
+    mask = np.any(images[0] != images[0][0, 0], axis=-1)  # the shape's pixels
+    ys, xs = np.nonzero(mask)
+    left = mask & (np.arange(64)[None, :] < xs.mean())
+    two_colours[left] = (0, 255, 255)  # half of it in a colour of no palette entry
+    assert shapes.read_scene(two_colours) is None
+    blob = np.full((64, 64, 3), shapes.PALETTE["white"], dtype=np.uint8)
+    blob[20:44, 10:54] = shapes.PALETTE["red"]  # a 24 x 44 bar: no template overlaps it 0.8
+    assert shapes.read_scene(blob) is None

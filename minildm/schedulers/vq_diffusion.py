@@ -116,9 +116,10 @@ class VQDiffusionScheduler:
         q(x_t | x0) over the K codes x0 (cumulative, (B, K, N)), or q(x_t | x_{t-1}) over the K codes and
         the mask (one step, (B, K+1, N))."""
         if cumulative:
-            log_a, log_b, log_c = (_at(x, t) for x in (self.log_alpha_bar, self.log_beta_bar, self.log_gamma_bar))
+            schedules = (self.log_alpha_bar, self.log_beta_bar, self.log_gamma_bar)
         else:
-            log_a, log_b, log_c = (_at(x, t) for x in (self.log_alpha, self.log_beta, self.log_gamma))
+            schedules = (self.log_alpha, self.log_beta, self.log_gamma)
+        log_a, log_b, log_c = (_at(values, t) for values in schedules)
         # from a code: stay (alpha + beta) if it is the observed code, else move to it (beta)
         log_q = (log_onehot_x_t[:, :-1, :] + log_a).logaddexp(log_b)  # (B, K, N)
         # where x_t is the mask, every code reached it with probability gamma
