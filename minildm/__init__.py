@@ -5,16 +5,27 @@ written from scratch, loading the official weights and checked numerically again
 transformers.
 """
 
-from pathlib import Path
-
 from minildm import schedulers
-from minildm.autoencoder import KL_F8, VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderConfig, AutoencoderKL, VQModel
+from minildm.autoencoder import (
+    KL_F8,
+    VQ_F4_CELEBAHQ,
+    VQ_F8_ITHQ,
+    AutoencoderConfig,
+    AutoencoderKL,
+    VQModel,
+)
 from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel
 from minildm.ldm_bert import LDMBert, LDMBertConfig
 from minildm.load import load_component
-from minildm.pipelines import (LDMPipeline, LDMTextToImagePipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                               StableDiffusionPipeline, VQDiffusionPipeline)
-from minildm.tokenizer import BertTokenizer, CLIPTokenizer
+from minildm.pipelines import (
+    LDMPipeline,
+    LDMTextToImagePipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    VQDiffusionPipeline,
+)
+from minildm.tokenizer import ASSETS, BertTokenizer, CLIPTokenizer
 from minildm.unet import CELEBAHQ, LDM_TEXT2IM, SD_V1, UNet, UNetConfig
 from minildm.vq_transformer import ITHQ, VQTransformer, VQTransformerConfig
 from minildm.weights import CheckpointError, read_state_dict
@@ -23,12 +34,17 @@ __version__ = "0.1.0"
 
 # The embedded teaching model: a tiny Stable Diffusion trained by minildm/train.py on the shapes world
 # (minildm/shapes.py), a diffusers-layout folder that StableDiffusionPipeline.from_pretrained reads.
-TINY_SD = Path(__file__).parent / "assets" / "tiny-sd"
+TINY_SD = ASSETS / "tiny-sd"
 # ... and one for each of the other three systems, trained on the same world
-TINY_LDM = Path(__file__).parent / "assets" / "tiny-ldm"
-TINY_LDM_UNCOND = Path(__file__).parent / "assets" / "tiny-ldm-uncond"
-TINY_VQ_DIFFUSION = Path(__file__).parent / "assets" / "tiny-vq-diffusion"
-TINY_MODELS = {"sd": TINY_SD, "ldm": TINY_LDM, "ldm-uncond": TINY_LDM_UNCOND, "vq-diffusion": TINY_VQ_DIFFUSION}
+TINY_LDM = ASSETS / "tiny-ldm"
+TINY_LDM_UNCOND = ASSETS / "tiny-ldm-uncond"
+TINY_VQ_DIFFUSION = ASSETS / "tiny-vq-diffusion"
+TINY_MODELS = {
+    "sd": TINY_SD,
+    "ldm": TINY_LDM,
+    "ldm-uncond": TINY_LDM_UNCOND,
+    "vq-diffusion": TINY_VQ_DIFFUSION,
+}
 
 __all__ = [
     # pipelines

@@ -4,7 +4,7 @@
     python -m minildm download stable-diffusion-v1-4/unet/config.json   one file
     python -m minildm download vq-diffusion-ithq --dir weights          files go to DIR/SYSTEM/PATH
 
-`weights_manifest.txt` (at the top of the repository) lists each official file: its system name,
+`weights_manifest.txt` (at the top of the repository, and inside the installed package) lists each official file: its system name,
 hub repository, pinned commit, path, size in bytes and sha256. A downloaded system folder has the
 hub's layout, so it can be given to minildm's loaders like any other local pipeline folder.
 
@@ -27,6 +27,7 @@ checked on that column. Only the standard library is used (urllib, hashlib); no 
 """
 
 import hashlib
+import importlib.resources
 import http.client
 import os
 import re
@@ -38,7 +39,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-MANIFEST = Path(__file__).parent.parent / "weights_manifest.txt"
+# minildm/weights_manifest.txt is a link to the repository's top-level file; `pip install .` copies
+# the file itself into the package, so the installed command finds it without the repository.
+MANIFEST = importlib.resources.files("minildm") / "weights_manifest.txt"
 HUB_URL = "https://huggingface.co"
 CHUNK = 1 << 20  # bytes read, hashed and written at a time
 TIMEOUT = 60  # seconds the server may stay silent before we give up (the .part file is kept)
@@ -82,23 +85,44 @@ def read_manifest(path=None) -> list[ManifestEntry]:
         where = f"{path}, line {number}"
         fields = line.split()
         if len(fields) != 6:
-            raise ValueError(f"{where}: expected 6 columns (system repo revision path bytes sha256, `-` where unknown), "
-                             f"found {len(fields)}: {line.strip()!r}")
+            raise ValueError(
+                f"{where}: expected 6 columns (system repo revision path bytes sha256, `-` where unknown), "
+                f"found {len(fields)}: {line.strip()!r}"
+            )
         system, repo, revision, file, size, sha256 = fields
         if "/" in system:
-            raise ValueError(f"{where}: the system name {system!r} contains '/'; it must not, because SYSTEM/PATH names one file")
+            raise ValueError(
+                f"{where}: the system name {system!r} contains '/'; it must not, because SYSTEM/PATH names one file"
+            )
         if not re.fullmatch(r"[^/]+/[^/]+", repo):
             raise ValueError(f"{where}: expected a repository as owner/name, found {repo!r}")
         if file.startswith("/") or "\\" in file or ".." in file.split("/"):
-            raise ValueError(f"{where}: the path {file!r} must stay inside the repository (relative, '/'-separated, no '..')")
+            raise ValueError(
+                f"{where}: the path {file!r} must stay inside the repository (relative, '/'-separated, no '..')"
+            )
         if size != "-" and not re.fullmatch(r"[0-9]+", size):
-            raise ValueError(f"{where}: expected the size as a whole number of bytes or '-', found {size!r}")
+            raise ValueError(
+                f"{where}: expected the size as a whole number of bytes or '-', found {size!r}"
+            )
         if sha256 != "-" and not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise ValueError(f"{where}: expected the sha256 as 64 lowercase hex digits or '-', found {sha256!r}")
+            raise ValueError(
+                f"{where}: expected the sha256 as 64 lowercase hex digits or '-', found {sha256!r}"
+            )
         if (system, file) in first_seen:
-            raise ValueError(f"{where}: {system}/{file} is already listed on line {first_seen[system, file]}")
+            raise ValueError(
+                f"{where}: {system}/{file} is already listed on line {first_seen[system, file]}"
+            )
         first_seen[system, file] = number
-        entries.append(ManifestEntry(system, repo, revision, file, None if size == "-" else int(size), None if sha256 == "-" else sha256))
+        entries.append(
+            ManifestEntry(
+                system,
+                repo,
+                revision,
+                file,
+                None if size == "-" else int(size),
+                None if sha256 == "-" else sha256,
+            )
+        )
     return entries
 
 
@@ -108,14 +132,19 @@ def select(entries: list[ManifestEntry], name: str) -> list[ManifestEntry]:
     systems = list(dict.fromkeys(e.system for e in entries))  # in manifest order
     system, _, file = name.partition("/")
     if system not in systems:
-        raise DownloadError(f"unknown name {name!r}: expected one of the systems in the manifest ({', '.join(systems)}), "
-                            "or SYSTEM/PATH for one of its files")
+        raise DownloadError(
+            f"unknown name {name!r}: expected one of the systems in the manifest ({', '.join(systems)}), "
+            "or SYSTEM/PATH for one of its files"
+        )
     files = [e for e in entries if e.system == system]
     if not file:
         return files
     chosen = [e for e in files if e.path == file]
     if not chosen:
-        raise DownloadError(f"{system} has no file {file!r} in the manifest; its files are:\n  " + "\n  ".join(e.path for e in files))
+        raise DownloadError(
+            f"{system} has no file {file!r} in the manifest; its files are:\n  "
+            + "\n  ".join(e.path for e in files)
+        )
     return chosen
 
 
@@ -124,7 +153,9 @@ def select(entries: list[ManifestEntry], name: str) -> list[ManifestEntry]:
 # ---------------------------------------------------------------------------------------------
 
 
-def download(name: str, directory, base_url: str = HUB_URL, progress=print, manifest=None) -> list[Path]:
+def download(
+    name: str, directory, base_url: str = HUB_URL, progress=print, manifest=None
+) -> list[Path]:
     """Fetch the files NAME stands for (see `select`) into DIRECTORY/SYSTEM/PATH, verify them, and
     return their paths. Files already in place and verified are skipped. `progress` receives one
     line of text at a time; `manifest` is the manifest file (default: the repository's)."""
@@ -137,13 +168,17 @@ def download(name: str, directory, base_url: str = HUB_URL, progress=print, mani
 
     offline = os.environ.get("HF_HUB_OFFLINE", "")
     if missing and offline.strip().lower() not in ("", "0", "false", "no"):
-        raise DownloadError(f"HF_HUB_OFFLINE={offline} forbids network access, and these files are not in {directory}:\n  "
-                            + "\n  ".join(f"{e.system}/{e.path}" for e, _ in missing)
-                            + "\nUnset HF_HUB_OFFLINE (or set it to 0) to download them, or copy them there yourself.")
+        raise DownloadError(
+            f"HF_HUB_OFFLINE={offline} forbids network access, and these files are not in {directory}:\n  "
+            + "\n  ".join(f"{e.system}/{e.path}" for e, _ in missing)
+            + "\nUnset HF_HUB_OFFLINE (or set it to 0) to download them, or copy them there yourself."
+        )
 
     for number, (entry, target) in enumerate(missing, start=1):
         size = "size unknown" if entry.size is None else format_bytes(entry.size)
-        progress(f"[{number}/{len(missing)}] {entry.system}/{entry.path} ({size}) from {entry.url(base_url)}")
+        progress(
+            f"[{number}/{len(missing)}] {entry.system}/{entry.path} ({size}) from {entry.url(base_url)}"
+        )
         fetch(entry, target, base_url, progress)
     return targets
 
@@ -156,16 +191,20 @@ def already_in_place(entry: ManifestEntry, target: Path, progress) -> bool:
     label = f"{entry.system}/{entry.path}"
     size = target.stat().st_size
     if entry.size is not None and size != entry.size:
-        raise DownloadError(f"{target} exists with {size} bytes, but the manifest expects {entry.size}: it is not the official "
-                            "file (another version, or a copy cut short). minildm does not overwrite files: delete it and run again.")
+        raise DownloadError(
+            f"{target} exists with {size} bytes, but the manifest expects {entry.size}: it is not the official "
+            "file (another version, or a copy cut short). minildm does not overwrite files: delete it and run again."
+        )
     if entry.sha256 is None:
         progress(f"{label}: present, unverified (the manifest has no sha256 for it); left as it is")
         return True
     progress(f"{label}: present, checking its sha256")
     sha256 = hash_file(target).hexdigest()
     if sha256 != entry.sha256:
-        raise DownloadError(f"{target} exists, but its sha256 is {sha256}, expected {entry.sha256}: it is not the official "
-                            "file (corrupt, or another version). minildm does not overwrite files: delete it and run again.")
+        raise DownloadError(
+            f"{target} exists, but its sha256 is {sha256}, expected {entry.sha256}: it is not the official "
+            "file (corrupt, or another version). minildm does not overwrite files: delete it and run again."
+        )
     progress(f"{label}: already verified, skipped")
     return True
 
@@ -178,7 +217,9 @@ def fetch(entry: ManifestEntry, target: Path, base_url: str, progress) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
     if entry.size is not None and have > entry.size:
-        progress(f"  {part} has {have} bytes, more than the {entry.size} of the file: deleting it and starting over")
+        progress(
+            f"  {part} has {have} bytes, more than the {entry.size} of the file: deleting it and starting over"
+        )
         part.unlink()
         have = 0
     if entry.size is not None and have == entry.size:
@@ -189,15 +230,21 @@ def fetch(entry: ManifestEntry, target: Path, base_url: str, progress) -> None:
 
     if entry.size is not None and received != entry.size:  # only a misbehaving server gets here
         part.unlink()
-        raise DownloadError(f"{url} gave {received} bytes, the manifest expects {entry.size}; the download was deleted.")
+        raise DownloadError(
+            f"{url} gave {received} bytes, the manifest expects {entry.size}; the download was deleted."
+        )
     if entry.sha256 is not None and sha256 != entry.sha256:
         part.unlink()  # resuming a corrupt file would keep it corrupt
-        raise DownloadError(f"{url} is not the expected file: its sha256 is {sha256}, expected {entry.sha256} ({received} bytes). "
-                            "The download was deleted; run again to fetch it anew. If this repeats, the server's file differs "
-                            "from the one the manifest pins.")
+        raise DownloadError(
+            f"{url} is not the expected file: its sha256 is {sha256}, expected {entry.sha256} ({received} bytes). "
+            "The download was deleted; run again to fetch it anew. If this repeats, the server's file differs "
+            "from the one the manifest pins."
+        )
     os.replace(part, target)  # atomic: the real name never holds a partial file
     if entry.sha256 is None:
-        progress(f"  {target}: unverified, the manifest has no sha256 for it (this file's sha256 is {sha256})")
+        progress(
+            f"  {target}: unverified, the manifest has no sha256 for it (this file's sha256 is {sha256})"
+        )
     else:
         progress(f"  {target}: verified ({received} bytes, sha256 as in the manifest)")
 
@@ -210,35 +257,53 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
     if have:
         headers["Range"] = f"bytes={have}-"  # "send from byte HAVE to the end"
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
+        response = urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=TIMEOUT
+        )
     except urllib.error.HTTPError as e:
         raise DownloadError(http_error_message(e, url, part, have)) from e
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # no answer, or not HTTP
+    except (
+        urllib.error.URLError,
+        OSError,
+        http.client.HTTPException,
+    ) as e:  # no answer, or not HTTP
         reason = getattr(e, "reason", e)
         kept = f" The {have} bytes received before are kept in {part}." if have else ""
-        raise DownloadError(f"could not reach {url}: {reason}. Check the network connection and run again.{kept}") from e
+        raise DownloadError(
+            f"could not reach {url}: {reason}. Check the network connection and run again.{kept}"
+        ) from e
 
     with response:
         if have and response.status == 206:  # 206 Partial Content: the server resumes
             start = content_range_start(response)
             if start != have:
-                raise DownloadError(f"asked {url} to resume at byte {have}, but it sent bytes from {start}; {part} was left unchanged. "
-                                    f"Delete {part} to start over.")
-            progress(f"  resuming after the {format_bytes(have)} already in {part.name} (hashing them first)")
+                raise DownloadError(
+                    f"asked {url} to resume at byte {have}, but it sent bytes from {start}; {part} was left unchanged. "
+                    f"Delete {part} to start over."
+                )
+            progress(
+                f"  resuming after the {format_bytes(have)} already in {part.name} (hashing them first)"
+            )
             mode = "ab"
         else:
             if have:
-                progress(f"  the server ignored the request to resume (it answered {response.status}, not 206): starting over from byte 0")
+                progress(
+                    f"  the server ignored the request to resume (it answered {response.status}, not 206): starting over from byte 0"
+                )
             have, mode = 0, "wb"
         announced = announced_size(response, have)
         if size is not None and announced is not None and announced != size:
-            raise DownloadError(f"{url} has {announced} bytes, but the manifest expects {size}: the server holds another file "
-                                "than the manifest describes. Nothing was written.")
+            raise DownloadError(
+                f"{url} has {announced} bytes, but the manifest expects {size}: the server holds another file "
+                "than the manifest describes. Nothing was written."
+            )
         total = size if size is not None else announced
         free = shutil.disk_usage(part.parent).free
         if total is not None and total - have > free:
-            raise DownloadError(f"{part.parent} has {format_bytes(free)} free, the rest of {url} needs {format_bytes(total - have)}. "
-                                "Free some space (or choose another folder with --dir) and run again.")
+            raise DownloadError(
+                f"{part.parent} has {format_bytes(free)} free, the rest of {url} needs {format_bytes(total - have)}. "
+                "Free some space (or choose another folder with --dir) and run again."
+            )
 
         hasher = hashlib.sha256()
         if mode == "ab":
@@ -253,26 +318,39 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
                     received += len(chunk)
                     if time.monotonic() - last_report >= REPORT_EVERY:
                         last_report = time.monotonic()
-                        progress(progress_line(received, total, received - have, last_report - started))
-            except (OSError, http.client.HTTPException) as e:  # a timeout, a reset connection, a full disk
-                raise DownloadError(f"the transfer of {url} stopped after {received} bytes ({type(e).__name__}: {e}). "
-                                    f"The bytes received are kept in {part}: run the same command again to resume.") from e
+                        progress(
+                            progress_line(received, total, received - have, last_report - started)
+                        )
+            except (
+                OSError,
+                http.client.HTTPException,
+            ) as e:  # a timeout, a reset connection, a full disk
+                raise DownloadError(
+                    f"the transfer of {url} stopped after {received} bytes ({type(e).__name__}: {e}). "
+                    f"The bytes received are kept in {part}: run the same command again to resume."
+                ) from e
         progress(progress_line(received, total, received - have, time.monotonic() - started))
     if total is not None and received < total:
-        raise DownloadError(f"the connection to {url} ended after {received} of {total} bytes. The {received} bytes are kept "
-                            f"in {part}: run the same command again to resume.")
+        raise DownloadError(
+            f"the connection to {url} ended after {received} of {total} bytes. The {received} bytes are kept "
+            f"in {part}: run the same command again to resume."
+        )
     return received, hasher.hexdigest()
 
 
 def http_error_message(e: urllib.error.HTTPError, url: str, part: Path, have: int) -> str:
     """What an HTTP error answer means for a download, and what to do about it."""
     if e.code in (401, 403):
-        return (f"{url} answered HTTP {e.code} ({e.reason}): the repository may be gated (it asks you to log in and accept "
-                f"its license), and minildm sends no credentials. Download the file in a browser and put it at "
-                f"{part.with_suffix('')}; a rerun then verifies it.")
+        return (
+            f"{url} answered HTTP {e.code} ({e.reason}): the repository may be gated (it asks you to log in and accept "
+            f"its license), and minildm sends no credentials. Download the file in a browser and put it at "
+            f"{part.with_suffix('')}; a rerun then verifies it."
+        )
     if e.code == 404:
-        return (f"{url} answered HTTP 404 (not found): the repository, revision or path in the manifest is wrong, "
-                "or the file was removed from the hub.")
+        return (
+            f"{url} answered HTTP 404 (not found): the repository, revision or path in the manifest is wrong, "
+            "or the file was removed from the hub."
+        )
     if e.code == 416:  # Range Not Satisfiable: there is nothing after byte HAVE
         return f"{url} has no bytes after byte {have}: {part} is as long as the file, or longer. Delete it and run again."
     return f"{url} answered HTTP {e.code} ({e.reason}). Run again later; a partial download, if any, is kept in {part}."
@@ -283,7 +361,9 @@ def content_range_start(response) -> int:
     value = response.headers.get("Content-Range", "")
     match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", value.strip())
     if match is None:
-        raise DownloadError(f"the server answered 206 (partial content) with an unreadable Content-Range header {value!r}")
+        raise DownloadError(
+            f"the server answered 206 (partial content) with an unreadable Content-Range header {value!r}"
+        )
     return int(match.group(1))
 
 
@@ -326,6 +406,27 @@ def progress_line(received: int, total: int | None, new_bytes: int, seconds: flo
 # ---------------------------------------------------------------------------------------------
 
 
+def manifest_listing(entries: list[ManifestEntry]) -> str:
+    """`download --list`: each system with its hub repository, pinned commit, file count and size."""
+    lines = []
+    for system in dict.fromkeys(e.system for e in entries):
+        files = [e for e in entries if e.system == system]
+        known = sum(e.size for e in files if e.size is not None)
+        unknown = sum(e.size is None for e in files)
+        size = format_bytes(known) + (f" + {unknown} of unknown size" if unknown else "")
+        revision = files[0].revision[:10]
+        lines.append(
+            f"{system:24} {files[0].repo}@{revision}  {len(files)} file{'s' * (len(files) > 1)}, {size}"
+        )
+    return "\n".join(lines)
+
+
+def main_list() -> int:
+    """`python -m minildm download --list`: what the manifest holds, without downloading."""
+    print(manifest_listing(read_manifest()))
+    return 0
+
+
 def main_download(name: str, directory: str) -> int:
     """`python -m minildm download NAME --dir DIRECTORY`. Returns the exit code: 0 when every file is
     in place and verified (or reported unverifiable), 1 after an error, printed on stderr."""
@@ -335,7 +436,10 @@ def main_download(name: str, directory: str) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: what was received is kept in .part files; run the same command again to resume", file=sys.stderr)
+        print(
+            "\ninterrupted: what was received is kept in .part files; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     print(f"done: {len(paths)} file(s) in {Path(directory) / name.partition('/')[0]}")
     return 0

@@ -18,6 +18,7 @@ names the text that was cut off.
 """
 
 import gzip
+import importlib.resources
 import json
 import warnings
 from pathlib import Path
@@ -26,7 +27,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
-ASSETS = Path(__file__).parent / "assets"
+# The package's data folder (vocabularies, embedded models), found through importlib.resources: the
+# installed copy after `pip install .`, wherever that is. A pathlib.Path for any package installed
+# as files (pip never installs a zip).
+ASSETS = importlib.resources.files("minildm") / "assets"
 CLIP_BPE_FILE = ASSETS / "clip_bpe_simple_vocab_16e6.txt.gz"
 BERT_VOCAB_FILE = ASSETS / "bert_base_uncased_vocab.txt"
 
@@ -57,7 +61,9 @@ def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str):
         return [prompts]
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"expected a prompt string or a list of strings, got {type(prompts).__name__}")
+        raise TypeError(
+            f"expected a prompt string or a list of strings, got {type(prompts).__name__}"
+        )
     return list(prompts)
 
 
@@ -68,7 +74,11 @@ def bytes_to_unicode() -> dict:
     shifted to code points 256 and up, so every byte string becomes a string BPE can work on.
     The order of this dict is the order of the first 256 vocabulary entries.
     """
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping = {b: chr(b) for b in printable}
     shifted = 0
     for b in range(256):
@@ -88,9 +98,17 @@ class CLIPTokenizer:
     START, END = "<|startoftext|>", "<|endoftext|>"
     NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the 262,144 in the file
 
-    def __init__(self, vocab: dict | None = None, merges: list | None = None, pad_token: str = END, max_length: int = MAX_LENGTH):
+    def __init__(
+        self,
+        vocab: dict | None = None,
+        merges: list | None = None,
+        pad_token: str = END,
+        max_length: int = MAX_LENGTH,
+    ):
         if (vocab is None) != (merges is None):
-            raise ValueError("give both vocab and merges, or neither (to use the shipped CLIP vocabulary)")
+            raise ValueError(
+                "give both vocab and merges, or neither (to use the shipped CLIP vocabulary)"
+            )
         if vocab is None:
             vocab, merges = self._vocab_from_bpe_file(CLIP_BPE_FILE)
         for token in (self.START, self.END, pad_token):
@@ -100,16 +118,24 @@ class CLIPTokenizer:
         self.pad_token, self.pad_id = pad_token, vocab[pad_token]
         self.start_id, self.end_id = vocab[self.START], vocab[self.END]
 
-        tok = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=self.END))
-        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok = Tokenizer(
+            BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=self.END)
+        )
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
         # CLIP's word pattern (simple_tokenizer.py): special tokens, English contractions, letter runs,
         # single digits, runs of other non-space symbols. Everything else (spaces) is dropped.
         words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(words), behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+            [
+                pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
         )
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{self.START} $A {self.END}", special_tokens=[(self.START, self.start_id), (self.END, self.end_id)]
+            single=f"{self.START} $A {self.END}",
+            special_tokens=[(self.START, self.start_id), (self.END, self.end_id)],
         )
         tok.decoder = decoders.ByteLevel()
         # Special tokens typed in a prompt stay one token each, as in the original and in transformers.
@@ -121,9 +147,16 @@ class CLIPTokenizer:
     @staticmethod
     def _vocab_from_bpe_file(path: Path):
         lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1 : 1 + CLIPTokenizer.NUM_MERGES]]  # line 0 is "#version"
+        merges = [
+            tuple(line.split()) for line in lines[1 : 1 + CLIPTokenizer.NUM_MERGES]
+        ]  # line 0 is "#version"
         symbols = list(bytes_to_unicode().values())
-        tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges] + [CLIPTokenizer.START, CLIPTokenizer.END]
+        tokens = (
+            symbols
+            + [s + "</w>" for s in symbols]
+            + ["".join(pair) for pair in merges]
+            + [CLIPTokenizer.START, CLIPTokenizer.END]
+        )
         return {token: i for i, token in enumerate(tokens)}, merges
 
     @classmethod
@@ -133,12 +166,21 @@ class CLIPTokenizer:
         folder = Path(folder)
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} has no {name}: expected a CLIP tokenizer folder (vocab.json + merges.txt)")
+                raise FileNotFoundError(
+                    f"{folder} has no {name}: expected a CLIP tokenizer folder (vocab.json + merges.txt)"
+                )
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         merge_lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split()) for line in merge_lines if line and not line.startswith("#version")]
+        merges = [
+            tuple(line.split()) for line in merge_lines if line and not line.startswith("#version")
+        ]
         max_length = max_length or _model_max_length(folder)
-        return cls(vocab, merges, pad_token=_special_token(folder, "pad_token") or cls.END, max_length=max_length)
+        return cls(
+            vocab,
+            merges,
+            pad_token=_special_token(folder, "pad_token") or cls.END,
+            max_length=max_length,
+        )
 
     def encode(self, text: str) -> list:
         """Token ids of one text with the start and end tokens, neither padded nor truncated."""
@@ -149,7 +191,9 @@ class CLIPTokenizer:
 
     def __call__(self, prompts) -> torch.Tensor:
         prompts = _as_prompt_list(prompts)
-        return _pad_and_truncate(self._tokenizer.encode_batch(prompts), prompts, self.max_length, self.pad_id)  # (B, 77)
+        return _pad_and_truncate(
+            self._tokenizer.encode_batch(prompts), prompts, self.max_length, self.pad_id
+        )  # (B, 77)
 
 
 class BertTokenizer:
@@ -168,11 +212,16 @@ class BertTokenizer:
         self.vocab, self.max_length = vocab, max_length
         self.pad_id = vocab[self.PAD]
 
-        tok = Tokenizer(WordPiece(vocab, unk_token=self.UNK))  # words over 100 characters become [UNK]
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True)
+        tok = Tokenizer(
+            WordPiece(vocab, unk_token=self.UNK)
+        )  # words over 100 characters become [UNK]
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{self.CLS} $A {self.SEP}", special_tokens=[(self.CLS, vocab[self.CLS]), (self.SEP, vocab[self.SEP])]
+            single=f"{self.CLS} $A {self.SEP}",
+            special_tokens=[(self.CLS, vocab[self.CLS]), (self.SEP, vocab[self.SEP])],
         )
         tok.decoder = decoders.WordPiece(prefix="##")
         tok.add_special_tokens([self.CLS, self.SEP, self.PAD, self.UNK, "[MASK]"])
@@ -185,8 +234,13 @@ class BertTokenizer:
         if not (folder / "vocab.txt").is_file():
             raise FileNotFoundError(f"{folder} has no vocab.txt: expected a BERT tokenizer folder")
         config_file = folder / "tokenizer_config.json"
-        if config_file.is_file() and json.loads(config_file.read_text()).get("do_lower_case", True) is False:
-            raise ValueError(f"{config_file} asks for a cased tokenizer; minildm's BertTokenizer is the uncased one LDM uses")
+        if (
+            config_file.is_file()
+            and json.loads(config_file.read_text()).get("do_lower_case", True) is False
+        ):
+            raise ValueError(
+                f"{config_file} asks for a cased tokenizer; minildm's BertTokenizer is the uncased one LDM uses"
+            )
         return cls(folder / "vocab.txt", max_length=max_length)
 
     def encode(self, text: str) -> list:
@@ -198,7 +252,9 @@ class BertTokenizer:
 
     def __call__(self, prompts) -> torch.Tensor:
         prompts = _as_prompt_list(prompts)
-        return _pad_and_truncate(self._tokenizer.encode_batch(prompts), prompts, self.max_length, self.pad_id)  # (B, 77)
+        return _pad_and_truncate(
+            self._tokenizer.encode_batch(prompts), prompts, self.max_length, self.pad_id
+        )  # (B, 77)
 
 
 def _special_token(folder: Path, name: str) -> str | None:
@@ -218,9 +274,15 @@ def _model_max_length(folder: Path) -> int:
     """The padded length a tokenizer folder asks for. Official folders say 77; the embedded teaching
     models use shorter contexts (their captions are at most 13 tokens), as transformers would read."""
     path = folder / "tokenizer_config.json"
-    value = json.loads(path.read_text(encoding="utf-8")).get("model_max_length") if path.is_file() else None
+    value = (
+        json.loads(path.read_text(encoding="utf-8")).get("model_max_length")
+        if path.is_file()
+        else None
+    )
     if value is None or value > 10**6:  # transformers writes a huge sentinel for "no limit"
         return MAX_LENGTH
     if not isinstance(value, int) or value < 2:
-        raise ValueError(f"{path}: model_max_length must be an integer >= 2 (start + end token), got {value!r}")
+        raise ValueError(
+            f"{path}: model_max_length must be an integer >= 2 (start + end token), got {value!r}"
+        )
     return value

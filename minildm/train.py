@@ -76,7 +76,7 @@ from minildm.pipelines import (
     VQDiffusionPipeline,
 )
 from minildm.schedulers import DDIMScheduler, VQDiffusionScheduler
-from minildm.tokenizer import BertTokenizer, CLIPTokenizer
+from minildm.tokenizer import ASSETS, BertTokenizer, CLIPTokenizer
 from minildm.unet import UNet, UNetConfig
 from minildm.unet import diffusers_name as unet_file_name
 from minildm.vq_transformer import (
@@ -87,7 +87,6 @@ from minildm.vq_transformer import (
 from minildm.vq_transformer import diffusers_name as transformer_file_name
 
 SYSTEMS = ("sd", "ldm", "ldm-uncond", "vq-diffusion")
-ASSETS = Path(__file__).parent / "assets"
 FOLDER_NAMES = {system: f"tiny-{system}" for system in SYSTEMS}  # minildm/assets/tiny-sd, ...
 
 # --- the models: sizes chosen from measured throughput on 2 CPU cores -----------------------------
@@ -145,7 +144,10 @@ TRANSFORMER = VQTransformerConfig(
     num_timesteps=50,
 )
 
-# --quick: the same pipelines at toy sizes, to check the whole path in about a minute.
+# --quick: the same pipelines at toy sizes, to check the whole path in about a minute: each stage
+# runs QUICK_STEPS steps (about 20 s on a quiet 2-core host), stopped sooner only by --minutes.
+QUICK_STEPS = 250
+QUICK_MINUTES = 5.0
 QUICK_VAE = AutoencoderConfig(
     channels=(8, 16, 16, 16), layers_per_level=1, latent_channels=4, norm_groups=4
 )
@@ -249,6 +251,7 @@ class Settings:
         self.background_dropout = 0.1  # "a red circle" alone: any background
         self.ema_decay = 0.999
         self.checkpoint_every = 120 if quick else 300  # seconds
+        self.max_steps = QUICK_STEPS if quick else None  # per stage; otherwise the minutes decide
 
     def sizes(self) -> dict:
         """The model configs, as stored in checkpoints and compared on resume."""
@@ -371,8 +374,11 @@ def train_stage(
     seed: int,
     ema_decay: float | None = None,
     clip_norm: float | None = None,
+    max_steps: int | None = None,
 ):
-    """Train `models` ({name: module}) to lower `batch_loss(generator)` for `budget_s` seconds.
+    """Train `models` ({name: module}) to lower `batch_loss(generator)` for `budget_s` seconds
+    (or `max_steps` steps, if that comes first: --quick runs count steps, so that what they learn
+    does not depend on how busy the machine is).
 
     AdamW, warm-up then cosine learning rate over the stage's time, optionally gradient clipping
     and an exponential moving average of the weights (which the models hold at the end). All
@@ -418,10 +424,13 @@ def train_stage(
         module.train()
     progress = Progress(stage, budget_s, batch, every=10 if settings.quick else 30)
     last_checkpoint = time.perf_counter()
-    while elapsed_s < budget_s:
+    while elapsed_s < budget_s and (max_steps is None or step < max_steps):
         started = time.perf_counter()
         loss = batch_loss(generator)
-        current_lr = learning_rate(lr, elapsed_s / budget_s, step)
+        progress_fraction = elapsed_s / budget_s
+        if max_steps is not None:
+            progress_fraction = max(progress_fraction, step / max_steps)
+        current_lr = learning_rate(lr, progress_fraction, step)
         for group in optimizer.param_groups:
             group["lr"] = current_lr
         optimizer.zero_grad(set_to_none=True)
@@ -1016,7 +1025,7 @@ def train(
     if system not in SYSTEMS:
         raise ValueError(f"train {system!r}: expected one of {', '.join(SYSTEMS)}")
     if minutes is None:
-        minutes = 0.75 if quick else DEFAULT_MINUTES[system]
+        minutes = QUICK_MINUTES if quick else DEFAULT_MINUTES[system]
     if not (isinstance(minutes, (int, float)) and minutes > 0 and math.isfinite(minutes)):
         raise ValueError(
             f"--minutes must be a positive number of minutes of training, got {minutes!r}"
@@ -1076,6 +1085,7 @@ def train(
             lr=settings.vae_lr,
             batch=settings.vae_batch,
             budget_s=autoencoder_s,
+            max_steps=settings.max_steps,
             seed=seed,
         )
     autoencoder.eval().requires_grad_(False)
@@ -1156,6 +1166,7 @@ def train(
         lr=settings.unet_lr,
         batch=settings.unet_batch,
         budget_s=budget_s - autoencoder_s,
+        max_steps=settings.max_steps,
         seed=seed + 1,
         ema_decay=settings.ema_decay,
         clip_norm=1.0,

@@ -36,12 +36,22 @@ def measure(folder: Path):
     loaded, load_seconds = peak_rss_bytes(), time.perf_counter() - start
     with torch.no_grad():
         model(minildm.CLIPTokenizer()(["a photograph of an astronaut riding a horse"]))
-        sum(p.sum() for p in model.parameters())  # the embedding lookup reads few rows: touch them all
+        sum(
+            p.sum() for p in model.parameters()
+        )  # the embedding lookup reads few rows: touch them all
     weight_bytes = (folder / "model.safetensors").stat().st_size
     growth = peak_rss_bytes() - baseline
-    print(json.dumps({"weights_MB": weight_bytes / 1e6, "load_seconds": round(load_seconds, 3),
-                      "peak_growth_after_load_MB": (loaded - baseline) / 1e6,
-                      "peak_growth_after_forward_MB": growth / 1e6, "ratio": round(growth / weight_bytes, 3)}))
+    print(
+        json.dumps(
+            {
+                "weights_MB": weight_bytes / 1e6,
+                "load_seconds": round(load_seconds, 3),
+                "peak_growth_after_load_MB": (loaded - baseline) / 1e6,
+                "peak_growth_after_forward_MB": growth / 1e6,
+                "ratio": round(growth / weight_bytes, 3),
+            }
+        )
+    )
     return growth / weight_bytes
 
 
@@ -60,11 +70,23 @@ def main():
         model = CLIPTextModel(CLIP_VIT_L_14)  # random init; the file layout is what matters here
         state = clip_hub_layout(model.state_dict())
         save_file(state, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": 768, "intermediate_size": 3072,
-                                                        "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu"}))
+        (folder / "config.json").write_text(
+            json.dumps(
+                {
+                    "architectures": ["CLIPTextModel"],
+                    "hidden_size": 768,
+                    "intermediate_size": 3072,
+                    "num_hidden_layers": 12,
+                    "num_attention_heads": 12,
+                    "hidden_act": "quick_gelu",
+                }
+            )
+        )
         del model, state
         result = subprocess.run([sys.executable, __file__, "--measure", str(folder)])
-        print(f"peak memory growth {'within' if result.returncode == 0 else 'ABOVE'} {LIMIT}x the weights' bytes")
+        print(
+            f"peak memory growth {'within' if result.returncode == 0 else 'ABOVE'} {LIMIT}x the weights' bytes"
+        )
         sys.exit(result.returncode)
 
 

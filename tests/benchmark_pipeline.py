@@ -32,22 +32,57 @@ def write_folder(folder: Path):
     from test_unet import SD_CONFIG
 
     torch.manual_seed(0)
-    parts = dict(unet=diffusers.UNet2DConditionModel(**{k: v for k, v in SD_CONFIG.items() if not k.startswith("_")}),
-                 vae=diffusers.AutoencoderKL(**{k: v for k, v in VAE_CONFIGS["KL-f8 (SD v1, LDM text2im)"].items() if not k.startswith("_")}),
-                 text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                                                     num_attention_heads=12, hidden_act="quick_gelu")),
-                 scheduler=diffusers.PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIGS["SD v1-4 (PNDM)"].items() if not k.startswith("_")}))
+    parts = dict(
+        unet=diffusers.UNet2DConditionModel(
+            **{k: v for k, v in SD_CONFIG.items() if not k.startswith("_")}
+        ),
+        vae=diffusers.AutoencoderKL(
+            **{
+                k: v
+                for k, v in VAE_CONFIGS["KL-f8 (SD v1, LDM text2im)"].items()
+                if not k.startswith("_")
+            }
+        ),
+        text_encoder=transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                hidden_act="quick_gelu",
+            )
+        ),
+        scheduler=diffusers.PNDMScheduler.from_config(
+            {k: v for k, v in SCHEDULER_CONFIGS["SD v1-4 (PNDM)"].items() if not k.startswith("_")}
+        ),
+    )
     for name, part in parts.items():
         part.save_pretrained(folder / name)
     write_clip_hub_folder(folder / "tokenizer")
-    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))  # as the hub's
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
-                                                         **{name: [type(part).__module__.split(".")[0], type(part).__name__] for name, part in parts.items()},
-                                                         "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77})
+    )  # as the hub's
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "safety_checker": [None, None],
+                **{
+                    name: [type(part).__module__.split(".")[0], type(part).__name__]
+                    for name, part in parts.items()
+                },
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+            }
+        )
+    )
 
 
 def peak_kb() -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return next(
+        int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
 
 
 def measure_loading(folder: Path):
@@ -58,8 +93,10 @@ def measure_loading(folder: Path):
     StableDiffusionPipeline.from_pretrained(folder)
     seconds = time.perf_counter() - start
     weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
-    print(f"loading minildm's pipeline: {seconds:.1f} s, peak memory growth {(peak_kb() - before) / 1e6:.2f} GB "
-          f"for {weights / 1e9:.2f} GB of weights ({(peak_kb() - before) * 1e3 / weights:.2f}x)")
+    print(
+        f"loading minildm's pipeline: {seconds:.1f} s, peak memory growth {(peak_kb() - before) / 1e6:.2f} GB "
+        f"for {weights / 1e9:.2f} GB of weights ({(peak_kb() - before) * 1e3 / weights:.2f}x)"
+    )
 
 
 def main():
@@ -81,12 +118,23 @@ def main():
         folder = Path(tmp) / "sd"
         write_folder(folder)
         subprocess.run([sys.executable, __file__, "--measure-loading", str(folder)], check=True)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} PNDM steps at {args.size}x{args.size}, guidance 7.5")
-        call = dict(prompt="a photograph of an astronaut riding a horse", height=args.size, width=args.size, num_inference_steps=args.steps,
-                    output_type="np")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} PNDM steps at {args.size}x{args.size}, guidance 7.5"
+        )
+        call = dict(
+            prompt="a photograph of an astronaut riding a horse",
+            height=args.size,
+            width=args.size,
+            num_inference_steps=args.steps,
+            output_type="np",
+        )
         for dtype in (torch.float32, torch.bfloat16):
-            ours = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=False)
-            theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            ours = StableDiffusionPipeline.from_pretrained(
+                folder, dtype=dtype, safety_checker=False
+            )
+            theirs = diffusers.StableDiffusionPipeline.from_pretrained(
+                folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
             theirs.set_progress_bar_config(disable=True)
             start = time.perf_counter()
             ours_image = ours(generator=torch.Generator().manual_seed(0), **call).images
@@ -95,7 +143,9 @@ def main():
             theirs_image = theirs(generator=torch.Generator().manual_seed(0), **call).images
             theirs_seconds = time.perf_counter() - start
             difference = float(abs(ours_image.astype("float64") - theirs_image).max())
-            print(f"{str(dtype).removeprefix('torch.')}: minildm {ours_seconds:.1f} s, diffusers {theirs_seconds:.1f} s, images max abs difference {difference:.1e}")
+            print(
+                f"{str(dtype).removeprefix('torch.')}: minildm {ours_seconds:.1f} s, diffusers {theirs_seconds:.1f} s, images max abs difference {difference:.1e}"
+            )
             del ours, theirs
 
 

@@ -32,26 +32,48 @@ def main():
 
     from minildm.unet import SD_V1, file_names, load_unet, UNet
 
-    config = dict(attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
-                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                  in_channels=4, out_channels=4, layers_per_block=2, sample_size=64)
+    config = dict(
+        attention_head_dim=8,
+        block_out_channels=[320, 640, 1280, 1280],
+        cross_attention_dim=768,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        sample_size=64,
+    )
     torch.manual_seed(0)
     reference = diffusers.UNet2DConditionModel(**config).eval()
     state = reference.state_dict()
     generator = torch.Generator().manual_seed(0)
-    sample, context, t = torch.randn(2, 4, 64, 64, generator=generator), torch.randn(2, 77, 768, generator=generator), torch.tensor([981, 981])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, diffusers {diffusers.__version__}")
+    sample, context, t = (
+        torch.randn(2, 4, 64, 64, generator=generator),
+        torch.randn(2, 77, 768, generator=generator),
+        torch.tensor([981, 981]),
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, diffusers {diffusers.__version__}"
+    )
     for dtype in (torch.float32, torch.bfloat16):
         ours = load_unet(SD_V1, state, dtype=dtype)
         theirs = reference.to(dtype)
         x, c = sample.to(dtype), context.to(dtype)
         with torch.no_grad():
             ours_s = seconds_per_call(lambda: ours(x, t, c), args.repeats)
-            theirs_s = seconds_per_call(lambda: theirs(x, t, encoder_hidden_states=c).sample, args.repeats)
-            difference = ((ours(x, t, c).float() - theirs(x, t, encoder_hidden_states=c).sample.float()).abs().max()
-                          / theirs(x, t, encoder_hidden_states=c).sample.float().abs().max()).item()
-        print(f"SD UNet step, 64x64 latents, batch 2, {str(dtype).removeprefix('torch.')}: minildm {ours_s:.2f} s, diffusers {theirs_s:.2f} s, "
-              f"max relative difference {difference:.1e}")
+            theirs_s = seconds_per_call(
+                lambda: theirs(x, t, encoder_hidden_states=c).sample, args.repeats
+            )
+            difference = (
+                (ours(x, t, c).float() - theirs(x, t, encoder_hidden_states=c).sample.float())
+                .abs()
+                .max()
+                / theirs(x, t, encoder_hidden_states=c).sample.float().abs().max()
+            ).item()
+        print(
+            f"SD UNet step, 64x64 latents, batch 2, {str(dtype).removeprefix('torch.')}: minildm {ours_s:.2f} s, diffusers {theirs_s:.2f} s, "
+            f"max relative difference {difference:.1e}"
+        )
         del ours
 
 

@@ -7,13 +7,36 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module", autouse=True)
+def remove_module_temporary_files(request, tmp_path_factory):
+    """Delete the temporary folders a test module made once it is done. The parity tests save
+    checkpoints at the official configs (the VQ-Diffusion transformer alone is 5.4 GB in float32):
+    kept to the end of the session, as pytest does, they add up to over 20 GB, and pytest keeps the
+    last three sessions' on top. A module with a failing test keeps its folders, to look at."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failures_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failures_before:
+        return
+    import shutil
+
+    for path in set(base.iterdir()) - before:
+        if path.is_symlink():  # pytest's "<name>current" link to the newest "<name>N" folder
+            path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def oracle(module_name: str):
     """Import a reference library (diffusers, transformers). Without it a parity test skips locally,
     but fails under CI=true: a parity suite that silently skipped proves nothing."""
     try:
         return importlib.import_module(module_name)
     except ImportError as e:
-        message = f"oracle {module_name} is not installed ({e}); pip install -r requirements-dev.txt"
+        message = (
+            f"oracle {module_name} is not installed ({e}); pip install -r requirements-dev.txt"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -43,14 +66,24 @@ def write_clip_hub_folder(folder, pad_token=None):
 
     from minildm.tokenizer import CLIP_BPE_FILE
 
-    lines = gzip.open(CLIP_BPE_FILE, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = [chr(b) for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    lines = (
+        gzip.open(CLIP_BPE_FILE, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    )
+    byte_chars = [
+        chr(b) for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255
+    ]
     byte_chars += [chr(256 + n) for n in range(256 - len(byte_chars))]
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in lines]
+    vocab = (
+        byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in lines]
+    )
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
+    )
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8"
+    )
     if pad_token:
         (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}))
     return folder
@@ -65,10 +98,18 @@ def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def clip_hub_layout(ours: dict) -> dict:
     """Rename a minildm CLIPTextModel state dict to the hub's layout (transformers 4 names with the
     `text_model.` prefix), to write test files without a reference library."""
-    renames = [("token_embedding", "embeddings.token_embedding"), ("position_embedding", "embeddings.position_embedding"),
-               ("final_norm", "final_layer_norm"), ("layers.", "encoder.layers."), (".attn_norm", ".layer_norm1"),
-               (".mlp_norm", ".layer_norm2"), (".attn.out", ".self_attn.out_proj"), (".attn.q", ".self_attn.q_proj"),
-               (".attn.k", ".self_attn.k_proj"), (".attn.v", ".self_attn.v_proj")]
+    renames = [
+        ("token_embedding", "embeddings.token_embedding"),
+        ("position_embedding", "embeddings.position_embedding"),
+        ("final_norm", "final_layer_norm"),
+        ("layers.", "encoder.layers."),
+        (".attn_norm", ".layer_norm1"),
+        (".mlp_norm", ".layer_norm2"),
+        (".attn.out", ".self_attn.out_proj"),
+        (".attn.q", ".self_attn.q_proj"),
+        (".attn.k", ".self_attn.k_proj"),
+        (".attn.v", ".self_attn.v_proj"),
+    ]
     hub = {}
     for key, value in ours.items():
         for old, new in renames:
@@ -81,13 +122,41 @@ def clip_hub_layout(ours: dict) -> dict:
 
 # The three official scheduler configs, as the hub files hold them (facts 1.3, 2.2, 3.2)
 SCHEDULER_CONFIGS = {
-    "SD v1-4 (PNDM)": {"_class_name": "PNDMScheduler", "_diffusers_version": "0.7.0.dev0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                       "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-                       "steps_offset": 1, "trained_betas": None, "clip_sample": False},
-    "LDM text2im (DDIM)": {"_class_name": "DDIMScheduler", "_diffusers_version": "0.0.4", "beta_end": 0.012, "beta_schedule": "linear",
-                           "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "timestep_values": None, "trained_betas": None},
-    "CelebA-HQ (DDIM)": {"_class_name": "DDIMScheduler", "_diffusers_version": "0.0.4", "beta_end": 0.0195, "beta_schedule": "scaled_linear",
-                         "beta_start": 0.0015, "clip_sample": False, "timestep_values": None, "timesteps": 1000, "trained_betas": None},
+    "SD v1-4 (PNDM)": {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.7.0.dev0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+        "clip_sample": False,
+    },
+    "LDM text2im (DDIM)": {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.0.4",
+        "beta_end": 0.012,
+        "beta_schedule": "linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "timestep_values": None,
+        "trained_betas": None,
+    },
+    "CelebA-HQ (DDIM)": {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.0.4",
+        "beta_end": 0.0195,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.0015,
+        "clip_sample": False,
+        "timestep_values": None,
+        "timesteps": 1000,
+        "trained_betas": None,
+    },
 }
 
 
@@ -103,7 +172,9 @@ def reference_scheduler(class_name: str, config: dict):
     diffusers = oracle("diffusers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return getattr(diffusers, class_name).from_config({k: v for k, v in config.items() if k != "_class_name"})
+        return getattr(diffusers, class_name).from_config(
+            {k: v for k, v in config.items() if k != "_class_name"}
+        )
 
 
 def scheduler_from_config(cls, config: dict):
@@ -114,11 +185,15 @@ def scheduler_from_config(cls, config: dict):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         scheduler = cls.from_config(config)
-    assert all("ignores config keys that do not apply" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert all("ignores config keys that do not apply" in str(w.message) for w in caught), [
+        str(w.message) for w in caught
+    ]
     return scheduler
 
 
-def compare_scheduler_steps(ours, theirs, num_inference_steps: int, label: str, step_kwargs=None, seed=None, tolerance=1e-6):
+def compare_scheduler_steps(
+    ours, theirs, num_inference_steps: int, label: str, step_kwargs=None, seed=None, tolerance=1e-6
+):
     """Run both schedulers over the same trajectory: the same timesteps, the same model outputs, the
     same sample at every step (the reference's). `seed` gives both the same generator for stochastic
     steps. Returns the worst per-step relative error, and asserts it is below `tolerance`."""
@@ -127,12 +202,20 @@ def compare_scheduler_steps(ours, theirs, num_inference_steps: int, label: str, 
     step_kwargs = step_kwargs or {}
     ours.set_timesteps(num_inference_steps)
     theirs.set_timesteps(num_inference_steps)
-    assert torch.equal(torch.as_tensor(ours.timesteps).double(), theirs.timesteps.double()), f"{label}: timesteps differ:\n{ours.timesteps}\n{theirs.timesteps}"
+    assert torch.equal(torch.as_tensor(ours.timesteps).double(), theirs.timesteps.double()), (
+        f"{label}: timesteps differ:\n{ours.timesteps}\n{theirs.timesteps}"
+    )
     assert float(ours.init_noise_sigma) == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
-    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * theirs.init_noise_sigma
+    sample = (
+        torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        * theirs.init_noise_sigma
+    )
     ours_kwargs, theirs_kwargs = dict(step_kwargs), dict(step_kwargs)
     if seed is not None:
-        ours_kwargs["generator"], theirs_kwargs["generator"] = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        ours_kwargs["generator"], theirs_kwargs["generator"] = (
+            torch.Generator().manual_seed(seed),
+            torch.Generator().manual_seed(seed),
+        )
     worst = 0.0
     for t in theirs.timesteps:
         theirs_input = theirs.scale_model_input(sample, t)
@@ -144,6 +227,8 @@ def compare_scheduler_steps(ours, theirs, num_inference_steps: int, label: str, 
         got = ours.step(output, t, sample, **ours_kwargs)
         worst = max(worst, max_relative_error(got, expected))
         sample = expected
-    print(f"{label}, {num_inference_steps} steps: {len(theirs.timesteps)} timesteps equal, worst step relative error {worst:.1e} (tolerance {tolerance:.0e})")
+    print(
+        f"{label}, {num_inference_steps} steps: {len(theirs.timesteps)} timesteps equal, worst step relative error {worst:.1e} (tolerance {tolerance:.0e})"
+    )
     assert worst < tolerance, f"{label}: relative error {worst:.2e}"
     return worst

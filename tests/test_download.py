@@ -9,9 +9,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from minildm.download import DownloadError, download, main_download, read_manifest
+from minildm.download import DownloadError, download, main_download, manifest_listing, read_manifest
 
-SD_UNET = ("unet/diffusion_pytorch_model.safetensors", 3438167534, "145a07e0f05ec5bbe6e2e9faf608bdb311caf708895cac8c8ed713c59864e1e8")
+SD_UNET = (
+    "unet/diffusion_pytorch_model.safetensors",
+    3438167534,
+    "145a07e0f05ec5bbe6e2e9faf608bdb311caf708895cac8c8ed713c59864e1e8",
+)
 
 
 class FakeHub:
@@ -27,6 +31,7 @@ class FakeHub:
 
 def make_handler(hub: FakeHub):
     """A request handler serving HUB's files: 206 with Content-Range for a Range request, 200 otherwise."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             asked_range = self.headers.get("Range")
@@ -46,7 +51,9 @@ def make_handler(hub: FakeHub):
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))  # the full length, even when truncating
+            self.send_header(
+                "Content-Length", str(len(body))
+            )  # the full length, even when truncating
             self.end_headers()
             self.wfile.write(body if hub.truncate_after is None else body[: hub.truncate_after])
 
@@ -74,20 +81,36 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     fake = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    ).start()
     fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
 
-    rows = [("toy", "test/toy", "0123abc", "weights.bin", str(len(WEIGHTS)), sha256(WEIGHTS), WEIGHTS),
-            ("toy", "test/toy", "0123abc", "config/config.json", str(len(CONFIG)), sha256(CONFIG), CONFIG),
-            ("toy", "test/toy", "0123abc", "unhashed.bin", "-", "-", UNHASHED),
-            ("other", "test/other", "4567def", "model.bin", str(len(OTHER)), sha256(OTHER), OTHER)]
+    rows = [
+        ("toy", "test/toy", "0123abc", "weights.bin", str(len(WEIGHTS)), sha256(WEIGHTS), WEIGHTS),
+        (
+            "toy",
+            "test/toy",
+            "0123abc",
+            "config/config.json",
+            str(len(CONFIG)),
+            sha256(CONFIG),
+            CONFIG,
+        ),
+        ("toy", "test/toy", "0123abc", "unhashed.bin", "-", "-", UNHASHED),
+        ("other", "test/other", "4567def", "model.bin", str(len(OTHER)), sha256(OTHER), OTHER),
+    ]
     fake.manifest = tmp_path / "manifest.txt"
-    fake.manifest.write_text("# system repo revision path bytes sha256\n" + "".join(" ".join(r[:6]) + "\n" for r in rows))
+    fake.manifest.write_text(
+        "# system repo revision path bytes sha256\n" + "".join(" ".join(r[:6]) + "\n" for r in rows)
+    )
     for system, repo, revision, path, *_, data in rows:
         fake.files[f"/{repo}/resolve/{revision}/{path}"] = data
     fake.dir = tmp_path / "weights"
     fake.log = []
-    fake.download = lambda name: download(name, fake.dir, base_url=fake.base_url, progress=fake.log.append, manifest=fake.manifest)
+    fake.download = lambda name: download(
+        name, fake.dir, base_url=fake.base_url, progress=fake.log.append, manifest=fake.manifest
+    )
     yield fake
     server.shutdown()
     server.server_close()
@@ -97,18 +120,56 @@ def test_real_manifest_pins_the_sd_unet():
     entries = read_manifest()
     rows = {(e.system, e.path): e for e in entries}
     unet = rows["stable-diffusion-v1-4", SD_UNET[0]]
-    assert (unet.repo, unet.revision) == ("CompVis/stable-diffusion-v1-4", "133a221b8aa7292a167afc5127cb63fb5005638b")
+    assert (unet.repo, unet.revision) == (
+        "CompVis/stable-diffusion-v1-4",
+        "133a221b8aa7292a167afc5127cb63fb5005638b",
+    )
     assert (unet.size, unet.sha256) == SD_UNET[1:]
     assert all(e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256) for e in entries)
     systems = {e.system for e in entries}
-    assert systems == {"stable-diffusion-v1-4", "sd-v1-4-ckpt", "ldm-text2im-large-256", "ldm-celebahq-256", "vq-diffusion-ithq"}
+    assert systems == {
+        "stable-diffusion-v1-4",
+        "sd-v1-4-ckpt",
+        "ldm-text2im-large-256",
+        "ldm-celebahq-256",
+        "vq-diffusion-ithq",
+    }
     counts = {s: sum(e.system == s for e in entries) for s in sorted(systems)}
     print(f"weights_manifest.txt: {len(entries)} files, {counts}")
 
 
+def test_the_listing_sums_each_system(tmp_path):
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text(
+        "# two systems, one size unknown\n"
+        "toy test/toy 0123456789abcdef weights.bin 2000000 -\n"
+        "toy test/toy 0123456789abcdef config.json 1000000 -\n"
+        "other test/other main model.ckpt - -\n"
+    )
+    listing = manifest_listing(read_manifest(manifest)).splitlines()
+    print("\n".join(listing))
+    assert len(listing) == 2
+    assert listing[0].split() == ["toy", "test/toy@0123456789", "2", "files,", "3.00", "MB"]
+    assert listing[1].split() == [
+        "other",
+        "test/other@main",
+        "1",
+        "file,",
+        "0",
+        "B",
+        "+",
+        "1",
+        "of",
+        "unknown",
+        "size",
+    ]
+
+
 def test_a_malformed_manifest_line_is_named(tmp_path):
     manifest = tmp_path / "manifest.txt"
-    manifest.write_text("# comment\n\ntoy test/toy abc weights.bin 12 -\ntoy test/toy abc config.json 12\n")
+    manifest.write_text(
+        "# comment\n\ntoy test/toy abc weights.bin 12 -\ntoy test/toy abc config.json 12\n"
+    )
     with pytest.raises(ValueError, match=r"line 4: expected 6 columns.*found 5"):
         read_manifest(manifest)
     manifest.write_text("toy test/toy abc weights.bin 12 ABC\n")
@@ -128,14 +189,21 @@ def test_download_verifies_then_places_the_file(hub):
 
 def test_a_system_name_fetches_all_its_files(hub):
     paths = hub.download("toy")
-    assert [p.relative_to(hub.dir).as_posix() for p in paths] == ["toy/weights.bin", "toy/config/config.json", "toy/unhashed.bin"]
+    assert [p.relative_to(hub.dir).as_posix() for p in paths] == [
+        "toy/weights.bin",
+        "toy/config/config.json",
+        "toy/unhashed.bin",
+    ]
     assert (hub.dir / "toy" / "config" / "config.json").read_bytes() == CONFIG
     assert not (hub.dir / "other").exists()
 
 
 def test_a_dropped_connection_keeps_the_part_and_a_rerun_resumes(hub):
     hub.truncate_after = 100_000
-    with pytest.raises(DownloadError, match=r"ended after 100000 of 300000 bytes.*run the same command again to resume"):
+    with pytest.raises(
+        DownloadError,
+        match=r"ended after 100000 of 300000 bytes.*run the same command again to resume",
+    ):
         hub.download("toy/weights.bin")
     part = hub.dir / "toy" / "weights.bin.part"
     assert part.read_bytes() == WEIGHTS[:100_000]
@@ -187,7 +255,9 @@ def test_a_different_file_in_place_is_refused_not_overwritten(hub):
     target.parent.mkdir(parents=True)
     wrong = bytes(len(WEIGHTS))  # right size, wrong bytes
     target.write_bytes(wrong)
-    with pytest.raises(DownloadError, match=r"its sha256 is .* expected .* delete it and run again"):
+    with pytest.raises(
+        DownloadError, match=r"its sha256 is .* expected .* delete it and run again"
+    ):
         hub.download("toy/weights.bin")
     assert target.read_bytes() == wrong
     assert hub.requests == []
@@ -202,14 +272,18 @@ def test_a_complete_part_is_checked_and_placed_without_a_request(hub):
     assert (hub.dir / "toy" / "weights.bin").read_bytes() == WEIGHTS
 
 
-@pytest.mark.parametrize("value, refused", [("1", True), ("YES", True), ("0", False), ("false", False)])
+@pytest.mark.parametrize(
+    "value, refused", [("1", True), ("YES", True), ("0", False), ("false", False)]
+)
 def test_hf_hub_offline_refuses_before_any_request(hub, monkeypatch, value, refused):
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     if not refused:
         hub.download("toy/weights.bin")
         assert len(hub.requests) == 1
         return
-    with pytest.raises(DownloadError, match=r"(?s)HF_HUB_OFFLINE=.*toy/weights\.bin.*toy/config/config\.json"):
+    with pytest.raises(
+        DownloadError, match=r"(?s)HF_HUB_OFFLINE=.*toy/weights\.bin.*toy/config/config\.json"
+    ):
         hub.download("toy")
     assert hub.requests == []
     assert not (hub.dir / "toy").exists()
@@ -232,4 +306,6 @@ def test_a_file_without_sha256_is_downloaded_and_reported_unverified(hub):
 def test_main_download_prints_the_error_and_returns_1(tmp_path, capsys):
     assert main_download("no-such-system", str(tmp_path)) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown name 'no-such-system'") and "stable-diffusion-v1-4" in err, err
+    assert (
+        err.startswith("error: unknown name 'no-such-system'") and "stable-diffusion-v1-4" in err
+    ), err

@@ -13,7 +13,9 @@ PROMPTS = json.loads((Path(__file__).parent / "data" / "prompts.json").read_text
 
 
 def reference_ids(reference, prompts):
-    return reference(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return reference(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def test_corpus_is_broad():
@@ -26,15 +28,21 @@ def test_corpus_is_broad():
 def test_clip_ids_equal_transformers(tmp_path, pad_token):
     transformers = oracle("transformers")
     folder = write_clip_hub_folder(tmp_path / "tokenizer", pad_token)
-    reference = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, **({"pad_token": pad_token} if pad_token else {}))
+    reference = transformers.CLIPTokenizer.from_pretrained(
+        folder, model_max_length=77, **({"pad_token": pad_token} if pad_token else {})
+    )
     ours = CLIPTokenizer.from_folder(folder)
     shipped = CLIPTokenizer(pad_token=pad_token or "<|endoftext|>")
     expected = reference_ids(reference, PROMPTS)
     got, got_shipped = ours(PROMPTS), shipped(PROMPTS)
     differing = [p for p, a, b in zip(PROMPTS, got, expected) if not torch.equal(a, b)]
-    print(f"CLIP pad={pad_token or '<|endoftext|>'}: {len(PROMPTS) - len(differing)}/{len(PROMPTS)} prompts identical")
+    print(
+        f"CLIP pad={pad_token or '<|endoftext|>'}: {len(PROMPTS) - len(differing)}/{len(PROMPTS)} prompts identical"
+    )
     assert not differing, f"{len(differing)} prompts differ, e.g. {differing[:3]}"
-    assert torch.equal(got_shipped, expected), "the shipped BPE file gives other ids than the hub-style folder"
+    assert torch.equal(got_shipped, expected), (
+        "the shipped BPE file gives other ids than the hub-style folder"
+    )
     for prompt in PROMPTS[:50]:
         assert ours.encode(prompt) == reference(prompt).input_ids
 
@@ -54,14 +62,38 @@ def test_bert_ids_equal_transformers(tmp_path):
 
 def test_known_ids():
     # sanity values from the reference tokenizers (shared/data/README.md)
-    assert CLIPTokenizer().encode("a photograph of an astronaut riding a horse") == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
-    assert BertTokenizer().encode("A painting of a squirrel eating a burger") == [101, 1037, 4169, 1997, 1037, 18197, 5983, 1037, 15890, 102]
+    assert CLIPTokenizer().encode("a photograph of an astronaut riding a horse") == [
+        49406,
+        320,
+        8853,
+        539,
+        550,
+        18376,
+        6765,
+        320,
+        4558,
+        49407,
+    ]
+    assert BertTokenizer().encode("A painting of a squirrel eating a burger") == [
+        101,
+        1037,
+        4169,
+        1997,
+        1037,
+        18197,
+        5983,
+        1037,
+        15890,
+        102,
+    ]
 
 
 def test_padding_tokens():
     clip_ids = CLIPTokenizer()(["a cat", ""])
     assert clip_ids.shape == (2, 77) and clip_ids.dtype == torch.long
-    assert clip_ids[0, :4].tolist() == [49406, 320, 2368, 49407] and (clip_ids[0, 4:] == 49407).all()
+    assert (
+        clip_ids[0, :4].tolist() == [49406, 320, 2368, 49407] and (clip_ids[0, 4:] == 49407).all()
+    )
     assert (CLIPTokenizer(pad_token="!")("a cat")[0, 4:] == 0).all()
     bert_ids = BertTokenizer()("")
     assert bert_ids[0, :2].tolist() == [101, 102] and (bert_ids[0, 2:] == 0).all()
@@ -72,7 +104,11 @@ def test_long_prompt_is_truncated_with_a_warning_naming_the_dropped_text():
     for tok, end in ((CLIPTokenizer(), 49407), (BertTokenizer(), 102)):
         with pytest.warns(UserWarning, match="'zebra giraffe'"):
             ids = tok([prompt])
-        assert ids.shape == (1, 77) and ids[0, -1].item() == end and ids[0, 1:76].tolist() == tok.encode("cat")[1:2] * 75
+        assert (
+            ids.shape == (1, 77)
+            and ids[0, -1].item() == end
+            and ids[0, 1:76].tolist() == tok.encode("cat")[1:2] * 75
+        )
 
 
 def test_bad_input_is_refused():
