@@ -26,8 +26,12 @@ from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import resolve_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_WEIGHTS = {"sd": "CompVis/stable-diffusion-v1-4", "ldm": "CompVis/ldm-text2im-large-256", "ldm-uncond": "CompVis/ldm-celebahq-256",
-                   "vq-diffusion": "microsoft/vq-diffusion-ithq"}
+DEFAULT_WEIGHTS = {
+    "sd": "CompVis/stable-diffusion-v1-4",
+    "ldm": "CompVis/ldm-text2im-large-256",
+    "ldm-uncond": "CompVis/ldm-celebahq-256",
+    "vq-diffusion": "microsoft/vq-diffusion-ithq",
+}
 
 
 def load_pipeline(args):
@@ -39,25 +43,47 @@ def load_pipeline(args):
         single_file = weights.suffix in (".ckpt", ".safetensors") and weights.is_file()
         if single_file:
             ema = None if args.ema is None else args.ema == "true"
-            pipe = pipelines.StableDiffusionPipeline.from_single_file(weights, device=args.device, dtype=dtype, ema=ema)
+            pipe = pipelines.StableDiffusionPipeline.from_single_file(
+                weights, device=args.device, dtype=dtype, ema=ema
+            )
         else:
-            pipe = pipelines.StableDiffusionPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype)
+            pipe = pipelines.StableDiffusionPipeline.from_pretrained(
+                args.weights, device=args.device, dtype=dtype
+            )
     else:
         single_file = False
-        cls = {"ldm": pipelines.LDMTextToImagePipeline, "ldm-uncond": pipelines.LDMPipeline, "vq-diffusion": pipelines.VQDiffusionPipeline}[args.command]
+        cls = {
+            "ldm": pipelines.LDMTextToImagePipeline,
+            "ldm-uncond": pipelines.LDMPipeline,
+            "vq-diffusion": pipelines.VQDiffusionPipeline,
+        }[args.command]
         pipe = cls.from_pretrained(args.weights, device=args.device, dtype=dtype)
     if getattr(args, "scheduler", None):
         if args.scheduler not in schedulers.__all__:
-            raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {schedulers.__all__}")
+            raise ValueError(
+                f"unknown scheduler {args.scheduler!r}; choose one of {schedulers.__all__}"
+            )
         # the new scheduler takes the folder's training schedule, as diffusers' from_config(pipe.scheduler.config) does
-        config = SINGLE_FILE_SCHEDULER if single_file else json.loads((resolve_folder(args.weights) / "scheduler" / "scheduler_config.json").read_text())
+        config = (
+            SINGLE_FILE_SCHEDULER
+            if single_file
+            else json.loads(
+                (resolve_folder(args.weights) / "scheduler" / "scheduler_config.json").read_text()
+            )
+        )
         pipe.scheduler = getattr(schedulers, args.scheduler).from_config(config)
     return pipe
 
 
 # what from_single_file uses (facts 5.5)
-SINGLE_FILE_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
-                         "skip_prk_steps": True, "steps_offset": 1}
+SINGLE_FILE_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
 
 
 def progress_printer(count_steps):
@@ -67,7 +93,11 @@ def progress_printer(count_steps):
     def report(i, t, sample):
         done, total = i + 1, count_steps()
         rate = done / (time.perf_counter() - start)
-        print(f"\rstep {done}/{total}  {rate:.2f} steps/s  {(total - done) / rate:.0f} s left ", end="", flush=True)
+        print(
+            f"\rstep {done}/{total}  {rate:.2f} steps/s  {(total - done) / rate:.0f} s left ",
+            end="",
+            flush=True,
+        )
 
     return report
 
@@ -95,7 +125,9 @@ def fill_defaults(args):
     if args.weights is None:
         folder = minildm.TINY_MODELS[args.command]
         args.weights = str(folder)
-        print(f"no --weights given: using the embedded {folder.name} model ({folder}; see its README.md)")
+        print(
+            f"no --weights given: using the embedded {folder.name} model ({folder}; see its README.md)"
+        )
         defaults = EMBEDDED_DEFAULTS[args.command]
     else:
         defaults = OFFICIAL_DEFAULTS[args.command]
@@ -110,21 +142,50 @@ def generate(args):
     pipe = load_pipeline(args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.command == "ldm-uncond":
-        images = pipe(batch_size=args.n, generator=generator, num_inference_steps=args.steps, eta=args.eta,
-                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps))).images
+        images = pipe(
+            batch_size=args.n,
+            generator=generator,
+            num_inference_steps=args.steps,
+            eta=args.eta,
+            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+        ).images
     elif args.command == "vq-diffusion":
-        images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
-                      generator=generator, callback=progress_printer(lambda: args.steps)).images
+        images = pipe(
+            [args.prompt] * args.n,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            truncation_rate=args.truncation,
+            generator=generator,
+            callback=progress_printer(lambda: args.steps),
+        ).images
     elif args.command == "ldm":
-        images = pipe([args.prompt] * args.n, height=args.height, width=args.width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, eta=args.eta, generator=generator,
-                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps))).images
+        images = pipe(
+            [args.prompt] * args.n,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            eta=args.eta,
+            generator=generator,
+            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+        ).images
     else:
-        images = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      negative_prompt=args.negative, num_images_per_prompt=args.n, eta=args.eta, generator=generator,
-                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps)))
+        images = pipe(
+            args.prompt,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            negative_prompt=args.negative,
+            num_images_per_prompt=args.n,
+            eta=args.eta,
+            generator=generator,
+            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+        )
         if images.nsfw_content_detected and any(images.nsfw_content_detected):
-            print(f"\nthe safety checker flagged images {[i for i, f in enumerate(images.nsfw_content_detected) if f]} (kept as generated)")
+            print(
+                f"\nthe safety checker flagged images {[i for i, f in enumerate(images.nsfw_content_detected) if f]} (kept as generated)"
+            )
         images = images.images
     print()
     out = Path(args.out)
@@ -151,7 +212,9 @@ def image_grid(images):
     return grid
 
 
-def add_generation_arguments(parser, command: str, steps: int, guidance: float | None, size: int | None):
+def add_generation_arguments(
+    parser, command: str, steps: int, guidance: float | None, size: int | None
+):
     if command != "ldm-uncond":
         parser.add_argument("prompt", help="what the image should show")
     # the defaults depend on the weights: see fill_defaults
@@ -159,62 +222,136 @@ def add_generation_arguments(parser, command: str, steps: int, guidance: float |
     settings = ", ".join(f"{name} {value}" for name, value in embedded.items())
     official_settings = ", ".join(f"{name} {value}" for name, value in official.items())
     single_file = ", or an original .ckpt/.safetensors file" if command == "sd" else ""
-    weights_help = (f"pipeline folder, repo id in the Hugging Face cache{single_file} (default: the embedded "
-                    f"tiny-{command}, at {settings}; official weights default to {official_settings})")
+    weights_help = (
+        f"pipeline folder, repo id in the Hugging Face cache{single_file} (default: the embedded "
+        f"tiny-{command}, at {settings}; official weights default to {official_settings})"
+    )
     parser.add_argument("--weights", help=weights_help)
     steps = guidance = size = None
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
     if command != "ldm-uncond":
-        parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale; 1 turns it off")
+        parser.add_argument(
+            "--guidance",
+            type=float,
+            default=guidance,
+            help="classifier-free guidance scale; 1 turns it off",
+        )
     if command in ("sd", "ldm"):
-        parser.add_argument("--height", type=int, default=size, help="image height, a multiple of 8")
+        parser.add_argument(
+            "--height", type=int, default=size, help="image height, a multiple of 8"
+        )
         parser.add_argument("--width", type=int, default=size, help="image width, a multiple of 8")
     if command in ("sd", "ldm", "ldm-uncond"):
         parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     if command in ("sd", "ldm", "ldm-uncond"):
-        parser.add_argument("--scheduler", help="e.g. DDIMScheduler, EulerAncestralDiscreteScheduler (default: the folder's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator for all the noise")
+        parser.add_argument(
+            "--scheduler",
+            help="e.g. DDIMScheduler, EulerAncestralDiscreteScheduler (default: the folder's)",
+        )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the CPU generator for all the noise"
+    )
     parser.add_argument("-n", type=int, default=1, help="number of images")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations"
+    )
     parser.add_argument("--out", default="outputs", help="folder for the PNG files")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minildm", description="minildm: minimal latent diffusion")
+    parser = argparse.ArgumentParser(
+        prog="python -m minildm", description="minildm: minimal latent diffusion"
+    )
     commands = parser.add_subparsers(dest="command")
     defaults = argparse.ArgumentDefaultsHelpFormatter
-    sd = commands.add_parser("sd", help="Stable Diffusion v1.x text to image", formatter_class=defaults)
+    sd = commands.add_parser(
+        "sd", help="Stable Diffusion v1.x text to image", formatter_class=defaults
+    )
     add_generation_arguments(sd, "sd", steps=None, guidance=None, size=None)
     sd.add_argument("--negative", help="negative prompt: what the image should not show")
-    sd.add_argument("--ema", choices=["true", "false"], help="for a single file holding both the EMA and the trained UNet")
-    add_generation_arguments(commands.add_parser("ldm", help="LDM text to image (256 px, LDMBert)", formatter_class=defaults), "ldm", steps=50, guidance=1.0, size=256)
-    add_generation_arguments(commands.add_parser("ldm-uncond", help="LDM unconditional CelebA-HQ faces", formatter_class=defaults), "ldm-uncond",
-                             steps=50, guidance=None, size=None)
-    vq = commands.add_parser("vq-diffusion", help="VQ-Diffusion text to image", formatter_class=defaults)
+    sd.add_argument(
+        "--ema",
+        choices=["true", "false"],
+        help="for a single file holding both the EMA and the trained UNet",
+    )
+    add_generation_arguments(
+        commands.add_parser(
+            "ldm", help="LDM text to image (256 px, LDMBert)", formatter_class=defaults
+        ),
+        "ldm",
+        steps=50,
+        guidance=1.0,
+        size=256,
+    )
+    add_generation_arguments(
+        commands.add_parser(
+            "ldm-uncond", help="LDM unconditional CelebA-HQ faces", formatter_class=defaults
+        ),
+        "ldm-uncond",
+        steps=50,
+        guidance=None,
+        size=None,
+    )
+    vq = commands.add_parser(
+        "vq-diffusion", help="VQ-Diffusion text to image", formatter_class=defaults
+    )
     add_generation_arguments(vq, "vq-diffusion", steps=100, guidance=5.0, size=None)
-    vq.add_argument("--truncation", type=float, default=1.0, help="keep the most likely codes up to this cumulative probability")
+    vq.add_argument(
+        "--truncation",
+        type=float,
+        default=1.0,
+        help="keep the most likely codes up to this cumulative probability",
+    )
 
-    download = commands.add_parser("download", help="fetch official weights listed in weights_manifest.txt, verified by sha256", formatter_class=defaults)
-    download.add_argument("name", help="a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, vq-diffusion-ithq) or SYSTEM/PATH")
+    download = commands.add_parser(
+        "download",
+        help="fetch official weights listed in weights_manifest.txt, verified by sha256",
+        formatter_class=defaults,
+    )
+    download.add_argument(
+        "name",
+        help="a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, vq-diffusion-ithq) or SYSTEM/PATH",
+    )
     download.add_argument("--dir", default="weights", help="files go to DIR/SYSTEM/PATH")
 
-    train = commands.add_parser("train", help="train a tiny model on the shapes world (minildm/train.py)",
-                                formatter_class=defaults)
-    train.add_argument("system", choices=["sd", "ldm", "ldm-uncond", "vq-diffusion"], help="which system to train")
-    train.add_argument("--out", required=True, help="a new folder, or the folder of a run to resume")
-    train.add_argument("--minutes", type=float,
-                       help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, "
-                            "vq-diffusion 32; 0.75 with --quick)")
-    train.add_argument("--autoencoder", metavar="FOLDER",
-                       help="ldm and vq-diffusion: the pipeline folder whose autoencoder to reuse "
-                            "(default: the embedded tiny-sd, resp. tiny-ldm-uncond)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the drawn data and of every random choice")
-    train.add_argument("--quick", action="store_true", help="toy sizes: the whole path in about a minute")
+    train = commands.add_parser(
+        "train",
+        help="train a tiny model on the shapes world (minildm/train.py)",
+        formatter_class=defaults,
+    )
+    train.add_argument(
+        "system", choices=["sd", "ldm", "ldm-uncond", "vq-diffusion"], help="which system to train"
+    )
+    train.add_argument(
+        "--out", required=True, help="a new folder, or the folder of a run to resume"
+    )
+    train.add_argument(
+        "--minutes",
+        type=float,
+        help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, "
+        "vq-diffusion 32; 0.75 with --quick)",
+    )
+    train.add_argument(
+        "--autoencoder",
+        metavar="FOLDER",
+        help="ldm and vq-diffusion: the pipeline folder whose autoencoder to reuse "
+        "(default: the embedded tiny-sd, resp. tiny-ldm-uncond)",
+    )
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed of the drawn data and of every random choice"
+    )
+    train.add_argument(
+        "--quick", action="store_true", help="toy sizes: the whole path in about a minute"
+    )
 
-    tokenize = commands.add_parser("tokenize", help="print the 77 token ids a text encoder would see")
+    tokenize = commands.add_parser(
+        "tokenize", help="print the 77 token ids a text encoder would see"
+    )
     tokenize.add_argument("prompt")
-    tokenize.add_argument("--bert", action="store_true", help="the LDM BERT WordPiece tokenizer instead of CLIP's")
+    tokenize.add_argument(
+        "--bert", action="store_true", help="the LDM BERT WordPiece tokenizer instead of CLIP's"
+    )
     args = parser.parse_args(argv)
 
     if args.command in DEFAULT_WEIGHTS:
@@ -230,7 +367,11 @@ def main(argv=None):
         from minildm.train import main_train
 
         try:
-            sys.exit(main_train(args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder))
+            sys.exit(
+                main_train(
+                    args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder
+                )
+            )
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif args.command == "tokenize":

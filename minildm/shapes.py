@@ -153,7 +153,9 @@ def every_combination(per_combination: int, seed: int):
         for position in POSITIONS:
             for _ in range(per_combination):
                 scene = sample_scene(rng, [triple])
-                scene.update(position=position, cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER))
+                scene.update(
+                    position=position, cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER)
+                )
                 scenes.append(scene)
     return np.stack([draw_scene(s) for s in scenes]), scenes
 

@@ -55,7 +55,9 @@ def read_state_dict(path, container: str | None = None) -> dict:
         return _read_safetensors(path)
     if path.suffix in WEIGHT_SUFFIXES:
         return _unwrap_checkpoint(_read_pickle(path), path, container)
-    raise CheckpointError(f"{path}: unknown weights format; expected one of {', '.join(WEIGHT_SUFFIXES)} or *.index.json")
+    raise CheckpointError(
+        f"{path}: unknown weights format; expected one of {', '.join(WEIGHT_SUFFIXES)} or *.index.json"
+    )
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -75,13 +77,17 @@ def _read_sharded_safetensors(index_path: Path) -> dict:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' ({e})") from None
+        raise CheckpointError(
+            f"{index_path}: expected a JSON object with a 'weight_map' ({e})"
+        ) from None
     state_dict = {}
     for shard in sorted(set(weight_map.values())):
         tensors = _read_safetensors(index_path.parent / shard)
         wanted = {name for name, file in weight_map.items() if file == shard}
         if wanted - tensors.keys():
-            raise CheckpointError(f"{shard} lacks {len(wanted - tensors.keys())} tensors its index promises, e.g. {sorted(wanted - tensors.keys())[:3]}")
+            raise CheckpointError(
+                f"{shard} lacks {len(wanted - tensors.keys())} tensors its index promises, e.g. {sorted(wanted - tensors.keys())[:3]}"
+            )
         state_dict.update({name: tensors[name] for name in wanted})
     return state_dict
 
@@ -135,7 +141,11 @@ def _read_pickle(path: Path):
 def _not_a_checkpoint(path: Path) -> CheckpointError:
     with open(path, "rb") as f:
         start = f.read(24)
-    lfs = " It is a Git LFS pointer: fetch the real file (git lfs pull)." if start.startswith(b"version https://git-lfs") else ""
+    lfs = (
+        " It is a Git LFS pointer: fetch the real file (git lfs pull)."
+        if start.startswith(b"version https://git-lfs")
+        else ""
+    )
     return CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {start!r}).{lfs}")
 
 
@@ -153,8 +163,12 @@ def _unwrap_checkpoint(obj, path: Path, container: str | None) -> dict:
     """
     if container is not None:
         if not isinstance(obj, dict) or not isinstance(obj.get(container), dict):
-            found = sorted(str(k) for k in obj.keys()) if isinstance(obj, dict) else type(obj).__name__
-            raise CheckpointError(f"{path} has no {container!r} entry holding weights; found {found}")
+            found = (
+                sorted(str(k) for k in obj.keys()) if isinstance(obj, dict) else type(obj).__name__
+            )
+            raise CheckpointError(
+                f"{path} has no {container!r} entry holding weights; found {found}"
+            )
         obj = obj[container]
     else:
         for name in ("state_dict", "model", "ema"):
@@ -162,11 +176,15 @@ def _unwrap_checkpoint(obj, path: Path, container: str | None) -> dict:
                 obj = obj[name]
                 break
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: expected a dict of tensors (or one under 'state_dict'/'model'/'ema'), found {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a dict of tensors (or one under 'state_dict'/'model'/'ema'), found {type(obj).__name__}"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     others = sorted(str(k) for k in obj.keys() - tensors.keys())
     if others:
-        raise CheckpointError(f"{path}: entries {others[:5]} ({len(others)} in all) are not tensors; expected a state dict")
+        raise CheckpointError(
+            f"{path}: entries {others[:5]} ({len(others)} in all) are not tensors; expected a state dict"
+        )
     return tensors
 
 
@@ -186,14 +204,26 @@ def find_weights_file(folder, variant: str | None = None) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     # rank: safetensors (a sharded index before a single file), then .bin, then other pickles
-    rank = {".safetensors.index.json": 0, ".safetensors": 1, ".bin": 2, ".ckpt": 3, ".pt": 3, ".pth": 3}
+    rank = {
+        ".safetensors.index.json": 0,
+        ".safetensors": 1,
+        ".bin": 2,
+        ".ckpt": 3,
+        ".pt": 3,
+        ".pth": 3,
+    }
     candidates = []
     for file in folder.iterdir():
         kind = next((k for k in rank if file.name.endswith(k)), None)
         if kind is None:
             continue
-        stem, _, file_variant = file.name[: -len(kind)].partition(".")  # "model.fp16" -> "model", "fp16"
-        if stem in ("model", "pytorch_model", "diffusion_pytorch_model") and (file_variant or None) == variant:
+        stem, _, file_variant = file.name[: -len(kind)].partition(
+            "."
+        )  # "model.fp16" -> "model", "fp16"
+        if (
+            stem in ("model", "pytorch_model", "diffusion_pytorch_model")
+            and (file_variant or None) == variant
+        ):
             candidates.append((rank[kind], file.name, file))
     if not candidates:
         present = sorted(f.name for f in folder.iterdir())
@@ -205,7 +235,9 @@ def find_weights_file(folder, variant: str | None = None) -> Path:
 def read_config(folder) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers or transformers component folder")
+        raise FileNotFoundError(
+            f"{folder} has no config.json: expected a diffusers or transformers component folder"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -241,8 +273,14 @@ def resolve_repo(repo_id: str, revision: str = "main") -> Path:
     commit = ref.read_text().strip() if ref.is_file() else revision
     snapshot = repo_folder / "snapshots" / commit
     if not snapshot.is_dir():
-        known = sorted(p.name for p in (repo_folder / "refs").glob("*")) if (repo_folder / "refs").is_dir() else []
-        raise FileNotFoundError(f"{repo_id} has no snapshot for revision {revision!r} in {cache}; cached refs: {known}")
+        known = (
+            sorted(p.name for p in (repo_folder / "refs").glob("*"))
+            if (repo_folder / "refs").is_dir()
+            else []
+        )
+        raise FileNotFoundError(
+            f"{repo_id} has no snapshot for revision {revision!r} in {cache}; cached refs: {known}"
+        )
     return snapshot
 
 
@@ -253,7 +291,9 @@ def resolve_folder(name_or_path) -> Path:
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
         return resolve_repo(str(name_or_path))
-    raise FileNotFoundError(f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name')")
+    raise FileNotFoundError(
+        f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name')"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +317,9 @@ def remap_keys(state_dict: dict, rules, drop=()) -> tuple:
         for pattern, replacement in rules:
             new_key = re.sub(pattern, replacement, new_key)
         if new_key in renamed:
-            raise CheckpointError(f"two checkpoint keys map to {new_key!r} (one is {key!r}): the file mixes two layouts")
+            raise CheckpointError(
+                f"two checkpoint keys map to {new_key!r} (one is {key!r}): the file mixes two layouts"
+            )
         renamed[new_key], file_names[new_key] = tensor, key
     return renamed, file_names
 
@@ -292,7 +334,9 @@ def rename_keys(state_dict: dict, names: dict, drop=()) -> tuple:
             continue
         new_key = names.get(key, key)
         if new_key in renamed:
-            raise CheckpointError(f"two checkpoint keys map to {new_key!r} ({file_names[new_key]!r} and {key!r}): the file mixes two layouts")
+            raise CheckpointError(
+                f"two checkpoint keys map to {new_key!r} ({file_names[new_key]!r} and {key!r}): the file mixes two layouts"
+            )
         renamed[new_key], file_names[new_key] = tensor, key
     return renamed, file_names
 
@@ -303,7 +347,16 @@ def _listing(names, shown: int = 5) -> str:
     return f"{len(names)}: " + ", ".join(names[:shown]) + more
 
 
-def load_into(module: nn.Module, state_dict: dict, *, file_names=None, device=None, dtype=None, what="model", hint=None) -> nn.Module:
+def load_into(
+    module: nn.Module,
+    state_dict: dict,
+    *,
+    file_names=None,
+    device=None,
+    dtype=None,
+    what="model",
+    hint=None,
+) -> nn.Module:
     """Fill a module (usually built on the `meta` device) with `state_dict`, strictly.
 
     Every parameter and persistent buffer must be present, every key used, and every shape equal;
@@ -324,12 +377,23 @@ def load_into(module: nn.Module, state_dict: dict, *, file_names=None, device=No
         if missing:
             lines.append(f"  missing from the checkpoint ({_listing(missing)})")
         if unexpected:
-            lines.append(f"  not used by the {what} ({_listing((file_names or {}).get(k, k) for k in unexpected)})")
+            lines.append(
+                f"  not used by the {what} ({_listing((file_names or {}).get(k, k) for k in unexpected)})"
+            )
         if mismatched:
-            shown = [f"{k} is {got} in the checkpoint, {want} in the {what}" for k, (got, want) in sorted(mismatched.items())[:3]]
+            shown = [
+                f"{k} is {got} in the checkpoint, {want} in the {what}"
+                for k, (got, want) in sorted(mismatched.items())[:3]
+            ]
             lines.append(f"  shapes differ ({len(mismatched)}): " + "; ".join(shown))
         cause = hint(missing, unexpected, mismatched) if hint else None
-        lines.append("  likely cause: " + (cause or "the weights belong to another model or configuration; check that config.json and the weights file come from the same folder"))
+        lines.append(
+            "  likely cause: "
+            + (
+                cause
+                or "the weights belong to another model or configuration; check that config.json and the weights file come from the same folder"
+            )
+        )
         raise CheckpointError("\n".join(lines))
 
     dtype = dtype or torch.float32

@@ -87,7 +87,9 @@ def test_scorer_says_no_to_wrong_captions():
 def test_read_scene_accepts_drawings_and_refuses_what_is_not_one_clean_shape():
     images, scenes = shapes.every_combination(1, seed=7)
     accepted = [shapes.read_scene(image) for image in images]
-    print(f"read_scene: {sum(a is not None for a in accepted)}/{len(images)} fresh drawings accepted")
+    print(
+        f"read_scene: {sum(a is not None for a in accepted)}/{len(images)} fresh drawings accepted"
+    )
     assert all(a is not None for a in accepted)
     assert all(a == {k: s[k] for k in shapes.ATTRIBUTES} for a, s in zip(accepted, scenes))
     blank = np.full((64, 64, 3), shapes.PALETTE["gray"], dtype=np.uint8)

@@ -9,7 +9,9 @@ from PIL import Image
 
 @dataclass
 class PipelineOutput:
-    images: list | np.ndarray | torch.Tensor  # list of PIL images, (B, H, W, 3) numpy, or (B, 3, H, W) torch, in [0, 1]
+    images: (
+        list | np.ndarray | torch.Tensor
+    )  # list of PIL images, (B, H, W, 3) numpy, or (B, 3, H, W) torch, in [0, 1]
 
 
 def images_out(images: torch.Tensor, output_type: str):
@@ -32,13 +34,17 @@ def check_output_type(output_type: str):
 def prompt_list(prompt) -> list:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        raise TypeError(
+            f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}"
+        )
     return prompts
 
 
 def check_image_size(height: int, width: int, factor: int = 8):
     if height % factor or width % factor or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {factor} (the autoencoder's and UNet's downsampling), got {height}x{width}")
+        raise ValueError(
+            f"height and width must be positive multiples of {factor} (the autoencoder's and UNet's downsampling), got {height}x{width}"
+        )
 
 
 def check_count(name: str, value):
@@ -51,7 +57,9 @@ def initial_noise(shape, generator: torch.Generator | None, device, dtype) -> to
     the same seed gives the same image on any device and in any dtype, and the same as diffusers
     with a CPU generator."""
     noise_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(
+        device=device, dtype=dtype
+    )
 
 
 def step_options(scheduler, eta: float, generator) -> dict:
@@ -63,5 +71,7 @@ def step_options(scheduler, eta: float, generator) -> dict:
     if "eta" in inspect.signature(scheduler.step).parameters:
         options["eta"] = eta
     elif eta:
-        raise ValueError(f"eta={eta} only applies to DDIM; {type(scheduler).__name__} has no eta (pass eta=0.0)")
+        raise ValueError(
+            f"eta={eta} only applies to DDIM; {type(scheduler).__name__} has no eta (pass eta=0.0)"
+        )
     return options

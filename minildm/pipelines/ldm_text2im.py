@@ -16,42 +16,83 @@ from pathlib import Path
 import torch
 
 from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
-from minildm.pipelines.common import (PipelineOutput, check_image_size, check_output_type, images_out, initial_noise,
-                                      prompt_list, step_options)
+from minildm.pipelines.common import (
+    PipelineOutput,
+    check_image_size,
+    check_output_type,
+    images_out,
+    initial_noise,
+    prompt_list,
+    step_options,
+)
 from minildm.weights import resolve_folder
 
 
 class LDMTextToImagePipeline:
     def __init__(self, vqvae, bert, tokenizer, unet, scheduler):
         # "vqvae" is diffusers' name for this model's KL autoencoder
-        self.vqvae, self.bert, self.tokenizer, self.unet, self.scheduler = vqvae, bert, tokenizer, unet, scheduler
+        self.vqvae, self.bert, self.tokenizer, self.unet, self.scheduler = (
+            vqvae,
+            bert,
+            tokenizer,
+            unet,
+            scheduler,
+        )
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None) -> "LDMTextToImagePipeline":
+    def from_pretrained(
+        cls, name_or_path, device=None, dtype=None, variant: str | None = None
+    ) -> "LDMTextToImagePipeline":
         """From a hub-layout folder or `CompVis/ldm-text2im-large-256` in the Hugging Face cache."""
         folder = Path(resolve_folder(name_or_path))
         read_model_index(folder, "LDMTextToImagePipeline")
-        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vqvae", "bert", "unet")}
-        return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"), **parts)
+        parts = {
+            name: load_component(folder / name, device=device, dtype=dtype, variant=variant)
+            for name in ("vqvae", "bert", "unet")
+        }
+        return cls(
+            tokenizer=load_tokenizer(folder / "tokenizer"),
+            scheduler=load_scheduler(folder / "scheduler"),
+            **parts,
+        )
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, prompt, height: int = 256, width: int = 256, num_inference_steps: int = 50, guidance_scale: float = 1.0,
-                 eta: float = 0.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, callback=None):
+    def __call__(
+        self,
+        prompt,
+        height: int = 256,
+        width: int = 256,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+    ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         prompts = prompt_list(prompt)
-        check_image_size(height, width, self.vqvae.config.downsampling_factor * self.unet.config.downsampling_factor)
+        check_image_size(
+            height,
+            width,
+            self.vqvae.config.downsampling_factor * self.unet.config.downsampling_factor,
+        )
         check_output_type(output_type)
         dtype = next(self.unet.parameters()).dtype
-        guided = guidance_scale != 1.0  # as diffusers: any scale but 1 runs the unconditional branch
+        guided = (
+            guidance_scale != 1.0
+        )  # as diffusers: any scale but 1 runs the unconditional branch
 
         context = self.bert(self.tokenizer(prompts).to(self.device))  # (B, 77, 1280)
         if guided:
-            empty = self.bert(self.tokenizer([""] * len(prompts)).to(self.device))  # LDMBert's own "no text"
+            empty = self.bert(
+                self.tokenizer([""] * len(prompts)).to(self.device)
+            )  # LDMBert's own "no text"
             context = torch.cat([empty, context])  # (2B, 77, 1280)
         context = context.to(dtype)
 
@@ -65,7 +106,9 @@ class LDMTextToImagePipeline:
         latents = latents.to(self.device, dtype) * self.scheduler.init_noise_sigma
         options = step_options(self.scheduler, eta, generator)
         for i, t in enumerate(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            model_input = self.scheduler.scale_model_input(
+                torch.cat([latents] * 2) if guided else latents, t
+            )
             noise_prediction = self.unet(model_input, t, context)
             if guided:
                 unconditional, conditional = noise_prediction.chunk(2)

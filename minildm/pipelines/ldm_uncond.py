@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from minildm.load import load_component, load_scheduler, read_model_index
-from minildm.pipelines.common import PipelineOutput, check_count, check_output_type, images_out, initial_noise, step_options
+from minildm.pipelines.common import (
+    PipelineOutput,
+    check_count,
+    check_output_type,
+    images_out,
+    initial_noise,
+    step_options,
+)
 from minildm.weights import resolve_folder
 
 
@@ -23,11 +30,16 @@ class LDMPipeline:
         self.vqvae, self.unet, self.scheduler = vqvae, unet, scheduler
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None) -> "LDMPipeline":
+    def from_pretrained(
+        cls, name_or_path, device=None, dtype=None, variant: str | None = None
+    ) -> "LDMPipeline":
         """From a hub-layout folder or `CompVis/ldm-celebahq-256` in the Hugging Face cache."""
         folder = Path(resolve_folder(name_or_path))
         read_model_index(folder, "LDMPipeline")
-        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vqvae", "unet")}
+        parts = {
+            name: load_component(folder / name, device=device, dtype=dtype, variant=variant)
+            for name in ("vqvae", "unet")
+        }
         return cls(scheduler=load_scheduler(folder / "scheduler"), **parts)
 
     @property
@@ -35,15 +47,25 @@ class LDMPipeline:
         return next(self.unet.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, eta: float = 0.0, num_inference_steps: int = 50,
-                 output_type: str = "pil", return_dict: bool = True, callback=None):
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+        num_inference_steps: int = 50,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+    ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         check_count("batch_size", batch_size)
         check_output_type(output_type)
         dtype = next(self.unet.parameters()).dtype
         size = self.unet.config.sample_size
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = initial_noise((batch_size, self.unet.config.in_channels, size, size), generator, self.device, dtype)
+        latents = initial_noise(
+            (batch_size, self.unet.config.in_channels, size, size), generator, self.device, dtype
+        )
         latents = latents * self.scheduler.init_noise_sigma
         options = step_options(self.scheduler, eta, generator)
         for i, t in enumerate(self.scheduler.timesteps):
