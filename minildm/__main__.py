@@ -1,13 +1,13 @@
-"""The command line: one subcommand per system, plus download and tokenize.
+"""The command line: one subcommand per system, plus download, train and tokenize.
 
-    python -m minildm sd "a red circle on a blue background"                  SD v1.x, the embedded tiny model
-    python -m minildm sd "an astronaut riding a horse" --weights DIR          ... with official weights
-    python -m minildm ldm "A painting of a squirrel eating a burger"          LDM text-to-image
-    python -m minildm ldm-uncond -n 4                                         LDM CelebA-HQ faces
-    python -m minildm vq-diffusion "a teddy bear playing in the pool"         VQ-Diffusion
-    python -m minildm download stable-diffusion-v1-4 --dir weights            fetch + verify weights
+    python -m minildm sd "a red circle on a blue background"        SD v1.x, the embedded tiny model
+    python -m minildm sd "an astronaut riding a horse" --weights DIR  ... with official weights
+    python -m minildm ldm "A painting of a squirrel eating a burger"  LDM text-to-image
+    python -m minildm ldm-uncond -n 4                                 LDM CelebA-HQ faces
+    python -m minildm vq-diffusion "a teddy bear playing in the pool" VQ-Diffusion
+    python -m minildm download stable-diffusion-v1-4 --dir weights    fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
-    python -m minildm train sd --out runs/tiny-sd                             retrain the tiny model
+    python -m minildm train sd --out runs/tiny-sd                     retrain the tiny model
 
 `--weights` takes a pipeline folder, a repo id already in the Hugging Face cache, or (for `sd`) an
 original single-file checkpoint. Images are written as PNGs, with a grid when there are several.
@@ -36,6 +36,7 @@ DEFAULT_WEIGHTS = {
 
 def load_pipeline(args):
     from minildm import pipelines, schedulers
+    from minildm.pipelines.stable_diffusion import SINGLE_FILE_SCHEDULER
 
     dtype = DTYPES[args.dtype]
     if args.command == "sd":
@@ -63,41 +64,28 @@ def load_pipeline(args):
             raise ValueError(
                 f"unknown scheduler {args.scheduler!r}; choose one of {schedulers.__all__}"
             )
-        # the new scheduler takes the folder's training schedule, as diffusers' from_config(pipe.scheduler.config) does
-        config = (
-            SINGLE_FILE_SCHEDULER
-            if single_file
-            else json.loads(
-                (resolve_folder(args.weights) / "scheduler" / "scheduler_config.json").read_text()
-            )
-        )
+        # the new scheduler takes the folder's training schedule, as diffusers'
+        # from_config(pipe.scheduler.config) does
+        if single_file:
+            config = SINGLE_FILE_SCHEDULER
+        else:
+            config_file = resolve_folder(args.weights) / "scheduler" / "scheduler_config.json"
+            config = json.loads(config_file.read_text())
         pipe.scheduler = getattr(schedulers, args.scheduler).from_config(config)
     return pipe
 
 
-# what from_single_file uses (facts 5.5)
-SINGLE_FILE_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
-
-
 def progress_printer(count_steps):
-    """A callback printing the step rate and time left; count_steps() gives the number of model calls."""
+    """A callback printing the step rate and time left; count_steps() gives the number of model
+    calls."""
     start = time.perf_counter()
 
     def report(i, t, sample):
-        done, total = i + 1, count_steps()
+        done = i + 1
+        total = count_steps()
         rate = done / (time.perf_counter() - start)
-        print(
-            f"\rstep {done}/{total}  {rate:.2f} steps/s  {(total - done) / rate:.0f} s left ",
-            end="",
-            flush=True,
-        )
+        left = (total - done) / rate
+        print(f"\rstep {done}/{total}  {rate:.2f} steps/s  {left:.0f} s left ", end="", flush=True)
 
     return report
 
@@ -126,7 +114,8 @@ def fill_defaults(args):
         folder = minildm.TINY_MODELS[args.command]
         args.weights = str(folder)
         print(
-            f"no --weights given: using the embedded {folder.name} model ({folder}; see its README.md)"
+            f"no --weights given: using the embedded {folder.name} model "
+            f"({folder}; see its README.md)"
         )
         defaults = EMBEDDED_DEFAULTS[args.command]
     else:
@@ -182,10 +171,10 @@ def generate(args):
             generator=generator,
             callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
         )
-        if images.nsfw_content_detected and any(images.nsfw_content_detected):
-            print(
-                f"\nthe safety checker flagged images {[i for i, f in enumerate(images.nsfw_content_detected) if f]} (kept as generated)"
-            )
+        flags = images.nsfw_content_detected
+        if flags and any(flags):
+            flagged = [i for i, flag in enumerate(flags) if flag]
+            print(f"\nthe safety checker flagged images {flagged} (kept as generated)")
         images = images.images
     print()
     out = Path(args.out)
@@ -212,13 +201,13 @@ def image_grid(images):
     return grid
 
 
-def add_generation_arguments(
-    parser, command: str, steps: int, guidance: float | None, size: int | None
-):
+def add_generation_arguments(parser, command: str):
     if command != "ldm-uncond":
         parser.add_argument("prompt", help="what the image should show")
-    # the defaults depend on the weights: see fill_defaults
-    embedded, official = EMBEDDED_DEFAULTS[command], OFFICIAL_DEFAULTS[command]
+    # --steps, --guidance, --height and --width default to None: their values depend on the
+    # weights and are filled in by fill_defaults
+    embedded = EMBEDDED_DEFAULTS[command]
+    official = OFFICIAL_DEFAULTS[command]
     settings = ", ".join(f"{name} {value}" for name, value in embedded.items())
     official_settings = ", ".join(f"{name} {value}" for name, value in official.items())
     single_file = ", or an original .ckpt/.safetensors file" if command == "sd" else ""
@@ -227,23 +216,15 @@ def add_generation_arguments(
         f"tiny-{command}, at {settings}; official weights default to {official_settings})"
     )
     parser.add_argument("--weights", help=weights_help)
-    steps = guidance = size = None
-    parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
+    parser.add_argument("--steps", type=int, help="denoising steps")
     if command != "ldm-uncond":
-        parser.add_argument(
-            "--guidance",
-            type=float,
-            default=guidance,
-            help="classifier-free guidance scale; 1 turns it off",
-        )
+        guidance_help = "classifier-free guidance scale; 1 turns it off"
+        parser.add_argument("--guidance", type=float, help=guidance_help)
     if command in ("sd", "ldm"):
-        parser.add_argument(
-            "--height", type=int, default=size, help="image height, a multiple of 8"
-        )
-        parser.add_argument("--width", type=int, default=size, help="image width, a multiple of 8")
+        parser.add_argument("--height", type=int, help="image height, a multiple of 8")
+        parser.add_argument("--width", type=int, help="image width, a multiple of 8")
     if command in ("sd", "ldm", "ldm-uncond"):
         parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
-    if command in ("sd", "ldm", "ldm-uncond"):
         parser.add_argument(
             "--scheduler",
             help="e.g. DDIMScheduler, EulerAncestralDiscreteScheduler (default: the folder's)",
@@ -265,38 +246,21 @@ def main(argv=None):
     )
     commands = parser.add_subparsers(dest="command")
     defaults = argparse.ArgumentDefaultsHelpFormatter
-    sd = commands.add_parser(
-        "sd", help="Stable Diffusion v1.x text to image", formatter_class=defaults
-    )
-    add_generation_arguments(sd, "sd", steps=None, guidance=None, size=None)
+    sd_help = "Stable Diffusion v1.x text to image"
+    sd = commands.add_parser("sd", help=sd_help, formatter_class=defaults)
+    add_generation_arguments(sd, "sd")
     sd.add_argument("--negative", help="negative prompt: what the image should not show")
-    sd.add_argument(
-        "--ema",
-        choices=["true", "false"],
-        help="for a single file holding both the EMA and the trained UNet",
-    )
-    add_generation_arguments(
-        commands.add_parser(
-            "ldm", help="LDM text to image (256 px, LDMBert)", formatter_class=defaults
-        ),
-        "ldm",
-        steps=50,
-        guidance=1.0,
-        size=256,
-    )
-    add_generation_arguments(
-        commands.add_parser(
-            "ldm-uncond", help="LDM unconditional CelebA-HQ faces", formatter_class=defaults
-        ),
-        "ldm-uncond",
-        steps=50,
-        guidance=None,
-        size=None,
-    )
-    vq = commands.add_parser(
-        "vq-diffusion", help="VQ-Diffusion text to image", formatter_class=defaults
-    )
-    add_generation_arguments(vq, "vq-diffusion", steps=100, guidance=5.0, size=None)
+    ema_help = "for a single file holding both the EMA and the trained UNet"
+    sd.add_argument("--ema", choices=["true", "false"], help=ema_help)
+    ldm_help = "LDM text to image (256 px, LDMBert)"
+    ldm = commands.add_parser("ldm", help=ldm_help, formatter_class=defaults)
+    add_generation_arguments(ldm, "ldm")
+    uncond_help = "LDM unconditional CelebA-HQ faces"
+    uncond = commands.add_parser("ldm-uncond", help=uncond_help, formatter_class=defaults)
+    add_generation_arguments(uncond, "ldm-uncond")
+    vq_help = "VQ-Diffusion text to image"
+    vq = commands.add_parser("vq-diffusion", help=vq_help, formatter_class=defaults)
+    add_generation_arguments(vq, "vq-diffusion")
     vq.add_argument(
         "--truncation",
         type=float,
@@ -309,10 +273,11 @@ def main(argv=None):
         help="fetch official weights listed in weights_manifest.txt, verified by sha256",
         formatter_class=defaults,
     )
-    download.add_argument(
-        "name",
-        help="a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, vq-diffusion-ithq) or SYSTEM/PATH",
+    name_help = (
+        "a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, "
+        "vq-diffusion-ithq) or SYSTEM/PATH"
     )
+    download.add_argument("name", help=name_help)
     download.add_argument("--dir", default="weights", help="files go to DIR/SYSTEM/PATH")
 
     train = commands.add_parser(
@@ -367,11 +332,10 @@ def main(argv=None):
         from minildm.train import main_train
 
         try:
-            sys.exit(
-                main_train(
-                    args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder
-                )
+            status = main_train(
+                args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder
             )
+            sys.exit(status)
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif args.command == "tokenize":
@@ -385,7 +349,8 @@ def main(argv=None):
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
 
 
-STATUS = """minildm {version}: latent diffusion from scratch, checked against diffusers and transformers.
+STATUS = """\
+minildm {version}: latent diffusion from scratch, checked against diffusers and transformers.
 
 pipelines       StableDiffusionPipeline (+ Img2Img, Inpaint; from_pretrained, from_single_file),
                 LDMTextToImagePipeline, LDMPipeline, VQDiffusionPipeline
@@ -394,9 +359,10 @@ schedulers      {schedulers}
 weights         safetensors (memory-mapped), sharded, .bin/.ckpt read with weights_only=True,
                 component and pipeline folders, the local Hugging Face cache, `download` with sha256
 
-  python -m minildm sd "a red circle on a blue background"          (the embedded tiny model, offline)
-  python -m minildm sd "a photograph of an astronaut riding a horse" --weights CompVis/stable-diffusion-v1-4
-  python -m minildm train sd --out runs/tiny-sd                      (how the tiny model was made, 84 min)
+  python -m minildm sd "a red circle on a blue background"   (the embedded tiny model, offline)
+  python -m minildm sd "a photograph of an astronaut riding a horse" \\
+                    --weights CompVis/stable-diffusion-v1-4
+  python -m minildm train sd --out runs/tiny-sd               (how the tiny model was made, 84 min)
   python -m minildm download stable-diffusion-v1-4 --dir weights
   python -m minildm sd --help
   python -m pytest -s tests
