@@ -52,7 +52,8 @@ def component_class_name(config: dict, folder) -> str:
 
 
 def load_component(folder, device=None, dtype=None, variant: str | None = None):
-    """Build the minildm module for a component folder (a path, or `org/name/subfolder` in the HF cache).
+    """Build the minildm module for a component folder (a path, or `org/name/subfolder` in the
+    Hugging Face cache).
 
     device, dtype: where the weights go (default: CPU, float32). variant: e.g. "fp16" to read the
     `*.fp16.safetensors` file of a hub folder.
@@ -83,22 +84,26 @@ def _resolve_component_folder(folder) -> Path:
 
 
 def read_model_index(folder, expected_class: str) -> dict:
-    """A pipeline folder's model_index.json: {component: [library, class]}; refuses another system's folder."""
+    """A pipeline folder's model_index.json: {component: [library, class]}; refuses another
+    system's folder."""
     path = Path(folder) / "model_index.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{folder} has no model_index.json: expected a diffusers pipeline folder (or pass each component yourself)"
+            f"{folder} has no model_index.json: "
+            "expected a diffusers pipeline folder (or pass each component yourself)"
         )
     index = json.loads(path.read_text())
     if index.get("_class_name") != expected_class:
         raise CheckpointError(
-            f"{folder} holds a {index.get('_class_name')!r}, not a {expected_class}: use the pipeline class named in its model_index.json"
+            f"{folder} holds a {index.get('_class_name')!r}, not a {expected_class}: "
+            "use the pipeline class named in its model_index.json"
         )
     return {name: value for name, value in index.items() if not name.startswith("_")}
 
 
 def load_tokenizer(folder):
-    """CLIPTokenizer (vocab.json + merges.txt) or BertTokenizer (vocab.txt), from what the folder holds."""
+    """CLIPTokenizer (vocab.json + merges.txt) or BertTokenizer (vocab.txt), from what the folder
+    holds."""
     folder = Path(folder)
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_folder(folder)
@@ -110,7 +115,8 @@ def load_tokenizer(folder):
 
 
 def load_scheduler(folder):
-    """The minildm scheduler named by scheduler_config.json's `_class_name`, built from the same keys."""
+    """The minildm scheduler named by scheduler_config.json's `_class_name`, built from the same
+    keys."""
     path = Path(folder) / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no scheduler_config.json")
@@ -123,10 +129,12 @@ def load_scheduler(folder):
     return getattr(schedulers, name).from_config(config)
 
 
-# --- original single-file checkpoints --------------------------------------------------------------
+# --- original single-file checkpoints -----------------------------------------------------------
 
-# The LatentDiffusion buffers of a CompVis checkpoint besides the three models (facts 1.4): the
-# training noise schedule (recomputed by the scheduler) and the latent scale factor.
+# The LatentDiffusion buffers of a CompVis checkpoint besides the three models: the training noise
+# schedule (recomputed by the scheduler) and the latent scale factor, as registered by
+# DDPM.register_schedule and LatentDiffusion.__init__ in CompVis/stable-diffusion's
+# ldm/models/diffusion/ddpm.py.
 SCHEDULE_BUFFERS = (
     "betas",
     "alphas_cumprod",
@@ -146,7 +154,8 @@ SCHEDULE_BUFFERS = (
 
 def split_stable_diffusion_checkpoint(state_dict: dict) -> dict:
     """An original SD 1.x file (sd-v1-4.ckpt, or its .safetensors conversions) -> {"unet", "vae",
-    "text_encoder", "schedule"} state dicts, each still in the original key names its loader reads."""
+    "text_encoder", "schedule"} state dicts, each still in the original key names its loader
+    reads."""
     parts = {"unet": {}, "vae": {}, "text_encoder": {}, "schedule": {}}
     unknown = []
     for key, tensor in state_dict.items():
@@ -162,12 +171,14 @@ def split_stable_diffusion_checkpoint(state_dict: dict) -> dict:
             unknown.append(key)
     if unknown or not parts["unet"]:
         sd2 = any(k.startswith("cond_stage_model.model.") for k in unknown)
-        raise CheckpointError(
-            f"not a Stable Diffusion 1.x checkpoint: {len(unknown)} unexpected keys, e.g. {sorted(unknown)[:5]}"
-            + (
-                "; cond_stage_model.model.* is OpenCLIP: this looks like an SD 2.x checkpoint, which minildm does not implement"
-                if sd2
-                else ""
-            )
+        message = (
+            f"not a Stable Diffusion 1.x checkpoint: {len(unknown)} unexpected keys, "
+            f"e.g. {sorted(unknown)[:5]}"
         )
+        if sd2:
+            message += (
+                "; cond_stage_model.model.* is OpenCLIP: this looks like an SD 2.x checkpoint, "
+                "which minildm does not implement"
+            )
+        raise CheckpointError(message)
     return parts
