@@ -218,14 +218,14 @@ def _read(image: np.ndarray):
     mask = np.linalg.norm(pixels - shape_rgb, axis=-1) < distance_to_background
     colour = _nearest(shape_rgb, SHAPE_COLOURS)
     ys, xs = np.nonzero(mask)
-    cx, cy, area = xs.mean(), ys.mean(), float(mask.sum())
+    cx = xs.mean()
+    cy = ys.mean()
+    area = float(mask.sum())
     position = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - cx))
     overlaps = {}
     for shape, k in AREA_PER_R2.items():
         template = _template(shape, cx, cy, np.sqrt(area / k))
-        overlaps[shape] = (template & mask).sum() / (
-            template | mask
-        ).sum()  # intersection over union
+        overlaps[shape] = (template & mask).sum() / (template | mask).sum()  # intersection / union
     shape = max(overlaps, key=overlaps.get)
     read = dict(colour=colour, shape=shape, background=background, position=position)
     colour_error = float(np.linalg.norm(shape_rgb - np.array(PALETTE[colour])))

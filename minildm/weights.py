@@ -225,9 +225,8 @@ def find_weights_file(folder, variant: str | None = None) -> Path:
         kind = next((k for k in rank if file.name.endswith(k)), None)
         if kind is None:
             continue
-        stem, _, file_variant = file.name[: -len(kind)].partition(
-            "."
-        )  # "model.fp16" -> "model", "fp16"
+        # "model.fp16" -> "model", "fp16"
+        stem, _, file_variant = file.name[: -len(kind)].partition(".")
         if (
             stem in ("model", "pytorch_model", "diffusion_pytorch_model")
             and (file_variant or None) == variant

@@ -1,15 +1,15 @@
-"""Stable Diffusion at the official component sizes (CLIP ViT-L/14, KL-f8, the 860M UNet) with random
-weights, saved as a hub folder: minildm's image equals diffusers' at a small resolution."""
+"""Stable Diffusion at the official component sizes (CLIP ViT-L/14, KL-f8, the 860M UNet) with
+random weights, saved as a hub folder: minildm's image equals diffusers' at a small resolution."""
 
 import json
 
 import numpy as np
 import torch
-
-from minildm.pipelines import StableDiffusionPipeline
 from conftest import SCHEDULER_CONFIGS, oracle, reference_scheduler, write_clip_hub_folder
 from test_autoencoder import HUB_CONFIGS as VAE_CONFIGS
 from test_unet import SD_CONFIG
+
+from minildm.pipelines import StableDiffusionPipeline
 
 
 def test_official_sizes_small_resolution(tmp_path):
@@ -82,6 +82,7 @@ def test_official_sizes_small_resolution(tmp_path):
     got = ours(generator=torch.Generator().manual_seed(0), **call).images
     error = float(np.abs(got - expected).max())
     print(
-        f"SD at official sizes, 64x128, 3 PNDM steps: image max abs difference {error:.1e} (tolerance 1e-4)"
+        "SD at official sizes, 64x128, 3 PNDM steps: "
+        f"image max abs difference {error:.1e} (tolerance 1e-4)"
     )
     assert got.shape == (1, 64, 128, 3) and error < 1e-4

@@ -1,29 +1,30 @@
-"""VQ-Diffusion pipeline end to end against diffusers' VQDiffusionPipeline on small random components."""
+"""VQ-Diffusion pipeline end to end against diffusers' VQDiffusionPipeline on small random
+components."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import oracle, randomize_, write_clip_hub_folder
 
 import minildm
 from minildm.pipelines.vq_diffusion import VQDiffusionPipeline, truncate
-from conftest import oracle, randomize_, write_clip_hub_folder
 
 PROMPTS = ["teddy bears working on new AI research underwater", "a watercolor of Kyoto in spring"]
 
 
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory):
-    """Small random components (VQ-VAE f2 with 64 codes, a 1-block 32-wide transformer over an 8x8 grid,
-    a 2-layer CLIP) saved in the hub layout of microsoft/vq-diffusion-ithq, and diffusers' pipeline
-    built from the same objects."""
+    """Small random components (VQ-VAE f2 with 64 codes, a 1-block 32-wide transformer over an 8x8
+    grid, a 2-layer CLIP) saved in the hub layout of microsoft/vq-diffusion-ithq, and diffusers'
+    pipeline built from the same objects."""
     diffusers, transformers = oracle("diffusers"), oracle("transformers")
+    import warnings
+
     from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
         LearnedClassifierFreeSamplingEmbeddings,
     )
-
-    import warnings
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -138,15 +139,20 @@ def test_same_codes_at_every_step_and_same_images(hub_folder, guidance_scale, tr
     ).images
     assert len(ours_steps) == len(theirs_steps) == 100
     differing = [
-        i for i, (a, b) in enumerate(zip(ours_steps, theirs_steps)) if not torch.equal(a, b)
+        i
+        for i, (a, b) in enumerate(zip(ours_steps, theirs_steps, strict=True))
+        if not torch.equal(a, b)
     ]
     image_error = float(np.abs(got - expected).max())
     print(
-        f"VQ-Diffusion pipeline guidance {guidance_scale}, truncation {truncation_rate}: codes identical at {100 - len(differing)}/100 steps, "
-        f"{int((ours_steps[-1] != 64).sum())} of {ours_steps[-1].numel()} final codes unmasked, image max abs difference {image_error:.1e}"
+        f"VQ-Diffusion pipeline guidance {guidance_scale}, truncation {truncation_rate}: "
+        f"codes identical at {100 - len(differing)}/100 steps, "
+        f"{int((ours_steps[-1] != 64).sum())} of {ours_steps[-1].numel()} final codes unmasked, "
+        f"image max abs difference {image_error:.1e}"
     )
     assert not differing, f"codes differ from step {differing[0]}"
-    # the same codes through the same decoder weights: float32 images equal up to convolution rounding
+    # the same codes through the same decoder weights: float32 images equal up to convolution
+    # rounding
     assert got.shape == (4, 16, 16, 3) and image_error < 1e-5
 
 

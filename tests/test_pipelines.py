@@ -1,5 +1,6 @@
-"""Stable Diffusion, LDM text-to-image and LDM unconditional end to end against diffusers' pipelines,
-on small random components saved as hub-layout folders (tokenizer folders without tokenizer.json)."""
+"""Stable Diffusion, LDM text-to-image and LDM unconditional end to end against diffusers'
+pipelines, on small random components saved as hub-layout folders (tokenizer folders without
+tokenizer.json)."""
 
 import json
 import warnings
@@ -7,10 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-import minildm
-from minildm.pipelines import LDMPipeline, LDMTextToImagePipeline, StableDiffusionPipeline
-from minildm import schedulers
 from conftest import (
     SCHEDULER_CONFIGS,
     oracle,
@@ -19,15 +16,19 @@ from conftest import (
     write_clip_hub_folder,
 )
 
+import minildm
+from minildm import schedulers
+from minildm.pipelines import LDMPipeline, LDMTextToImagePipeline, StableDiffusionPipeline
+
 TOLERANCE = 1e-4  # max abs difference of float images in [0, 1]
-SMALL_KL = dict(
+SMALL_KL = dict(  # f = 8 like the real one, tiny widths
     block_out_channels=[8, 16, 16, 16],
     down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4,
     latent_channels=4,
     layers_per_block=1,
     norm_num_groups=8,
-)  # f = 8 like the real one, tiny widths
+)
 SMALL_UNET = dict(
     block_out_channels=[32, 64],
     layers_per_block=2,
@@ -132,9 +133,8 @@ def test_stable_diffusion_matches_diffusers(sd, name):
     ours_class, theirs_name, options = SD_SCHEDULERS[name]
     pipe = StableDiffusionPipeline.from_pretrained(sd["folder"])
     config = SCHEDULER_CONFIGS["SD v1-4 (PNDM)"]
-    pipe.scheduler = quietly(
-        ours_class.from_config, config
-    )  # swapped by assignment, as in the blog post
+    # swapped by assignment, as in the blog post
+    pipe.scheduler = quietly(ours_class.from_config, config)
     sd["reference"].scheduler = reference_scheduler(theirs_name, config)
     call = dict(
         prompt=["a photograph of an astronaut riding a horse", "a red cube on a blue sphere"],
@@ -305,11 +305,12 @@ def celeba(tmp_path_factory):
         dict(vqvae=vqvae, unet=unet, scheduler=scheduler),
     )
     config = json.loads((folder / "vqvae" / "config.json").read_text())
-    del config["scaling_factor"]  # as on the hub: no scaling_factor (facts 3.2)
+    # as the hub's CompVis/ldm-celebahq-256 vqvae/config.json: no scaling_factor
+    del config["scaling_factor"]
     (folder / "vqvae" / "config.json").write_text(json.dumps(config))
-    vqvae.register_to_config(
-        scaling_factor=1.0
-    )  # the original LDM's scale, which minildm uses (facts 6.5)
+    # the original LDM's scale, which minildm uses (docs/parity/pipelines.md,
+    # "LDM CelebA-HQ: the latent scale is 1, not 0.18215")
+    vqvae.register_to_config(scaling_factor=1.0)
     reference = diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler)
     reference.set_progress_bar_config(disable=True)
     return dict(folder=folder, reference=reference)
@@ -340,8 +341,9 @@ def original_checkpoint(pipe: StableDiffusionPipeline) -> dict:
     """A CompVis-layout SD file made by inverting minildm's key maps: model.diffusion_model.*,
     first_stage_model.* (attention as 1x1 convs), cond_stage_model.transformer.text_model.*, the
     schedule buffers and the EMA counters of sd-v1-4.ckpt."""
-    from minildm import autoencoder, unet
     from conftest import clip_hub_layout
+
+    from minildm import autoencoder, unet
 
     state = {
         "model.diffusion_model." + unet.original_name(k, pipe.unet.config): v
@@ -398,9 +400,9 @@ def test_from_single_file_gives_the_folder_image(sd, tmp_path, suffix):
         single(generator=torch.Generator().manual_seed(0), **call).images,
         expected,
     )
-    assert np.array_equal(
-        single(generator=torch.Generator().manual_seed(0), **call).images, expected
-    )  # the very same weights and schedule
+    # the very same weights and schedule
+    images = single(generator=torch.Generator().manual_seed(0), **call).images
+    assert np.array_equal(images, expected)
 
 
 def test_single_file_of_another_kind_is_refused(tmp_path):
@@ -640,7 +642,6 @@ def test_safety_checker_reports_and_never_blacks_out(sd, tmp_path, threshold, fl
 
     diffusers, transformers = oracle("diffusers"), oracle("transformers")
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
     from test_safety_checker import SMALL_TEXT, SMALL_VISION
 
     checker = randomize_(
@@ -682,10 +683,10 @@ def test_safety_checker_reports_and_never_blacks_out(sd, tmp_path, threshold, fl
     got = pipe(generator=torch.Generator().manual_seed(0), **call)
     assert got.nsfw_content_detected == expected.nsfw_content_detected == [flagged, flagged]
     as_generated = unchecked(generator=torch.Generator().manual_seed(0), **call).images
-    assert (
-        np.array_equal(got.images, as_generated) and got.images.max() > 0
-    )  # reported, not blacked out
+    # reported, not blacked out
+    assert np.array_equal(got.images, as_generated) and got.images.max() > 0
     print(
-        f"safety checker threshold {threshold}: flags {got.nsfw_content_detected} as diffusers'; images kept "
+        f"safety checker threshold {threshold}: flags {got.nsfw_content_detected} as diffusers'; "
+        "images kept "
         f"(diffusers' max pixel {expected.images.max():.2f}, minildm's {got.images.max():.2f})"
     )

@@ -1,4 +1,5 @@
-"""weights.py and load.py: reading every format safely, finding files, refusing bad input clearly."""
+"""weights.py and load.py: reading every format safely, finding files, refusing bad input
+clearly."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import types
 
 import pytest
 import torch
+from conftest import clip_hub_layout, randomize_
 from safetensors.torch import save_file
 
 import minildm
@@ -19,7 +21,6 @@ from minildm.weights import (
     read_state_dict,
     resolve_repo,
 )
-from conftest import clip_hub_layout, randomize_
 
 TINY = CLIPTextConfig(width=32, layers=2, heads=4, mlp_width=64)
 TINY_JSON = {
@@ -35,7 +36,8 @@ TINY_JSON = {
 
 
 def tiny_state() -> dict:
-    """A tiny CLIP's weights in the hub layout (text_model. prefix, as transformers 4 saved them)."""
+    """A tiny CLIP's weights in the hub layout (text_model. prefix, as transformers 4 saved
+    them)."""
     return {
         k: v.clone()
         for k, v in clip_hub_layout(randomize_(CLIPTextModel(TINY)).state_dict()).items()
@@ -251,7 +253,10 @@ def test_unknown_class_and_missing_config(tmp_path):
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
     with pytest.raises(
         CheckpointError,
-        match=r"names class 'UNet3DConditionModel'; minildm can load \['AutoencoderKL', 'CLIPTextModel', 'LDMBertModel', 'LearnedClassifierFreeSamplingEmbeddings', 'StableDiffusionSafetyChecker', 'Transformer2DModel', 'UNet2DConditionModel', 'UNet2DModel', 'VQModel'\]",
+        match=r"names class 'UNet3DConditionModel'; minildm can load \['AutoencoderKL', "
+        r"'CLIPTextModel', 'LDMBertModel', 'LearnedClassifierFreeSamplingEmbeddings', "
+        r"'StableDiffusionSafetyChecker', 'Transformer2DModel', 'UNet2DConditionModel', "
+        r"'UNet2DModel', 'VQModel'\]",
     ):
         minildm.load_component(folder)
     (folder / "config.json").write_text(json.dumps({"hidden_size": 3}))
@@ -271,8 +276,8 @@ def fake_hub_cache(
     commit="133a221b8aa7292a167afc5127cb63fb5005638b",
     symlinks=True,
 ):
-    """The tree huggingface_hub writes: blobs/, refs/main, snapshots/COMMIT/ with symlinks into blobs
-    (or plain copies, as on file systems without symlinks)."""
+    """The tree huggingface_hub writes: blobs/, refs/main, snapshots/COMMIT/ with symlinks into
+    blobs (or plain copies, as on file systems without symlinks)."""
     repo_folder = cache / ("models--" + repo.replace("/", "--"))
     source = component_folder(cache.parent / "source" / "text_encoder")
     snapshot = repo_folder / "snapshots" / commit / "text_encoder"
@@ -315,7 +320,8 @@ def test_repo_id_found_in_the_hub_cache_without_writing_to_it(tmp_path, monkeypa
         resolve_repo("CompVis/stable-diffusion-v1-4", "fp16")
     with pytest.raises(
         FileNotFoundError,
-        match=r"python -m minildm download SYSTEM .*huggingface-cli download CompVis/ldm-celebahq-256",
+        match=r"python -m minildm download SYSTEM "
+        r".*huggingface-cli download CompVis/ldm-celebahq-256",
     ):
         minildm.load_component("CompVis/ldm-celebahq-256/unet")
 
