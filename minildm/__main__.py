@@ -1,13 +1,13 @@
-"""The command line: one subcommand per system, plus download and tokenize.
+"""The command line: one subcommand per system, plus download, train and tokenize.
 
-    python -m minildm sd "a red circle on a blue background"                  SD v1.x, the embedded tiny model
-    python -m minildm sd "an astronaut riding a horse" --weights DIR          ... with official weights
-    python -m minildm ldm "A painting of a squirrel eating a burger"          LDM text-to-image
-    python -m minildm ldm-uncond -n 4                                         LDM CelebA-HQ faces
-    python -m minildm vq-diffusion "a teddy bear playing in the pool"         VQ-Diffusion
-    python -m minildm download stable-diffusion-v1-4 --dir weights            fetch + verify weights
+    python -m minildm sd "a red circle on a blue background"        SD v1.x, the embedded tiny model
+    python -m minildm sd "an astronaut riding a horse" --weights DIR  ... with official weights
+    python -m minildm ldm "A painting of a squirrel eating a burger"  LDM text-to-image
+    python -m minildm ldm-uncond -n 4                                 LDM CelebA-HQ faces
+    python -m minildm vq-diffusion "a teddy bear playing in the pool" VQ-Diffusion
+    python -m minildm download stable-diffusion-v1-4 --dir weights    fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
-    python -m minildm train sd --out runs/tiny-sd                             retrain the tiny model
+    python -m minildm train sd --out runs/tiny-sd                     retrain the tiny model
 
 `--weights` takes a pipeline folder, a repo id already in the Hugging Face cache, or (for `sd`) an
 original single-file checkpoint. Images are written as PNGs, with a grid when there are several.
@@ -26,12 +26,17 @@ from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import resolve_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_WEIGHTS = {"sd": "CompVis/stable-diffusion-v1-4", "ldm": "CompVis/ldm-text2im-large-256", "ldm-uncond": "CompVis/ldm-celebahq-256",
-                   "vq-diffusion": "microsoft/vq-diffusion-ithq"}
+DEFAULT_WEIGHTS = {
+    "sd": "CompVis/stable-diffusion-v1-4",
+    "ldm": "CompVis/ldm-text2im-large-256",
+    "ldm-uncond": "CompVis/ldm-celebahq-256",
+    "vq-diffusion": "microsoft/vq-diffusion-ithq",
+}
 
 
 def load_pipeline(args):
     from minildm import pipelines, schedulers
+    from minildm.pipelines.stable_diffusion import SINGLE_FILE_SCHEDULER
 
     dtype = DTYPES[args.dtype]
     if args.command == "sd":
@@ -39,35 +44,48 @@ def load_pipeline(args):
         single_file = weights.suffix in (".ckpt", ".safetensors") and weights.is_file()
         if single_file:
             ema = None if args.ema is None else args.ema == "true"
-            pipe = pipelines.StableDiffusionPipeline.from_single_file(weights, device=args.device, dtype=dtype, ema=ema)
+            pipe = pipelines.StableDiffusionPipeline.from_single_file(
+                weights, device=args.device, dtype=dtype, ema=ema
+            )
         else:
-            pipe = pipelines.StableDiffusionPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype)
+            pipe = pipelines.StableDiffusionPipeline.from_pretrained(
+                args.weights, device=args.device, dtype=dtype
+            )
     else:
         single_file = False
-        cls = {"ldm": pipelines.LDMTextToImagePipeline, "ldm-uncond": pipelines.LDMPipeline, "vq-diffusion": pipelines.VQDiffusionPipeline}[args.command]
+        cls = {
+            "ldm": pipelines.LDMTextToImagePipeline,
+            "ldm-uncond": pipelines.LDMPipeline,
+            "vq-diffusion": pipelines.VQDiffusionPipeline,
+        }[args.command]
         pipe = cls.from_pretrained(args.weights, device=args.device, dtype=dtype)
     if getattr(args, "scheduler", None):
         if args.scheduler not in schedulers.__all__:
-            raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {schedulers.__all__}")
-        # the new scheduler takes the folder's training schedule, as diffusers' from_config(pipe.scheduler.config) does
-        config = SINGLE_FILE_SCHEDULER if single_file else json.loads((resolve_folder(args.weights) / "scheduler" / "scheduler_config.json").read_text())
+            raise ValueError(
+                f"unknown scheduler {args.scheduler!r}; choose one of {schedulers.__all__}"
+            )
+        # the new scheduler takes the folder's training schedule, as diffusers'
+        # from_config(pipe.scheduler.config) does
+        if single_file:
+            config = SINGLE_FILE_SCHEDULER
+        else:
+            config_file = resolve_folder(args.weights) / "scheduler" / "scheduler_config.json"
+            config = json.loads(config_file.read_text())
         pipe.scheduler = getattr(schedulers, args.scheduler).from_config(config)
     return pipe
 
 
-# what from_single_file uses (facts 5.5)
-SINGLE_FILE_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
-                         "skip_prk_steps": True, "steps_offset": 1}
-
-
 def progress_printer(count_steps):
-    """A callback printing the step rate and time left; count_steps() gives the number of model calls."""
+    """A callback printing the step rate and time left; count_steps() gives the number of model
+    calls."""
     start = time.perf_counter()
 
     def report(i, t, sample):
-        done, total = i + 1, count_steps()
+        done = i + 1
+        total = count_steps()
         rate = done / (time.perf_counter() - start)
-        print(f"\rstep {done}/{total}  {rate:.2f} steps/s  {(total - done) / rate:.0f} s left ", end="", flush=True)
+        left = (total - done) / rate
+        print(f"\rstep {done}/{total}  {rate:.2f} steps/s  {left:.0f} s left ", end="", flush=True)
 
     return report
 
@@ -95,7 +113,10 @@ def fill_defaults(args):
     if args.weights is None:
         folder = minildm.TINY_MODELS[args.command]
         args.weights = str(folder)
-        print(f"no --weights given: using the embedded {folder.name} model ({folder}; see its README.md)")
+        print(
+            f"no --weights given: using the embedded {folder.name} model "
+            f"({folder}; see its README.md)"
+        )
         defaults = EMBEDDED_DEFAULTS[args.command]
     else:
         defaults = OFFICIAL_DEFAULTS[args.command]
@@ -110,21 +131,50 @@ def generate(args):
     pipe = load_pipeline(args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.command == "ldm-uncond":
-        images = pipe(batch_size=args.n, generator=generator, num_inference_steps=args.steps, eta=args.eta,
-                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps))).images
+        images = pipe(
+            batch_size=args.n,
+            generator=generator,
+            num_inference_steps=args.steps,
+            eta=args.eta,
+            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+        ).images
     elif args.command == "vq-diffusion":
-        images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
-                      generator=generator, callback=progress_printer(lambda: args.steps)).images
+        images = pipe(
+            [args.prompt] * args.n,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            truncation_rate=args.truncation,
+            generator=generator,
+            callback=progress_printer(lambda: args.steps),
+        ).images
     elif args.command == "ldm":
-        images = pipe([args.prompt] * args.n, height=args.height, width=args.width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, eta=args.eta, generator=generator,
-                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps))).images
+        images = pipe(
+            [args.prompt] * args.n,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            eta=args.eta,
+            generator=generator,
+            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+        ).images
     else:
-        images = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      negative_prompt=args.negative, num_images_per_prompt=args.n, eta=args.eta, generator=generator,
-                      callback=progress_printer(lambda: len(pipe.scheduler.timesteps)))
-        if images.nsfw_content_detected and any(images.nsfw_content_detected):
-            print(f"\nthe safety checker flagged images {[i for i, f in enumerate(images.nsfw_content_detected) if f]} (kept as generated)")
+        images = pipe(
+            args.prompt,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            negative_prompt=args.negative,
+            num_images_per_prompt=args.n,
+            eta=args.eta,
+            generator=generator,
+            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+        )
+        flags = images.nsfw_content_detected
+        if flags and any(flags):
+            flagged = [i for i, flag in enumerate(flags) if flag]
+            print(f"\nthe safety checker flagged images {flagged} (kept as generated)")
         images = images.images
     print()
     out = Path(args.out)
@@ -151,70 +201,122 @@ def image_grid(images):
     return grid
 
 
-def add_generation_arguments(parser, command: str, steps: int, guidance: float | None, size: int | None):
+def add_generation_arguments(parser, command: str):
     if command != "ldm-uncond":
         parser.add_argument("prompt", help="what the image should show")
-    # the defaults depend on the weights: see fill_defaults
-    embedded, official = EMBEDDED_DEFAULTS[command], OFFICIAL_DEFAULTS[command]
+    # --steps, --guidance, --height and --width default to None: their values depend on the
+    # weights and are filled in by fill_defaults
+    embedded = EMBEDDED_DEFAULTS[command]
+    official = OFFICIAL_DEFAULTS[command]
     settings = ", ".join(f"{name} {value}" for name, value in embedded.items())
     official_settings = ", ".join(f"{name} {value}" for name, value in official.items())
     single_file = ", or an original .ckpt/.safetensors file" if command == "sd" else ""
-    weights_help = (f"pipeline folder, repo id in the Hugging Face cache{single_file} (default: the embedded "
-                    f"tiny-{command}, at {settings}; official weights default to {official_settings})")
+    weights_help = (
+        f"pipeline folder, repo id in the Hugging Face cache{single_file} (default: the embedded "
+        f"tiny-{command}, at {settings}; official weights default to {official_settings})"
+    )
     parser.add_argument("--weights", help=weights_help)
-    steps = guidance = size = None
-    parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
+    parser.add_argument("--steps", type=int, help="denoising steps")
     if command != "ldm-uncond":
-        parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale; 1 turns it off")
+        guidance_help = "classifier-free guidance scale; 1 turns it off"
+        parser.add_argument("--guidance", type=float, help=guidance_help)
     if command in ("sd", "ldm"):
-        parser.add_argument("--height", type=int, default=size, help="image height, a multiple of 8")
-        parser.add_argument("--width", type=int, default=size, help="image width, a multiple of 8")
+        parser.add_argument("--height", type=int, help="image height, a multiple of 8")
+        parser.add_argument("--width", type=int, help="image width, a multiple of 8")
     if command in ("sd", "ldm", "ldm-uncond"):
         parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
-    if command in ("sd", "ldm", "ldm-uncond"):
-        parser.add_argument("--scheduler", help="e.g. DDIMScheduler, EulerAncestralDiscreteScheduler (default: the folder's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator for all the noise")
+        parser.add_argument(
+            "--scheduler",
+            help="e.g. DDIMScheduler, EulerAncestralDiscreteScheduler (default: the folder's)",
+        )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the CPU generator for all the noise"
+    )
     parser.add_argument("-n", type=int, default=1, help="number of images")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations"
+    )
     parser.add_argument("--out", default="outputs", help="folder for the PNG files")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minildm", description="minildm: minimal latent diffusion")
+    parser = argparse.ArgumentParser(
+        prog="python -m minildm", description="minildm: minimal latent diffusion"
+    )
     commands = parser.add_subparsers(dest="command")
     defaults = argparse.ArgumentDefaultsHelpFormatter
-    sd = commands.add_parser("sd", help="Stable Diffusion v1.x text to image", formatter_class=defaults)
-    add_generation_arguments(sd, "sd", steps=None, guidance=None, size=None)
+    sd_help = "Stable Diffusion v1.x text to image"
+    sd = commands.add_parser("sd", help=sd_help, formatter_class=defaults)
+    add_generation_arguments(sd, "sd")
     sd.add_argument("--negative", help="negative prompt: what the image should not show")
-    sd.add_argument("--ema", choices=["true", "false"], help="for a single file holding both the EMA and the trained UNet")
-    add_generation_arguments(commands.add_parser("ldm", help="LDM text to image (256 px, LDMBert)", formatter_class=defaults), "ldm", steps=50, guidance=1.0, size=256)
-    add_generation_arguments(commands.add_parser("ldm-uncond", help="LDM unconditional CelebA-HQ faces", formatter_class=defaults), "ldm-uncond",
-                             steps=50, guidance=None, size=None)
-    vq = commands.add_parser("vq-diffusion", help="VQ-Diffusion text to image", formatter_class=defaults)
-    add_generation_arguments(vq, "vq-diffusion", steps=100, guidance=5.0, size=None)
-    vq.add_argument("--truncation", type=float, default=1.0, help="keep the most likely codes up to this cumulative probability")
+    ema_help = "for a single file holding both the EMA and the trained UNet"
+    sd.add_argument("--ema", choices=["true", "false"], help=ema_help)
+    ldm_help = "LDM text to image (256 px, LDMBert)"
+    ldm = commands.add_parser("ldm", help=ldm_help, formatter_class=defaults)
+    add_generation_arguments(ldm, "ldm")
+    uncond_help = "LDM unconditional CelebA-HQ faces"
+    uncond = commands.add_parser("ldm-uncond", help=uncond_help, formatter_class=defaults)
+    add_generation_arguments(uncond, "ldm-uncond")
+    vq_help = "VQ-Diffusion text to image"
+    vq = commands.add_parser("vq-diffusion", help=vq_help, formatter_class=defaults)
+    add_generation_arguments(vq, "vq-diffusion")
+    vq.add_argument(
+        "--truncation",
+        type=float,
+        default=1.0,
+        help="keep the most likely codes up to this cumulative probability",
+    )
 
-    download = commands.add_parser("download", help="fetch official weights listed in weights_manifest.txt, verified by sha256", formatter_class=defaults)
-    download.add_argument("name", help="a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, vq-diffusion-ithq) or SYSTEM/PATH")
+    download = commands.add_parser(
+        "download",
+        help="fetch official weights listed in weights_manifest.txt, verified by sha256",
+        formatter_class=defaults,
+    )
+    name_help = (
+        "a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, "
+        "vq-diffusion-ithq) or SYSTEM/PATH"
+    )
+    download.add_argument("name", help=name_help)
     download.add_argument("--dir", default="weights", help="files go to DIR/SYSTEM/PATH")
 
-    train = commands.add_parser("train", help="train a tiny model on the shapes world (minildm/train.py)",
-                                formatter_class=defaults)
-    train.add_argument("system", choices=["sd", "ldm", "ldm-uncond", "vq-diffusion"], help="which system to train")
-    train.add_argument("--out", required=True, help="a new folder, or the folder of a run to resume")
-    train.add_argument("--minutes", type=float,
-                       help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, "
-                            "vq-diffusion 32; 0.75 with --quick)")
-    train.add_argument("--autoencoder", metavar="FOLDER",
-                       help="ldm and vq-diffusion: the pipeline folder whose autoencoder to reuse "
-                            "(default: the embedded tiny-sd, resp. tiny-ldm-uncond)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the drawn data and of every random choice")
-    train.add_argument("--quick", action="store_true", help="toy sizes: the whole path in about a minute")
+    train = commands.add_parser(
+        "train",
+        help="train a tiny model on the shapes world (minildm/train.py)",
+        formatter_class=defaults,
+    )
+    train.add_argument(
+        "system", choices=["sd", "ldm", "ldm-uncond", "vq-diffusion"], help="which system to train"
+    )
+    train.add_argument(
+        "--out", required=True, help="a new folder, or the folder of a run to resume"
+    )
+    train.add_argument(
+        "--minutes",
+        type=float,
+        help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, "
+        "vq-diffusion 32; 0.75 with --quick)",
+    )
+    train.add_argument(
+        "--autoencoder",
+        metavar="FOLDER",
+        help="ldm and vq-diffusion: the pipeline folder whose autoencoder to reuse "
+        "(default: the embedded tiny-sd, resp. tiny-ldm-uncond)",
+    )
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed of the drawn data and of every random choice"
+    )
+    train.add_argument(
+        "--quick", action="store_true", help="toy sizes: the whole path in about a minute"
+    )
 
-    tokenize = commands.add_parser("tokenize", help="print the 77 token ids a text encoder would see")
+    tokenize = commands.add_parser(
+        "tokenize", help="print the 77 token ids a text encoder would see"
+    )
     tokenize.add_argument("prompt")
-    tokenize.add_argument("--bert", action="store_true", help="the LDM BERT WordPiece tokenizer instead of CLIP's")
+    tokenize.add_argument(
+        "--bert", action="store_true", help="the LDM BERT WordPiece tokenizer instead of CLIP's"
+    )
     args = parser.parse_args(argv)
 
     if args.command in DEFAULT_WEIGHTS:
@@ -230,7 +332,10 @@ def main(argv=None):
         from minildm.train import main_train
 
         try:
-            sys.exit(main_train(args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder))
+            status = main_train(
+                args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder
+            )
+            sys.exit(status)
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif args.command == "tokenize":
@@ -244,7 +349,8 @@ def main(argv=None):
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
 
 
-STATUS = """minildm {version}: latent diffusion from scratch, checked against diffusers and transformers.
+STATUS = """\
+minildm {version}: latent diffusion from scratch, checked against diffusers and transformers.
 
 pipelines       StableDiffusionPipeline (+ Img2Img, Inpaint; from_pretrained, from_single_file),
                 LDMTextToImagePipeline, LDMPipeline, VQDiffusionPipeline
@@ -253,9 +359,10 @@ schedulers      {schedulers}
 weights         safetensors (memory-mapped), sharded, .bin/.ckpt read with weights_only=True,
                 component and pipeline folders, the local Hugging Face cache, `download` with sha256
 
-  python -m minildm sd "a red circle on a blue background"          (the embedded tiny model, offline)
-  python -m minildm sd "a photograph of an astronaut riding a horse" --weights CompVis/stable-diffusion-v1-4
-  python -m minildm train sd --out runs/tiny-sd                      (how the tiny model was made, 84 min)
+  python -m minildm sd "a red circle on a blue background"   (the embedded tiny model, offline)
+  python -m minildm sd "a photograph of an astronaut riding a horse" \\
+                    --weights CompVis/stable-diffusion-v1-4
+  python -m minildm train sd --out runs/tiny-sd               (how the tiny model was made, 84 min)
   python -m minildm download stable-diffusion-v1-4 --dir weights
   python -m minildm sd --help
   python -m pytest -s tests

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from minildm import autoencoder, clip, ldm_bert, safety_checker, schedulers, unet, vq_transformer
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
-from minildm.weights import CheckpointError, find_weights_file, read_config, read_state_dict, resolve_folder
+from minildm.weights import (
+    CheckpointError,
+    find_weights_file,
+    read_config,
+    read_state_dict,
+    resolve_folder,
+)
 
 # reference class name -> (config translation, loader)
 COMPONENTS = {
@@ -21,21 +27,33 @@ COMPONENTS = {
     "VQModel": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
     "UNet2DConditionModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
     "UNet2DModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
-    "Transformer2DModel": (vq_transformer.VQTransformerConfig.from_diffusers, vq_transformer.load_vq_transformer),
-    "LearnedClassifierFreeSamplingEmbeddings": (vq_transformer.LearnedClassifierFreeEmbeddings.config_from_diffusers, vq_transformer.load_learned_embeddings),
-    "StableDiffusionSafetyChecker": (safety_checker.config_from_diffusers, safety_checker.load_safety_checker),
+    "Transformer2DModel": (
+        vq_transformer.VQTransformerConfig.from_diffusers,
+        vq_transformer.load_vq_transformer,
+    ),
+    "LearnedClassifierFreeSamplingEmbeddings": (
+        vq_transformer.LearnedClassifierFreeEmbeddings.config_from_diffusers,
+        vq_transformer.load_learned_embeddings,
+    ),
+    "StableDiffusionSafetyChecker": (
+        safety_checker.config_from_diffusers,
+        safety_checker.load_safety_checker,
+    ),
 }
 
 
 def component_class_name(config: dict, folder) -> str:
     name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     if name is None:
-        raise CheckpointError(f"{folder}/config.json names no class (neither '_class_name' nor 'architectures')")
+        raise CheckpointError(
+            f"{folder}/config.json names no class (neither '_class_name' nor 'architectures')"
+        )
     return name
 
 
 def load_component(folder, device=None, dtype=None, variant: str | None = None):
-    """Build the minildm module for a component folder (a path, or `org/name/subfolder` in the HF cache).
+    """Build the minildm module for a component folder (a path, or `org/name/subfolder` in the
+    Hugging Face cache).
 
     device, dtype: where the weights go (default: CPU, float32). variant: e.g. "fp16" to read the
     `*.fp16.safetensors` file of a hub folder.
@@ -44,7 +62,9 @@ def load_component(folder, device=None, dtype=None, variant: str | None = None):
     config = read_config(folder)
     name = component_class_name(config, folder)
     if name not in COMPONENTS:
-        raise CheckpointError(f"{folder}/config.json names class {name!r}; minildm can load {sorted(COMPONENTS)}")
+        raise CheckpointError(
+            f"{folder}/config.json names class {name!r}; minildm can load {sorted(COMPONENTS)}"
+        )
     make_config, load = COMPONENTS[name]
     state_dict = read_state_dict(find_weights_file(folder, variant))
     return load(make_config(config), state_dict, device=device, dtype=dtype)
@@ -64,50 +84,78 @@ def _resolve_component_folder(folder) -> Path:
 
 
 def read_model_index(folder, expected_class: str) -> dict:
-    """A pipeline folder's model_index.json: {component: [library, class]}; refuses another system's folder."""
+    """A pipeline folder's model_index.json: {component: [library, class]}; refuses another
+    system's folder."""
     path = Path(folder) / "model_index.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no model_index.json: expected a diffusers pipeline folder (or pass each component yourself)")
+        raise FileNotFoundError(
+            f"{folder} has no model_index.json: "
+            "expected a diffusers pipeline folder (or pass each component yourself)"
+        )
     index = json.loads(path.read_text())
     if index.get("_class_name") != expected_class:
-        raise CheckpointError(f"{folder} holds a {index.get('_class_name')!r}, not a {expected_class}: use the pipeline class named in its model_index.json")
+        raise CheckpointError(
+            f"{folder} holds a {index.get('_class_name')!r}, not a {expected_class}: "
+            "use the pipeline class named in its model_index.json"
+        )
     return {name: value for name, value in index.items() if not name.startswith("_")}
 
 
 def load_tokenizer(folder):
-    """CLIPTokenizer (vocab.json + merges.txt) or BertTokenizer (vocab.txt), from what the folder holds."""
+    """CLIPTokenizer (vocab.json + merges.txt) or BertTokenizer (vocab.txt), from what the folder
+    holds."""
     folder = Path(folder)
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_folder(folder)
     if (folder / "vocab.txt").is_file():
         return BertTokenizer.from_folder(folder)
-    raise FileNotFoundError(f"{folder} holds neither vocab.json + merges.txt (CLIP) nor vocab.txt (BERT)")
+    raise FileNotFoundError(
+        f"{folder} holds neither vocab.json + merges.txt (CLIP) nor vocab.txt (BERT)"
+    )
 
 
 def load_scheduler(folder):
-    """The minildm scheduler named by scheduler_config.json's `_class_name`, built from the same keys."""
+    """The minildm scheduler named by scheduler_config.json's `_class_name`, built from the same
+    keys."""
     path = Path(folder) / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no scheduler_config.json")
     config = json.loads(path.read_text())
     name = config.get("_class_name")
     if name not in schedulers.__all__:
-        raise CheckpointError(f"{path} names scheduler {name!r}; minildm implements {schedulers.__all__}")
+        raise CheckpointError(
+            f"{path} names scheduler {name!r}; minildm implements {schedulers.__all__}"
+        )
     return getattr(schedulers, name).from_config(config)
 
 
-# --- original single-file checkpoints --------------------------------------------------------------
+# --- original single-file checkpoints -----------------------------------------------------------
 
-# The LatentDiffusion buffers of a CompVis checkpoint besides the three models (facts 1.4): the
-# training noise schedule (recomputed by the scheduler) and the latent scale factor.
-SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-                    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
-                    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "scale_factor")
+# The LatentDiffusion buffers of a CompVis checkpoint besides the three models: the training noise
+# schedule (recomputed by the scheduler) and the latent scale factor, as registered by
+# DDPM.register_schedule and LatentDiffusion.__init__ in CompVis/stable-diffusion's
+# ldm/models/diffusion/ddpm.py.
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "scale_factor",
+)
 
 
 def split_stable_diffusion_checkpoint(state_dict: dict) -> dict:
     """An original SD 1.x file (sd-v1-4.ckpt, or its .safetensors conversions) -> {"unet", "vae",
-    "text_encoder", "schedule"} state dicts, each still in the original key names its loader reads."""
+    "text_encoder", "schedule"} state dicts, each still in the original key names its loader
+    reads."""
     parts = {"unet": {}, "vae": {}, "text_encoder": {}, "schedule": {}}
     unknown = []
     for key, tensor in state_dict.items():
@@ -123,6 +171,14 @@ def split_stable_diffusion_checkpoint(state_dict: dict) -> dict:
             unknown.append(key)
     if unknown or not parts["unet"]:
         sd2 = any(k.startswith("cond_stage_model.model.") for k in unknown)
-        raise CheckpointError(f"not a Stable Diffusion 1.x checkpoint: {len(unknown)} unexpected keys, e.g. {sorted(unknown)[:5]}"
-                              + ("; cond_stage_model.model.* is OpenCLIP: this looks like an SD 2.x checkpoint, which minildm does not implement" if sd2 else ""))
+        message = (
+            f"not a Stable Diffusion 1.x checkpoint: {len(unknown)} unexpected keys, "
+            f"e.g. {sorted(unknown)[:5]}"
+        )
+        if sd2:
+            message += (
+                "; cond_stage_model.model.* is OpenCLIP: this looks like an SD 2.x checkpoint, "
+                "which minildm does not implement"
+            )
+        raise CheckpointError(message)
     return parts

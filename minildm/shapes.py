@@ -61,7 +61,8 @@ HELD_OUT = (
 )
 
 # Area of each shape for half-width r, over r^2: a circle pi r^2, a square (2r)^2, an equilateral
-# triangle of side 2r (height sqrt(3) r) sqrt(3) r^2. The scorer inverts these to size its templates.
+# triangle of side 2r (height sqrt(3) r) sqrt(3) r^2. The scorer inverts these to size its
+# templates.
 AREA_PER_R2 = {"circle": np.pi, "square": 4.0, "triangle": np.sqrt(3.0)}
 
 
@@ -100,13 +101,16 @@ def draw(colour: str, shape: str, background: str, cx: float, cy: float, r: floa
     ):
         raise ValueError(
             f"not a drawable scene: colour {colour!r} (one of {SHAPE_COLOURS}), shape {shape!r} "
-            f"(one of {SHAPES}), background {background!r} (one of {BACKGROUNDS}, not the shape's colour)"
+            f"(one of {SHAPES}), background {background!r} "
+            f"(one of {BACKGROUNDS}, not the shape's colour)"
         )
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (SIZE * s, SIZE * s), PALETTE[background])
     pen = ImageDraw.Draw(canvas)
     # pixel centres: pixel i covers [i, i+1), so a coordinate x maps to x * s in the big canvas
-    x, y, half = (cx + 0.5) * s, (cy + 0.5) * s, r * s
+    x = (cx + 0.5) * s
+    y = (cy + 0.5) * s
+    half = r * s
     if shape == "circle":
         pen.ellipse([x - half, y - half, x + half, y + half], fill=PALETTE[colour])
     elif shape == "square":
@@ -138,7 +142,8 @@ def draw_scene(scene: dict) -> np.ndarray:
 
 
 def make_dataset(n: int, seed: int, triples: list | None = None):
-    """n drawn images (n, 64, 64, 3) uint8 and their scenes, from the training triples by default."""
+    """n drawn images (n, 64, 64, 3) uint8 and their scenes, from the training triples by
+    default."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, triples or training_triples()) for _ in range(n)]
     return np.stack([draw_scene(s) for s in scenes]), scenes
@@ -153,7 +158,9 @@ def every_combination(per_combination: int, seed: int):
         for position in POSITIONS:
             for _ in range(per_combination):
                 scene = sample_scene(rng, [triple])
-                scene.update(position=position, cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER))
+                scene.update(
+                    position=position, cx=POSITIONS[position] + rng.uniform(-JITTER, JITTER)
+                )
                 scenes.append(scene)
     return np.stack([draw_scene(s) for s in scenes]), scenes
 
@@ -169,7 +176,8 @@ def _nearest(colour: np.ndarray, names) -> str:
 
 
 def _template(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
-    """A binary mask (64, 64) of `shape` at half-width r and centroid (cx, cy), pixel-centre sampled."""
+    """A binary mask (64, 64) of `shape` at half-width r and centroid (cx, cy), sampled at pixel
+    centres."""
     ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
     if shape == "circle":
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
@@ -210,14 +218,14 @@ def _read(image: np.ndarray):
     mask = np.linalg.norm(pixels - shape_rgb, axis=-1) < distance_to_background
     colour = _nearest(shape_rgb, SHAPE_COLOURS)
     ys, xs = np.nonzero(mask)
-    cx, cy, area = xs.mean(), ys.mean(), float(mask.sum())
+    cx = xs.mean()
+    cy = ys.mean()
+    area = float(mask.sum())
     position = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - cx))
     overlaps = {}
     for shape, k in AREA_PER_R2.items():
         template = _template(shape, cx, cy, np.sqrt(area / k))
-        overlaps[shape] = (template & mask).sum() / (
-            template | mask
-        ).sum()  # intersection over union
+        overlaps[shape] = (template & mask).sum() / (template | mask).sum()  # intersection / union
     shape = max(overlaps, key=overlaps.get)
     read = dict(colour=colour, shape=shape, background=background, position=position)
     colour_error = float(np.linalg.norm(shape_rgb - np.array(PALETTE[colour])))
@@ -252,10 +260,10 @@ def score(images: np.ndarray, scenes: list) -> dict:
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
     hits = {name: 0 for name in ATTRIBUTES + ("all",)}
-    for image, scene in zip(images, scenes):
+    for image, scene in zip(images, scenes, strict=True):
         read = read_image(image)
         right = [read[name] == scene[name] for name in ATTRIBUTES]
-        for name, ok in zip(ATTRIBUTES, right):
+        for name, ok in zip(ATTRIBUTES, right, strict=True):
             hits[name] += ok
         hits["all"] += all(right)
     return {name: count / len(images) for name, count in hits.items()}

@@ -6,7 +6,8 @@ regex rules and call `remap_keys` and `load_into` from here.
 
 Formats read:
 - `.safetensors`: memory-mapped by the safetensors library, so a tensor's bytes are read from disk
-  only when used and are not copied while loading (the module's parameters *are* the mapped tensors).
+  only when used and are not copied while loading (the module's parameters *are* the mapped
+  tensors).
 - sharded safetensors: a `*.safetensors.index.json` whose `weight_map` names the shard of each key.
 - `.bin` / `.ckpt` / `.pt` / `.pth` pickles: `torch.load(weights_only=True)` only. Original CompVis
   checkpoints also pickle a PyTorch-Lightning callback and numpy scalars next to the weights; those
@@ -55,7 +56,10 @@ def read_state_dict(path, container: str | None = None) -> dict:
         return _read_safetensors(path)
     if path.suffix in WEIGHT_SUFFIXES:
         return _unwrap_checkpoint(_read_pickle(path), path, container)
-    raise CheckpointError(f"{path}: unknown weights format; expected one of {', '.join(WEIGHT_SUFFIXES)} or *.index.json")
+    raise CheckpointError(
+        f"{path}: unknown weights format; "
+        f"expected one of {', '.join(WEIGHT_SUFFIXES)} or *.index.json"
+    )
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -75,23 +79,30 @@ def _read_sharded_safetensors(index_path: Path) -> dict:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' ({e})") from None
+        raise CheckpointError(
+            f"{index_path}: expected a JSON object with a 'weight_map' ({e})"
+        ) from None
     state_dict = {}
     for shard in sorted(set(weight_map.values())):
         tensors = _read_safetensors(index_path.parent / shard)
         wanted = {name for name, file in weight_map.items() if file == shard}
-        if wanted - tensors.keys():
-            raise CheckpointError(f"{shard} lacks {len(wanted - tensors.keys())} tensors its index promises, e.g. {sorted(wanted - tensors.keys())[:3]}")
+        absent = wanted - tensors.keys()
+        if absent:
+            raise CheckpointError(
+                f"{shard} lacks {len(absent)} tensors its index promises, e.g. {sorted(absent)[:3]}"
+            )
         state_dict.update({name: tensors[name] for name in wanted})
     return state_dict
 
 
 class _InertStandIn:
-    """What a CompVis checkpoint's Lightning callback or numpy scalar becomes: an object with no state.
+    """What a CompVis checkpoint's Lightning callback or numpy scalar becomes: an object with no
+    state.
 
     `torch.load(weights_only=True)` refuses any global not allowed by name. Original checkpoints
     (sd-v1-4.ckpt, the LDM model.ckpt files) pickle training bookkeeping next to the weights; we let
-    exactly those names through, but bind them to this class, so nothing they name is imported or run.
+    exactly those names through, but bind them to this class, so nothing they name is imported or
+    run.
     """
 
     def __init__(self, *args):
@@ -101,8 +112,9 @@ class _InertStandIn:
         pass
 
 
-# The globals of sd-v1-4.ckpt besides tensors, as listed on its hub page (facts 1.4). numpy >= 2
-# spells the scalar's module `numpy._core`; older checkpoints `numpy.core`.
+# The globals of sd-v1-4.ckpt besides tensors: the pickle imports the Hugging Face hub lists for
+# the file in CompVis/stable-diffusion-v-1-4-original. numpy >= 2 spells the scalar's module
+# `numpy._core`; older checkpoints `numpy.core`.
 _ALLOWED_CHECKPOINT_GLOBALS = [
     "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
     "numpy.core.multiarray.scalar",
@@ -123,9 +135,10 @@ def _read_pickle(path: Path):
         refused = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it refused
         if refused:
             raise CheckpointError(
-                f"{path} refers to the Python object {refused.group(1)}, which a weights file does not need. "
-                "minildm never unpickles arbitrary objects (that can run code). If you trust the file, convert it "
-                "to .safetensors with the tool that made it."
+                f"{path} refers to the Python object {refused.group(1)}, "
+                "which a weights file does not need. "
+                "minildm never unpickles arbitrary objects (that can run code). "
+                "If you trust the file, convert it to .safetensors with the tool that made it."
             ) from None
         raise _not_a_checkpoint(path) from None
     except (RuntimeError, KeyError, EOFError, ValueError):  # what torch.load raises on other bytes
@@ -135,7 +148,9 @@ def _read_pickle(path: Path):
 def _not_a_checkpoint(path: Path) -> CheckpointError:
     with open(path, "rb") as f:
         start = f.read(24)
-    lfs = " It is a Git LFS pointer: fetch the real file (git lfs pull)." if start.startswith(b"version https://git-lfs") else ""
+    lfs = ""
+    if start.startswith(b"version https://git-lfs"):
+        lfs = " It is a Git LFS pointer: fetch the real file (git lfs pull)."
     return CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {start!r}).{lfs}")
 
 
@@ -149,12 +164,17 @@ def _unwrap_checkpoint(obj, path: Path, container: str | None) -> dict:
     """Find the {name: tensor} dict inside a training checkpoint.
 
     Lightning saves {"state_dict": ...}; microsoft/VQ-Diffusion saves {"model": ...} and, in its
-    EMA files, {"ema": ...} (facts 5.6-5.7). A plain state dict is returned as is.
+    EMA files, {"ema": ...} too (image_synthesis/engine/solver.py, Solver.save). A plain state dict
+    is returned as is.
     """
     if container is not None:
         if not isinstance(obj, dict) or not isinstance(obj.get(container), dict):
-            found = sorted(str(k) for k in obj.keys()) if isinstance(obj, dict) else type(obj).__name__
-            raise CheckpointError(f"{path} has no {container!r} entry holding weights; found {found}")
+            found = (
+                sorted(str(k) for k in obj.keys()) if isinstance(obj, dict) else type(obj).__name__
+            )
+            raise CheckpointError(
+                f"{path} has no {container!r} entry holding weights; found {found}"
+            )
         obj = obj[container]
     else:
         for name in ("state_dict", "model", "ema"):
@@ -162,11 +182,17 @@ def _unwrap_checkpoint(obj, path: Path, container: str | None) -> dict:
                 obj = obj[name]
                 break
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: expected a dict of tensors (or one under 'state_dict'/'model'/'ema'), found {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a dict of tensors (or one under 'state_dict'/'model'/'ema'), "
+            f"found {type(obj).__name__}"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     others = sorted(str(k) for k in obj.keys() - tensors.keys())
     if others:
-        raise CheckpointError(f"{path}: entries {others[:5]} ({len(others)} in all) are not tensors; expected a state dict")
+        raise CheckpointError(
+            f"{path}: entries {others[:5]} ({len(others)} in all) are not tensors; "
+            "expected a state dict"
+        )
     return tensors
 
 
@@ -186,14 +212,25 @@ def find_weights_file(folder, variant: str | None = None) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     # rank: safetensors (a sharded index before a single file), then .bin, then other pickles
-    rank = {".safetensors.index.json": 0, ".safetensors": 1, ".bin": 2, ".ckpt": 3, ".pt": 3, ".pth": 3}
+    rank = {
+        ".safetensors.index.json": 0,
+        ".safetensors": 1,
+        ".bin": 2,
+        ".ckpt": 3,
+        ".pt": 3,
+        ".pth": 3,
+    }
     candidates = []
     for file in folder.iterdir():
         kind = next((k for k in rank if file.name.endswith(k)), None)
         if kind is None:
             continue
-        stem, _, file_variant = file.name[: -len(kind)].partition(".")  # "model.fp16" -> "model", "fp16"
-        if stem in ("model", "pytorch_model", "diffusion_pytorch_model") and (file_variant or None) == variant:
+        # "model.fp16" -> "model", "fp16"
+        stem, _, file_variant = file.name[: -len(kind)].partition(".")
+        if (
+            stem in ("model", "pytorch_model", "diffusion_pytorch_model")
+            and (file_variant or None) == variant
+        ):
             candidates.append((rank[kind], file.name, file))
     if not candidates:
         present = sorted(f.name for f in folder.iterdir())
@@ -205,7 +242,9 @@ def find_weights_file(folder, variant: str | None = None) -> Path:
 def read_config(folder) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers or transformers component folder")
+        raise FileNotFoundError(
+            f"{folder} has no config.json: expected a diffusers or transformers component folder"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -213,7 +252,7 @@ def read_config(folder) -> dict:
 
 
 def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache folder, by the same environment variables huggingface_hub reads."""
+    """The Hugging Face hub cache folder, by the environment variables huggingface_hub reads."""
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(variable):
             return Path(os.environ[variable]).expanduser()
@@ -224,7 +263,8 @@ def hf_hub_cache() -> Path:
 
 
 def resolve_repo(repo_id: str, revision: str = "main") -> Path:
-    """The snapshot folder of `org/name` in the local Hugging Face cache (read only, never downloads).
+    """The snapshot folder of `org/name` in the local Hugging Face cache (read only, never
+    downloads).
 
     The cache stores `models--org--name/refs/REVISION` (a file holding a commit hash) and
     `models--org--name/snapshots/COMMIT/` (the files, as symlinks into blobs/ or as plain copies).
@@ -234,15 +274,22 @@ def resolve_repo(repo_id: str, revision: str = "main") -> Path:
     if not repo_folder.is_dir():
         raise FileNotFoundError(
             f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({cache}). "
-            f"Fetch the official files with `python -m minildm download SYSTEM --dir weights` (systems: weights_manifest.txt) "
-            f"and pass that folder, or download {repo_id} with `huggingface-cli download {repo_id}`."
+            "Fetch the official files with `python -m minildm download SYSTEM --dir weights` "
+            "(systems: weights_manifest.txt) and pass that folder, "
+            f"or download {repo_id} with `huggingface-cli download {repo_id}`."
         )
     ref = repo_folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     snapshot = repo_folder / "snapshots" / commit
     if not snapshot.is_dir():
-        known = sorted(p.name for p in (repo_folder / "refs").glob("*")) if (repo_folder / "refs").is_dir() else []
-        raise FileNotFoundError(f"{repo_id} has no snapshot for revision {revision!r} in {cache}; cached refs: {known}")
+        known = (
+            sorted(p.name for p in (repo_folder / "refs").glob("*"))
+            if (repo_folder / "refs").is_dir()
+            else []
+        )
+        raise FileNotFoundError(
+            f"{repo_id} has no snapshot for revision {revision!r} in {cache}; cached refs: {known}"
+        )
     return snapshot
 
 
@@ -253,7 +300,9 @@ def resolve_folder(name_or_path) -> Path:
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
         return resolve_repo(str(name_or_path))
-    raise FileNotFoundError(f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name')")
+    raise FileNotFoundError(
+        f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name')"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,23 +326,31 @@ def remap_keys(state_dict: dict, rules, drop=()) -> tuple:
         for pattern, replacement in rules:
             new_key = re.sub(pattern, replacement, new_key)
         if new_key in renamed:
-            raise CheckpointError(f"two checkpoint keys map to {new_key!r} (one is {key!r}): the file mixes two layouts")
-        renamed[new_key], file_names[new_key] = tensor, key
+            raise CheckpointError(
+                f"two checkpoint keys map to {new_key!r} (one is {key!r}): "
+                "the file mixes two layouts"
+            )
+        renamed[new_key] = tensor
+        file_names[new_key] = key
     return renamed, file_names
 
 
 def rename_keys(state_dict: dict, names: dict, drop=()) -> tuple:
-    """Rename checkpoint keys by a table {name in the file: module name}; returns (renamed state dict,
-    {module name: file name}). Keys not in the table keep their name (the strict load reports them);
-    `drop` as in `remap_keys`."""
+    """Rename checkpoint keys by a table {name in the file: module name}; returns (renamed state
+    dict, {module name: file name}). Keys not in the table keep their name (the strict load reports
+    them); `drop` as in `remap_keys`."""
     renamed, file_names = {}, {}
     for key, tensor in state_dict.items():
         if any(re.fullmatch(pattern, key) for pattern in drop):
             continue
         new_key = names.get(key, key)
         if new_key in renamed:
-            raise CheckpointError(f"two checkpoint keys map to {new_key!r} ({file_names[new_key]!r} and {key!r}): the file mixes two layouts")
-        renamed[new_key], file_names[new_key] = tensor, key
+            raise CheckpointError(
+                f"two checkpoint keys map to {new_key!r} ({file_names[new_key]!r} and {key!r}): "
+                "the file mixes two layouts"
+            )
+        renamed[new_key] = tensor
+        file_names[new_key] = key
     return renamed, file_names
 
 
@@ -303,13 +360,23 @@ def _listing(names, shown: int = 5) -> str:
     return f"{len(names)}: " + ", ".join(names[:shown]) + more
 
 
-def load_into(module: nn.Module, state_dict: dict, *, file_names=None, device=None, dtype=None, what="model", hint=None) -> nn.Module:
+def load_into(
+    module: nn.Module,
+    state_dict: dict,
+    *,
+    file_names=None,
+    device=None,
+    dtype=None,
+    what="model",
+    hint=None,
+) -> nn.Module:
     """Fill a module (usually built on the `meta` device) with `state_dict`, strictly.
 
     Every parameter and persistent buffer must be present, every key used, and every shape equal;
     otherwise the error lists the offending keys (unused ones by their name in the file, from
-    `file_names`) and `hint(missing, unexpected, mismatched)`'s guess at the cause. Floating-point tensors are cast to `dtype` (float32 when None); tensors that are
-    already on the right device and dtype are used as they are, without a copy (`assign=True`).
+    `file_names`) and `hint(missing, unexpected, mismatched)`'s guess at the cause.
+    Floating-point tensors are cast to `dtype` (float32 when None); tensors that are already on the
+    right device and dtype are used as they are, without a copy (`assign=True`).
     """
     expected = module.state_dict(keep_vars=True)
     missing = expected.keys() - state_dict.keys()
@@ -324,12 +391,21 @@ def load_into(module: nn.Module, state_dict: dict, *, file_names=None, device=No
         if missing:
             lines.append(f"  missing from the checkpoint ({_listing(missing)})")
         if unexpected:
-            lines.append(f"  not used by the {what} ({_listing((file_names or {}).get(k, k) for k in unexpected)})")
+            names_in_file = ((file_names or {}).get(k, k) for k in unexpected)
+            lines.append(f"  not used by the {what} ({_listing(names_in_file)})")
         if mismatched:
-            shown = [f"{k} is {got} in the checkpoint, {want} in the {what}" for k, (got, want) in sorted(mismatched.items())[:3]]
+            shown = [
+                f"{k} is {got} in the checkpoint, {want} in the {what}"
+                for k, (got, want) in sorted(mismatched.items())[:3]
+            ]
             lines.append(f"  shapes differ ({len(mismatched)}): " + "; ".join(shown))
         cause = hint(missing, unexpected, mismatched) if hint else None
-        lines.append("  likely cause: " + (cause or "the weights belong to another model or configuration; check that config.json and the weights file come from the same folder"))
+        if not cause:
+            cause = (
+                "the weights belong to another model or configuration; "
+                "check that config.json and the weights file come from the same folder"
+            )
+        lines.append("  likely cause: " + cause)
         raise CheckpointError("\n".join(lines))
 
     dtype = dtype or torch.float32

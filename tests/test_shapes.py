@@ -31,9 +31,8 @@ def test_drawing_geometry():
         and tuple(square[2, 2]) == shapes.PALETTE["white"]
     )
     red = np.all(square == shapes.PALETTE["red"], axis=-1)
-    assert (
-        red.sum() == 23 * 23
-    )  # pixels fully inside [20.5, 44.5): the rest are anti-aliased edge pixels
+    # pixels fully inside [20.5, 44.5): the rest are anti-aliased edge pixels
+    assert red.sum() == 23 * 23
     edge = ~red & ~np.all(square == shapes.PALETTE["white"], axis=-1)
     assert edge.sum() > 0  # drawn supersampled: mixed colours at the border
     triangle = shapes.draw("blue", "triangle", "black", 32, 32, 14)
@@ -41,9 +40,8 @@ def test_drawing_geometry():
     ys, xs = np.mgrid[0:64, 0:64]
     centroid = (np.sum(weight * xs) / weight.sum(), np.sum(weight * ys) / weight.sum())
     print(f"triangle centroid {centroid[0]:.2f}, {centroid[1]:.2f} (drawn at 32, 32)")
-    assert (
-        abs(centroid[0] - 32) < 0.3 and abs(centroid[1] - 32) < 0.3
-    )  # the centroid, not the box centre
+    # the centroid, not the box centre
+    assert abs(centroid[0] - 32) < 0.3 and abs(centroid[1] - 32) < 0.3
     inside = weight > 0.5 * weight.max()
     assert inside[24].sum() < inside[36].sum()  # pointing up: narrower above the centre than below
 
@@ -87,9 +85,13 @@ def test_scorer_says_no_to_wrong_captions():
 def test_read_scene_accepts_drawings_and_refuses_what_is_not_one_clean_shape():
     images, scenes = shapes.every_combination(1, seed=7)
     accepted = [shapes.read_scene(image) for image in images]
-    print(f"read_scene: {sum(a is not None for a in accepted)}/{len(images)} fresh drawings accepted")
+    print(
+        f"read_scene: {sum(a is not None for a in accepted)}/{len(images)} fresh drawings accepted"
+    )
     assert all(a is not None for a in accepted)
-    assert all(a == {k: s[k] for k in shapes.ATTRIBUTES} for a, s in zip(accepted, scenes))
+    assert all(
+        a == {k: s[k] for k in shapes.ATTRIBUTES} for a, s in zip(accepted, scenes, strict=True)
+    )
     blank = np.full((64, 64, 3), shapes.PALETTE["gray"], dtype=np.uint8)
     assert shapes.read_scene(blank) is None  # no shape at all
     two_colours = images[0].copy()

@@ -1,4 +1,5 @@
-"""weights.py and load.py: reading every format safely, finding files, refusing bad input clearly."""
+"""weights.py and load.py: reading every format safely, finding files, refusing bad input
+clearly."""
 
 import json
 import os
@@ -8,28 +9,48 @@ import types
 
 import pytest
 import torch
+from conftest import clip_hub_layout, randomize_
 from safetensors.torch import save_file
 
 import minildm
 from minildm.clip import CLIPTextConfig, CLIPTextModel
-from minildm.weights import CheckpointError, find_weights_file, hf_hub_cache, read_state_dict, resolve_repo
-from conftest import clip_hub_layout, randomize_
+from minildm.weights import (
+    CheckpointError,
+    find_weights_file,
+    hf_hub_cache,
+    read_state_dict,
+    resolve_repo,
+)
 
 TINY = CLIPTextConfig(width=32, layers=2, heads=4, mlp_width=64)
-TINY_JSON = {"architectures": ["CLIPTextModel"], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "intermediate_size": 64, "hidden_act": "quick_gelu", "max_position_embeddings": 77, "vocab_size": 49408}
+TINY_JSON = {
+    "architectures": ["CLIPTextModel"],
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "hidden_act": "quick_gelu",
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+}
 
 
 def tiny_state() -> dict:
-    """A tiny CLIP's weights in the hub layout (text_model. prefix, as transformers 4 saved them)."""
-    return {k: v.clone() for k, v in clip_hub_layout(randomize_(CLIPTextModel(TINY)).state_dict()).items()}
+    """A tiny CLIP's weights in the hub layout (text_model. prefix, as transformers 4 saved
+    them)."""
+    return {
+        k: v.clone()
+        for k, v in clip_hub_layout(randomize_(CLIPTextModel(TINY)).state_dict()).items()
+    }
 
 
 def component_folder(path, state=None, filename="model.safetensors"):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(TINY_JSON))
     state = state if state is not None else tiny_state()
-    save_file(state, path / filename) if filename.endswith(".safetensors") else torch.save(state, path / filename)
+    save_file(state, path / filename) if filename.endswith(".safetensors") else torch.save(
+        state, path / filename
+    )
     return path
 
 
@@ -49,7 +70,13 @@ def test_safetensors_is_memory_mapped(tmp_path):
 def test_sharded_safetensors(tmp_path):
     save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"b": torch.zeros(3)}, tmp_path / "model-00002-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        },
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert find_weights_file(tmp_path).name == "model.safetensors.index.json"
     loaded = read_state_dict(tmp_path / "model.safetensors.index.json")
@@ -76,9 +103,19 @@ def save_compvis_style_checkpoint(path, state_dict):
     names = ["pytorch_lightning", "pytorch_lightning.callbacks", module.__name__]
     sys.modules.update({name: module for name in names})
     try:
-        torch.save({"epoch": 6, "global_step": np.int64(470000), "pytorch-lightning_version": "1.4.2",
-                    "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.5)}, "checkpoint": ModelCheckpoint()},
-                    "state_dict": state_dict}, path)
+        torch.save(
+            {
+                "epoch": 6,
+                "global_step": np.int64(470000),
+                "pytorch-lightning_version": "1.4.2",
+                "callbacks": {
+                    ModelCheckpoint: {"best_model_score": np.float64(0.5)},
+                    "checkpoint": ModelCheckpoint(),
+                },
+                "state_dict": state_dict,
+            },
+            path,
+        )
     finally:
         for name in names:
             del sys.modules[name]
@@ -89,7 +126,9 @@ def test_compvis_checkpoint_with_lightning_and_numpy_globals(tmp_path):
     save_compvis_style_checkpoint(tmp_path / "sd.ckpt", state)
     assert "pytorch_lightning" not in sys.modules
     loaded = read_state_dict(tmp_path / "sd.ckpt")
-    assert loaded.keys() == state.keys() and torch.equal(loaded["model.diffusion_model.w"], state["model.diffusion_model.w"])
+    assert loaded.keys() == state.keys() and torch.equal(
+        loaded["model.diffusion_model.w"], state["model.diffusion_model.w"]
+    )
     assert "pytorch_lightning" not in sys.modules  # the named class was never imported
 
 
@@ -103,7 +142,9 @@ def test_choosing_a_container(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)}}, tmp_path / "both.pth")
     assert read_state_dict(tmp_path / "both.pth")["w"].sum() == 2  # "model" comes first by default
     assert read_state_dict(tmp_path / "both.pth", container="ema")["w"].sum() == 0
-    with pytest.raises(CheckpointError, match=r"no 'state_dict' entry holding weights; found \['ema', 'model'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"no 'state_dict' entry holding weights; found \['ema', 'model'\]"
+    ):
         read_state_dict(tmp_path / "both.pth", container="state_dict")
 
 
@@ -116,21 +157,27 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("how", ["torch.save", "plain pickle"])
-def test_pickle_with_a_global_off_the_allow_list_is_refused_and_nothing_runs(tmp_path, monkeypatch, how):
+def test_pickle_with_a_global_off_the_allow_list_is_refused_and_nothing_runs(
+    tmp_path, monkeypatch, how
+):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.bin"
     if how == "torch.save":
         torch.save({"w": torch.ones(1), "payload": RunsCode()}, path)
     else:
         path.write_bytes(pickle.dumps({"payload": RunsCode()}, protocol=2))
-    with pytest.raises(CheckpointError, match=r"refers to the Python object (posix|os)\.system.*never unpickles"):
+    with pytest.raises(
+        CheckpointError, match=r"refers to the Python object (posix|os)\.system.*never unpickles"
+    ):
         read_state_dict(path)
     assert not (tmp_path / MARKER).exists()
 
 
 def test_zero_byte_and_truncated_safetensors(tmp_path):
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"\(0 bytes\) is not a complete safetensors file.*download it again"):
+    with pytest.raises(
+        CheckpointError, match=r"\(0 bytes\) is not a complete safetensors file.*download it again"
+    ):
         read_state_dict(tmp_path / "empty.safetensors")
     save_file({"w": torch.randn(100, 100)}, tmp_path / "full.safetensors")
     data = (tmp_path / "full.safetensors").read_bytes()
@@ -140,11 +187,19 @@ def test_zero_byte_and_truncated_safetensors(tmp_path):
 
 
 def test_text_file_named_ckpt(tmp_path):
-    (tmp_path / "model.ckpt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:fe4e...\nsize 4265380512\n")
-    with pytest.raises(CheckpointError, match=r"is not a PyTorch checkpoint \(it starts with b'version.*Git LFS pointer"):
+    (tmp_path / "model.ckpt").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:fe4e...\nsize 4265380512\n"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"is not a PyTorch checkpoint \(it starts with b'version.*Git LFS pointer",
+    ):
         read_state_dict(tmp_path / "model.ckpt")
     (tmp_path / "notes.ckpt").write_text("just some notes")
-    with pytest.raises(CheckpointError, match=r"is not a PyTorch checkpoint \(it starts with b'just some notes'\)\.$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"is not a PyTorch checkpoint \(it starts with b'just some notes'\)\.$",
+    ):
         read_state_dict(tmp_path / "notes.ckpt")
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="is empty"):
@@ -164,12 +219,22 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path):
 
 
 def test_weights_file_choice_in_a_folder(tmp_path):
-    for name in ["pytorch_model.bin", "model.safetensors", "model.fp16.safetensors", "pytorch_model.fp16.bin",
-                 "diffusion_pytorch_model.non_ema.bin", "notes.txt", "model.safetensors.bak", "training_args.bin"]:
+    for name in [
+        "pytorch_model.bin",
+        "model.safetensors",
+        "model.fp16.safetensors",
+        "pytorch_model.fp16.bin",
+        "diffusion_pytorch_model.non_ema.bin",
+        "notes.txt",
+        "model.safetensors.bak",
+        "training_args.bin",
+    ]:
         (tmp_path / name).write_bytes(b"x")
     assert find_weights_file(tmp_path).name == "model.safetensors"
     assert find_weights_file(tmp_path, variant="fp16").name == "model.fp16.safetensors"
-    assert find_weights_file(tmp_path, variant="non_ema").name == "diffusion_pytorch_model.non_ema.bin"
+    assert (
+        find_weights_file(tmp_path, variant="non_ema").name == "diffusion_pytorch_model.non_ema.bin"
+    )
     (tmp_path / "model.safetensors").unlink()
     assert find_weights_file(tmp_path).name == "pytorch_model.bin"
     with pytest.raises(FileNotFoundError, match=r"no variant 'bf16' \(files named \*.bf16.\*\)"):
@@ -186,7 +251,13 @@ def test_load_component_output_matches_the_weights(tmp_path):
 def test_unknown_class_and_missing_config(tmp_path):
     folder = component_folder(tmp_path / "unet")
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
-    with pytest.raises(CheckpointError, match=r"names class 'UNet3DConditionModel'; minildm can load \['AutoencoderKL', 'CLIPTextModel', 'LDMBertModel', 'LearnedClassifierFreeSamplingEmbeddings', 'StableDiffusionSafetyChecker', 'Transformer2DModel', 'UNet2DConditionModel', 'UNet2DModel', 'VQModel'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"names class 'UNet3DConditionModel'; minildm can load \['AutoencoderKL', "
+        r"'CLIPTextModel', 'LDMBertModel', 'LearnedClassifierFreeSamplingEmbeddings', "
+        r"'StableDiffusionSafetyChecker', 'Transformer2DModel', 'UNet2DConditionModel', "
+        r"'UNet2DModel', 'VQModel'\]",
+    ):
         minildm.load_component(folder)
     (folder / "config.json").write_text(json.dumps({"hidden_size": 3}))
     with pytest.raises(CheckpointError, match="names no class"):
@@ -199,9 +270,14 @@ def test_unknown_class_and_missing_config(tmp_path):
 # --- the Hugging Face cache ---------------------------------------------------------------------
 
 
-def fake_hub_cache(cache, repo="CompVis/stable-diffusion-v1-4", commit="133a221b8aa7292a167afc5127cb63fb5005638b", symlinks=True):
-    """The tree huggingface_hub writes: blobs/, refs/main, snapshots/COMMIT/ with symlinks into blobs
-    (or plain copies, as on file systems without symlinks)."""
+def fake_hub_cache(
+    cache,
+    repo="CompVis/stable-diffusion-v1-4",
+    commit="133a221b8aa7292a167afc5127cb63fb5005638b",
+    symlinks=True,
+):
+    """The tree huggingface_hub writes: blobs/, refs/main, snapshots/COMMIT/ with symlinks into
+    blobs (or plain copies, as on file systems without symlinks)."""
     repo_folder = cache / ("models--" + repo.replace("/", "--"))
     source = component_folder(cache.parent / "source" / "text_encoder")
     snapshot = repo_folder / "snapshots" / commit / "text_encoder"
@@ -212,7 +288,9 @@ def fake_hub_cache(cache, repo="CompVis/stable-diffusion-v1-4", commit="133a221b
     for file in source.iterdir():
         blob = repo_folder / "blobs" / (file.name + ".blob")
         blob.write_bytes(file.read_bytes())
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot)) if symlinks else (snapshot / file.name).write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot)) if symlinks else (
+            snapshot / file.name
+        ).write_bytes(file.read_bytes())
     return repo_folder
 
 
@@ -229,11 +307,22 @@ def test_repo_id_found_in_the_hub_cache_without_writing_to_it(tmp_path, monkeypa
     before = tree_listing(repo_folder)
     model = minildm.load_component("CompVis/stable-diffusion-v1-4/text_encoder")
     assert isinstance(model, CLIPTextModel)
-    assert resolve_repo("CompVis/stable-diffusion-v1-4", "133a221b8aa7292a167afc5127cb63fb5005638b").name == "133a221b8aa7292a167afc5127cb63fb5005638b"
+    assert (
+        resolve_repo(
+            "CompVis/stable-diffusion-v1-4", "133a221b8aa7292a167afc5127cb63fb5005638b"
+        ).name
+        == "133a221b8aa7292a167afc5127cb63fb5005638b"
+    )
     assert tree_listing(repo_folder) == before
-    with pytest.raises(FileNotFoundError, match=r"no snapshot for revision 'fp16'.*cached refs: \['main'\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no snapshot for revision 'fp16'.*cached refs: \['main'\]"
+    ):
         resolve_repo("CompVis/stable-diffusion-v1-4", "fp16")
-    with pytest.raises(FileNotFoundError, match=r"python -m minildm download SYSTEM .*huggingface-cli download CompVis/ldm-celebahq-256"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"python -m minildm download SYSTEM "
+        r".*huggingface-cli download CompVis/ldm-celebahq-256",
+    ):
         minildm.load_component("CompVis/ldm-celebahq-256/unet")
 
 

@@ -3,8 +3,21 @@
 from minildm.pipelines.common import PipelineOutput
 from minildm.pipelines.ldm_text2im import LDMTextToImagePipeline
 from minildm.pipelines.ldm_uncond import LDMPipeline
-from minildm.pipelines.stable_diffusion import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionOutput,
-                                                StableDiffusionPipeline)
+from minildm.pipelines.stable_diffusion import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionOutput,
+    StableDiffusionPipeline,
+)
 from minildm.pipelines.vq_diffusion import VQDiffusionPipeline
 
-__all__ = ["LDMPipeline", "LDMTextToImagePipeline", "PipelineOutput", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionOutput", "StableDiffusionPipeline", "VQDiffusionPipeline"]
+__all__ = [
+    "LDMPipeline",
+    "LDMTextToImagePipeline",
+    "PipelineOutput",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionOutput",
+    "StableDiffusionPipeline",
+    "VQDiffusionPipeline",
+]

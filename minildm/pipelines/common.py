@@ -1,4 +1,5 @@
-"""What every pipeline returns: images as PIL, numpy or torch, the way diffusers rounds them."""
+"""What the pipelines share: their output (images as PIL, numpy or torch, rounded the way diffusers
+rounds them), the checks of their arguments, the starting noise and the scheduler's step options."""
 
 from dataclasses import dataclass
 
@@ -9,11 +10,13 @@ from PIL import Image
 
 @dataclass
 class PipelineOutput:
-    images: list | np.ndarray | torch.Tensor  # list of PIL images, (B, H, W, 3) numpy, or (B, 3, H, W) torch, in [0, 1]
+    # a list of PIL images, (B, H, W, 3) numpy, or (B, 3, H, W) torch, in [0, 1]
+    images: list | np.ndarray | torch.Tensor
 
 
 def images_out(images: torch.Tensor, output_type: str):
-    """(B, 3, H, W) images in [0, 1] -> the requested type. "pil" rounds to 8 bits as diffusers does."""
+    """(B, 3, H, W) images in [0, 1] -> the requested type; "pil" rounds to 8 bits as diffusers
+    does."""
     if output_type == "pt":
         return images
     array = images.float().cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
@@ -32,13 +35,18 @@ def check_output_type(output_type: str):
 def prompt_list(prompt) -> list:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        raise TypeError(
+            f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}"
+        )
     return prompts
 
 
 def check_image_size(height: int, width: int, factor: int = 8):
     if height % factor or width % factor or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {factor} (the autoencoder's and UNet's downsampling), got {height}x{width}")
+        raise ValueError(
+            f"height and width must be positive multiples of {factor} "
+            f"(the autoencoder's and UNet's downsampling), got {height}x{width}"
+        )
 
 
 def check_count(name: str, value):
@@ -46,22 +54,32 @@ def check_count(name: str, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_latents(latents: torch.Tensor | None, shape: tuple):
+    """The caller's starting latents, if any, must have the shape the call will produce."""
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+
+
 def initial_noise(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
     """Gaussian latents drawn in float32 on the generator's device (the CPU by default), then moved:
     the same seed gives the same image on any device and in any dtype, and the same as diffusers
     with a CPU generator."""
     noise_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(
+        device=device, dtype=dtype
+    )
 
 
 def step_options(scheduler, eta: float, generator) -> dict:
-    """The keyword arguments of scheduler.step: every minildm scheduler takes `generator`; only DDIM has
-    `eta`, and asking another scheduler for eta > 0 is an error rather than silently ignored."""
+    """The keyword arguments of scheduler.step: every minildm scheduler takes `generator`; only DDIM
+    has `eta`, and asking another scheduler for eta > 0 is an error rather than silently ignored."""
     import inspect
 
     options = {"generator": generator}
     if "eta" in inspect.signature(scheduler.step).parameters:
         options["eta"] = eta
     elif eta:
-        raise ValueError(f"eta={eta} only applies to DDIM; {type(scheduler).__name__} has no eta (pass eta=0.0)")
+        raise ValueError(
+            f"eta={eta} only applies to DDIM; {type(scheduler).__name__} has no eta (pass eta=0.0)"
+        )
     return options

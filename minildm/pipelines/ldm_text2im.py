@@ -1,9 +1,10 @@
 """The CompVis LDM text-to-image model (ldm-text2im-large-256): LDMBert text, KL-f8 latents, 256 px.
 
-Rombach et al. 2022 (arXiv:2112.10752), section 4.3.1. The same loop as Stable Diffusion with a BERT
-tokenizer and the 32-layer LDMBert encoder (1280-wide context); the unconditional branch of
+Rombach et al. 2022 (arXiv:2112.10752), section 4.3.1. The same loop as Stable Diffusion with a
+BERT tokenizer and the 32-layer LDMBert encoder (1280-wide context); the unconditional branch of
 classifier-free guidance is the empty prompt run through LDMBert ([CLS] [SEP] [PAD]...), and the
-default guidance scale is 1.0 (none), as in diffusers' LDMTextToImagePipeline, whose call this keeps.
+default guidance scale is 1.0 (none), as in diffusers' LDMTextToImagePipeline, whose call this
+keeps.
 
 Divergences from diffusers, on purpose: the loop scales the model input and the starting noise as
 the scheduler asks (`scale_model_input`, `init_noise_sigma`), so Euler-type schedulers work too
@@ -16,56 +17,89 @@ from pathlib import Path
 import torch
 
 from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
-from minildm.pipelines.common import (PipelineOutput, check_image_size, check_output_type, images_out, initial_noise,
-                                      prompt_list, step_options)
+from minildm.pipelines.common import (
+    PipelineOutput,
+    check_image_size,
+    check_latents,
+    check_output_type,
+    images_out,
+    initial_noise,
+    prompt_list,
+    step_options,
+)
 from minildm.weights import resolve_folder
 
 
 class LDMTextToImagePipeline:
     def __init__(self, vqvae, bert, tokenizer, unet, scheduler):
         # "vqvae" is diffusers' name for this model's KL autoencoder
-        self.vqvae, self.bert, self.tokenizer, self.unet, self.scheduler = vqvae, bert, tokenizer, unet, scheduler
+        self.vqvae = vqvae
+        self.bert = bert
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.scheduler = scheduler
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None) -> "LDMTextToImagePipeline":
+    def from_pretrained(
+        cls, name_or_path, device=None, dtype=None, variant: str | None = None
+    ) -> "LDMTextToImagePipeline":
         """From a hub-layout folder or `CompVis/ldm-text2im-large-256` in the Hugging Face cache."""
         folder = Path(resolve_folder(name_or_path))
         read_model_index(folder, "LDMTextToImagePipeline")
-        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vqvae", "bert", "unet")}
-        return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"), **parts)
+        parts = {
+            name: load_component(folder / name, device=device, dtype=dtype, variant=variant)
+            for name in ("vqvae", "bert", "unet")
+        }
+        return cls(
+            tokenizer=load_tokenizer(folder / "tokenizer"),
+            scheduler=load_scheduler(folder / "scheduler"),
+            **parts,
+        )
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, prompt, height: int = 256, width: int = 256, num_inference_steps: int = 50, guidance_scale: float = 1.0,
-                 eta: float = 0.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, callback=None):
+    def __call__(
+        self,
+        prompt,
+        height: int = 256,
+        width: int = 256,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+    ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         prompts = prompt_list(prompt)
-        check_image_size(height, width, self.vqvae.config.downsampling_factor * self.unet.config.downsampling_factor)
+        f = self.vqvae.config.downsampling_factor
+        check_image_size(height, width, f * self.unet.config.downsampling_factor)
         check_output_type(output_type)
+        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
+        check_latents(latents, shape)
         dtype = next(self.unet.parameters()).dtype
-        guided = guidance_scale != 1.0  # as diffusers: any scale but 1 runs the unconditional branch
+        guided = guidance_scale != 1.0  # as in diffusers: any scale but 1 runs the empty prompt too
 
         context = self.bert(self.tokenizer(prompts).to(self.device))  # (B, 77, 1280)
         if guided:
-            empty = self.bert(self.tokenizer([""] * len(prompts)).to(self.device))  # LDMBert's own "no text"
+            no_text = self.tokenizer([""] * len(prompts)).to(self.device)
+            empty = self.bert(no_text)  # LDMBert's own "no text": [CLS] [SEP] [PAD]...
             context = torch.cat([empty, context])  # (2B, 77, 1280)
         context = context.to(dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        f = self.vqvae.config.downsampling_factor
-        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         if latents is None:
             latents = initial_noise(shape, generator, self.device, dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(self.device, dtype) * self.scheduler.init_noise_sigma
         options = step_options(self.scheduler, eta, generator)
         for i, t in enumerate(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
             noise_prediction = self.unet(model_input, t, context)
             if guided:
                 unconditional, conditional = noise_prediction.chunk(2)
@@ -75,6 +109,7 @@ class LDMTextToImagePipeline:
                 callback(i, t, latents)
 
         vae_dtype = next(self.vqvae.parameters()).dtype
-        images = self.vqvae.decode(latents.to(vae_dtype) / self.vqvae.config.scaling_factor)
+        latents = latents.to(vae_dtype) / self.vqvae.config.scaling_factor
+        images = self.vqvae.decode(latents)  # (B, 3, H, W) in about [-1, 1]
         images = images_out((images.float() / 2 + 0.5).clamp(0, 1), output_type)
         return PipelineOutput(images) if return_dict else (images,)

@@ -6,7 +6,8 @@ as the original's `decode_first_stage` does. Keeps diffusers' LDMPipeline call.
 
 Latent scale: the original trains on unscaled VQ latents (scale_factor 1.0); the hub's vqvae config
 names no scaling_factor, so minildm's VQModel takes 1.0 where diffusers' takes its default 0.18215
-and, since 2023, multiplies the final latents by 1/0.18215 before decoding (facts 6.5).
+and, since 2023, multiplies the final latents by 1/0.18215 before decoding
+(docs/parity/pipelines.md, "LDM CelebA-HQ: the latent scale is 1, not 0.18215").
 """
 
 from pathlib import Path
@@ -14,20 +15,34 @@ from pathlib import Path
 import torch
 
 from minildm.load import load_component, load_scheduler, read_model_index
-from minildm.pipelines.common import PipelineOutput, check_count, check_output_type, images_out, initial_noise, step_options
+from minildm.pipelines.common import (
+    PipelineOutput,
+    check_count,
+    check_output_type,
+    images_out,
+    initial_noise,
+    step_options,
+)
 from minildm.weights import resolve_folder
 
 
 class LDMPipeline:
     def __init__(self, vqvae, unet, scheduler):
-        self.vqvae, self.unet, self.scheduler = vqvae, unet, scheduler
+        self.vqvae = vqvae
+        self.unet = unet
+        self.scheduler = scheduler
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None) -> "LDMPipeline":
+    def from_pretrained(
+        cls, name_or_path, device=None, dtype=None, variant: str | None = None
+    ) -> "LDMPipeline":
         """From a hub-layout folder or `CompVis/ldm-celebahq-256` in the Hugging Face cache."""
         folder = Path(resolve_folder(name_or_path))
         read_model_index(folder, "LDMPipeline")
-        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vqvae", "unet")}
+        parts = {
+            name: load_component(folder / name, device=device, dtype=dtype, variant=variant)
+            for name in ("vqvae", "unet")
+        }
         return cls(scheduler=load_scheduler(folder / "scheduler"), **parts)
 
     @property
@@ -35,19 +50,29 @@ class LDMPipeline:
         return next(self.unet.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, eta: float = 0.0, num_inference_steps: int = 50,
-                 output_type: str = "pil", return_dict: bool = True, callback=None):
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+        num_inference_steps: int = 50,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+    ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         check_count("batch_size", batch_size)
         check_output_type(output_type)
         dtype = next(self.unet.parameters()).dtype
         size = self.unet.config.sample_size
+        shape = (batch_size, self.unet.config.in_channels, size, size)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = initial_noise((batch_size, self.unet.config.in_channels, size, size), generator, self.device, dtype)
+        latents = initial_noise(shape, generator, self.device, dtype)
         latents = latents * self.scheduler.init_noise_sigma
         options = step_options(self.scheduler, eta, generator)
         for i, t in enumerate(self.scheduler.timesteps):
-            noise_prediction = self.unet(self.scheduler.scale_model_input(latents, t), t)
+            model_input = self.scheduler.scale_model_input(latents, t)
+            noise_prediction = self.unet(model_input, t)  # no text: self-attention only
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
             if callback is not None:
                 callback(i, t, latents)

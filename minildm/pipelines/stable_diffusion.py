@@ -23,13 +23,39 @@ import torch
 
 from minildm.autoencoder import KL_F8, load_autoencoder
 from minildm.clip import CLIP_VIT_L_14, load_clip_text_model
-from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index, split_stable_diffusion_checkpoint
+from minildm.load import (
+    load_component,
+    load_scheduler,
+    load_tokenizer,
+    read_model_index,
+    split_stable_diffusion_checkpoint,
+)
+from minildm.pipelines.common import (
+    check_count,
+    check_image_size,
+    check_latents,
+    check_output_type,
+    images_out,
+    initial_noise,
+    prompt_list,
+    step_options,
+)
 from minildm.schedulers import PNDMScheduler
 from minildm.tokenizer import CLIPTokenizer
 from minildm.unet import SD_V1, load_unet
-from minildm.pipelines.common import (check_count, check_image_size, check_output_type, images_out, initial_noise, prompt_list,
-                                      step_options)
 from minildm.weights import read_state_dict, resolve_folder
+
+# The scheduler diffusers gives an original single file, which holds none: PNDM (PLMS steps only)
+# on SD v1's training schedule (diffusers' loaders/single_file_utils.py, SCHEDULER_DEFAULT_CONFIG).
+# The command line builds any other scheduler for such a file from the same values.
+SINGLE_FILE_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
 
 
 @dataclass
@@ -40,41 +66,80 @@ class StableDiffusionOutput:
 
 class StableDiffusionPipeline:
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None):
-        self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = vae, text_encoder, tokenizer, unet, scheduler
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.scheduler = scheduler
         self.safety_checker = safety_checker
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None, safety_checker: bool = True):
-        """From a hub-layout folder or a repo in the Hugging Face cache (`CompVis/stable-diffusion-v1-4`).
-        safety_checker=False skips loading it even when the folder has one."""
+    def from_pretrained(
+        cls,
+        name_or_path,
+        device=None,
+        dtype=None,
+        variant: str | None = None,
+        safety_checker: bool = True,
+    ):
+        """From a hub-layout folder or a repo in the Hugging Face cache
+        (`CompVis/stable-diffusion-v1-4`). safety_checker=False skips loading it even when the
+        folder has one."""
         folder = Path(resolve_folder(name_or_path))
         index = read_model_index(folder, "StableDiffusionPipeline")
-        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vae", "text_encoder", "unet")}
+        parts = {
+            name: load_component(folder / name, device=device, dtype=dtype, variant=variant)
+            for name in ("vae", "text_encoder", "unet")
+        }
         checker = None
-        if safety_checker and index.get("safety_checker", [None])[0] is not None and (folder / "safety_checker").is_dir():
-            checker = load_component(folder / "safety_checker", device=device, dtype=dtype, variant=variant)
-        return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"), safety_checker=checker, **parts)
+        listed = index.get("safety_checker", [None])[0] is not None
+        if safety_checker and listed and (folder / "safety_checker").is_dir():
+            checker = load_component(
+                folder / "safety_checker", device=device, dtype=dtype, variant=variant
+            )
+        return cls(
+            tokenizer=load_tokenizer(folder / "tokenizer"),
+            scheduler=load_scheduler(folder / "scheduler"),
+            safety_checker=checker,
+            **parts,
+        )
 
     @classmethod
-    def from_single_file(cls, path, device=None, dtype=None, ema: bool | None = None,
-                         unet_config=SD_V1, vae_config=KL_F8, text_encoder_config=CLIP_VIT_L_14) -> "StableDiffusionPipeline":
+    def from_single_file(
+        cls,
+        path,
+        device=None,
+        dtype=None,
+        ema: bool | None = None,
+        unet_config=SD_V1,
+        vae_config=KL_F8,
+        text_encoder_config=CLIP_VIT_L_14,
+    ) -> "StableDiffusionPipeline":
         """From an original single-file checkpoint (sd-v1-4.ckpt, SD 1.x fine-tunes as .ckpt or
         .safetensors): the three models are split by key prefix and read through their own key maps;
-        the tokenizer is the shipped CLIP vocabulary and the scheduler diffusers' default for such files,
-        PNDM with SD's schedule (facts 5.5). `ema` chooses the weights of a file holding both copies.
+        the tokenizer is the shipped CLIP vocabulary and the scheduler diffusers' default for such
+        files, SINGLE_FILE_SCHEDULER. `ema` chooses the weights of a file holding both copies.
         The configs are SD v1's; others are for tests with small models."""
         parts = split_stable_diffusion_checkpoint(read_state_dict(path))
-        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
-                                  skip_prk_steps=True, steps_offset=1)
+        scheduler = PNDMScheduler.from_config(SINGLE_FILE_SCHEDULER)
         stored = parts["schedule"].get("alphas_cumprod")
-        if stored is not None and not torch.allclose(stored.double(), scheduler.alphas_cumprod.double(), rtol=1e-5):
-            warnings.warn(f"{path} stores a training noise schedule different from SD v1's (alphas_cumprod[-1] {stored[-1].item():.6g} vs "
-                          f"{scheduler.alphas_cumprod[-1].item():.6g}): samples may be off; set pipe.scheduler to one built from the right betas",
-                          stacklevel=2)
-        return cls(vae=load_autoencoder(vae_config, parts["vae"], device=device, dtype=dtype),
-                   text_encoder=load_clip_text_model(text_encoder_config, parts["text_encoder"], device=device, dtype=dtype),
-                   tokenizer=CLIPTokenizer(), unet=load_unet(unet_config, parts["unet"], device=device, dtype=dtype, ema=ema),
-                   scheduler=scheduler)
+        expected = scheduler.alphas_cumprod
+        if stored is not None and not torch.allclose(stored.double(), expected.double(), rtol=1e-5):
+            warnings.warn(
+                f"{path} stores a training noise schedule different from SD v1's "
+                f"(alphas_cumprod[-1] {stored[-1].item():.6g} vs {expected[-1].item():.6g}): "
+                "samples may be off; set pipe.scheduler to one built from the right betas",
+                stacklevel=2,
+            )
+        return cls(
+            vae=load_autoencoder(vae_config, parts["vae"], device=device, dtype=dtype),
+            text_encoder=load_clip_text_model(
+                text_encoder_config, parts["text_encoder"], device=device, dtype=dtype
+            ),
+            tokenizer=CLIPTokenizer(),
+            unet=load_unet(unet_config, parts["unet"], device=device, dtype=dtype, ema=ema),
+            scheduler=scheduler,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -84,80 +149,116 @@ class StableDiffusionPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def encode_prompt(self, prompts: list, negative_prompt, num_images_per_prompt: int, guided: bool) -> torch.Tensor:
-        """-> (B, 77, 768) text context, B = prompts x images per prompt; (2B, 77, 768) with the
-        negative (or empty) prompts first when guided."""
-        def encode(texts):
-            context = self.text_encoder(self.tokenizer(texts).to(self.device))  # (P, 77, 768)
-            return context.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, 768), each prompt's images together
-
-        text = encode(prompts)
-        if not guided:
-            return text.to(self.dtype)
-        negatives = [""] * len(prompts) if negative_prompt is None else [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        if not isinstance(negatives, list) or len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
-            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt), got {negative_prompt!r}")
-        return torch.cat([encode(negatives), text]).to(self.dtype)
-
-    def check_call(self, prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type) -> tuple:
-        """The checks every SD pipeline call makes; -> (prompts, guided, batch size)."""
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+        callback_steps: int = 1,
+    ):
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
-        guided = guidance_scale > 1.0  # classifier-free guidance; 1.0 means the conditional prediction alone
-        if negative_prompt is not None and not guided:
-            raise ValueError(f"negative_prompt has no effect without guidance (guidance_scale={guidance_scale} <= 1): drop it or raise the scale")
-        return prompts, guided, len(prompts) * num_images_per_prompt
+        check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
+        f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        factor = f * self.unet.config.downsampling_factor  # the UNet halves the latents too
+        check_image_size(height, width, factor)
+        batch = len(prompts) * num_images_per_prompt
+        shape = (batch, self.unet.config.in_channels, height // f, width // f)
+        check_latents(latents, shape)
+        guided = guidance_scale > 1.0  # classifier-free guidance; 1.0: the conditional prediction
+
+        # 1. the text condition
+        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
+        # 2. the noise schedule and the starting noise
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if latents is None:
+            latents = initial_noise(shape, generator, self.device, self.dtype)
+        latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        # 3. the denoising loop
+        options = step_options(self.scheduler, eta, generator)
+        timesteps = self.scheduler.timesteps
+        latents = self.denoise(
+            latents, timesteps, context, guidance_scale, options, callback, callback_steps
+        )
+        # 4. back to pixels
+        return self.decode(latents, output_type, return_dict)
+
+    def encode_prompt(
+        self, prompts: list, negative_prompt, num_images_per_prompt: int, guided: bool
+    ) -> torch.Tensor:
+        """-> (B, 77, 768) text context, B = prompts x images per prompt; (2B, 77, 768) with the
+        negative (or empty) prompts first when guided."""
+
+        def encode(texts):
+            context = self.text_encoder(self.tokenizer(texts).to(self.device))  # (P, 77, 768)
+            # (B, 77, 768), each prompt's images together
+            return context.repeat_interleave(num_images_per_prompt, dim=0)
+
+        text = encode(prompts)
+        if not guided:
+            return text.to(self.dtype)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = negative_prompt
+        return torch.cat([encode(negatives), text]).to(self.dtype)
 
     def image_batch(self, image, batch: int) -> torch.Tensor:
         """The input image(s) in [-1, 1], checked against the number of outputs."""
         factor = self.vae.config.downsampling_factor * self.unet.config.downsampling_factor
         pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, factor)
         if batch % pixels.shape[0]:
-            raise ValueError(f"{pixels.shape[0]} images for {batch} outputs (prompts x images per prompt): give one image, or one per output")
+            raise ValueError(
+                f"{pixels.shape[0]} images for {batch} outputs (prompts x images per prompt): "
+                "give one image, or one per output"
+            )
         return pixels
 
     def timesteps_from_strength(self, num_inference_steps: int, strength: float) -> torch.Tensor:
-        """Start `strength` of the way up the schedule: set it, then skip its first (1 - strength) share."""
+        """Start `strength` of the way up the schedule: set it, then skip its first
+        (1 - strength) share."""
         if not 0 <= strength <= 1:
-            raise ValueError(f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}")
+            raise ValueError(
+                f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}"
+            )
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
         calls_per_step = getattr(self.scheduler, "order", 1)  # Heun calls the model twice per step
-        return self.scheduler.timesteps[(num_inference_steps - steps_to_run) * calls_per_step:]
+        return self.scheduler.timesteps[(num_inference_steps - steps_to_run) * calls_per_step :]
 
-    @torch.no_grad()
-    def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 negative_prompt=None, num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
-        prompts, guided, batch = self.check_call(prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type)
-        f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        check_image_size(height, width, f * self.unet.config.downsampling_factor)  # the UNet halves the latents too
-
-        # 1. the text condition
-        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
-        # 2. the noise schedule and the starting noise
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        shape = (batch, self.unet.config.in_channels, height // f, width // f)
-        if latents is None:
-            latents = initial_noise(shape, generator, self.device, self.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
-        # 3. the denoising loop, 4. back to pixels
-        latents = self.denoise(latents, self.scheduler.timesteps, context, guidance_scale, step_options(self.scheduler, eta, generator),
-                               callback, callback_steps)
-        return self.decode(latents, output_type, return_dict)
-
-    def denoise(self, latents, timesteps, context, guidance_scale: float, options: dict, callback=None, callback_steps: int = 1,
-                extra_input=None, after_step=None):
-        """The loop of the blog post: at every timestep predict the noise (twice, with and without the
-        text, when guided), combine the two predictions, and let the scheduler take one step.
-        Inpainting adds `extra_input` channels to the UNet's input (the 9-channel model) or blends the
-        known region back in `after_step(i, latents)` (the base model)."""
+    def denoise(
+        self,
+        latents,
+        timesteps,
+        context,
+        guidance_scale: float,
+        options: dict,
+        callback=None,
+        callback_steps: int = 1,
+        extra_input=None,
+        after_step=None,
+    ):
+        """The loop of the blog post: at every timestep predict the noise (twice, with and without
+        the text, when guided), combine the two predictions, and let the scheduler take one step.
+        Inpainting adds `extra_input` channels to the UNet's input (the 9-channel model) or blends
+        the known region back in `after_step(i, latents)` (the base model)."""
         guided = guidance_scale > 1.0
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
@@ -176,59 +277,117 @@ class StableDiffusionPipeline:
         return latents
 
     def encode_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latents, a draw from the encoder's Gaussian (with `generator`)."""
+        """Pixels in [-1, 1] -> scaled latents, a draw from the encoder's Gaussian
+        (with `generator`)."""
         mean, logvar = self.vae.encode(pixels)
-        return (self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor).to(self.dtype)
+        latents = self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor
+        return latents.to(self.dtype)
 
     def decode(self, latents: torch.Tensor, output_type: str, return_dict: bool):
-        """Latents -> images in [0, 1], the safety checker's flags, and the requested output type."""
+        """Latents -> images in [0, 1], the safety checker's flags, the requested output type."""
         vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor)  # (B, 3, H, W) in about [-1, 1]
+        latents = latents.to(vae_dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(latents)  # (B, 3, H, W) in about [-1, 1]
         images = (images.float() / 2 + 0.5).clamp(0, 1)
-        flags = self.safety_checker.check(images) if self.safety_checker is not None else None
+        flags = None
+        if self.safety_checker is not None:
+            flags = self.safety_checker.check(images)
         images = images_out(images, output_type)
         return StableDiffusionOutput(images, flags) if return_dict else (images, flags)
 
 
+def check_negative_prompt(negative_prompt, count: int, guidance_scale: float):
+    """None, one string for every prompt, or a list of `count` strings; only with guidance."""
+    if negative_prompt is None:
+        return
+    if guidance_scale <= 1.0:
+        raise ValueError(
+            "negative_prompt has no effect without guidance "
+            f"(guidance_scale={guidance_scale} <= 1): drop it or raise the scale"
+        )
+    if isinstance(negative_prompt, str):
+        return
+    if (
+        not isinstance(negative_prompt, list)
+        or len(negative_prompt) != count
+        or not all(isinstance(n, str) for n in negative_prompt)
+    ):
+        raise ValueError(
+            f"negative_prompt must be a string or a list of {count} strings (one per prompt), "
+            f"got {negative_prompt!r}"
+        )
+
+
 def image_tensor(image, device, dtype, factor: int = 8) -> torch.Tensor:
-    """PIL image(s) or a (B, 3, H, W) tensor in [0, 1] -> (B, 3, H, W) in [-1, 1], the autoencoder's range.
-    Sizes must already be multiples of the autoencoder's factor: minildm does not resize silently."""
+    """PIL image(s) or a (B, 3, H, W) tensor in [0, 1] -> (B, 3, H, W) in [-1, 1], the autoencoder's
+    range. Sizes must already be multiples of the autoencoder's factor: minildm does not resize
+    silently."""
     import numpy as np
     from PIL import Image
 
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, list) and all(isinstance(i, Image.Image) for i in image):
-        image = torch.from_numpy(np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255 for i in image])).permute(0, 3, 1, 2)
+        arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255 for i in image]
+        image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"image must be a PIL image, a list of them, or a (B, 3, H, W) tensor in [0, 1]; got {type(image).__name__} "
-                         f"{tuple(getattr(image, 'shape', ()))}")
+        raise ValueError(
+            "image must be a PIL image, a list of them, or a (B, 3, H, W) tensor in [0, 1]; "
+            f"got {type(image).__name__} {tuple(getattr(image, 'shape', ()))}"
+        )
     if image.min() < 0 or image.max() > 1:
-        raise ValueError(f"image tensor values must lie in [0, 1], got [{image.min().item():.3g}, {image.max().item():.3g}]")
+        raise ValueError(
+            "image tensor values must lie in [0, 1], "
+            f"got [{image.min().item():.3g}, {image.max().item():.3g}]"
+        )
     check_image_size(image.shape[2], image.shape[3], factor)
     return (image * 2 - 1).to(device=device, dtype=dtype)
 
 
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
-    """Image-to-image (SDEdit, Meng et al. 2022, arXiv:2108.01073): encode the image, noise it to an
-    intermediate timestep chosen by `strength`, and run the rest of the loop from there. strength 1.0
-    starts from (almost) pure noise; 0.0 returns the image through the autoencoder."""
+    """Image-to-image (SDEdit, Meng et al. 2022, arXiv:2108.01073): encode the image, noise it to
+    an intermediate timestep chosen by `strength`, and run the rest of the loop from there.
+    strength 1.0 starts from (almost) pure noise; 0.0 returns the image through the autoencoder."""
 
     @torch.no_grad()
-    def __call__(self, prompt, image, strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
-                 num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback=None, callback_steps: int = 1):
-        prompts, guided, batch = self.check_call(prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type)
+    def __call__(
+        self,
+        prompt,
+        image,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+        callback_steps: int = 1,
+    ):
+        prompts = prompt_list(prompt)
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("callback_steps", callback_steps)
+        check_output_type(output_type)
+        check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
+        batch = len(prompts) * num_images_per_prompt
+        guided = guidance_scale > 1.0
+
         timesteps = self.timesteps_from_strength(num_inference_steps, strength)
         pixels = self.image_batch(image, batch)
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
-        # the image's latents, noised to the first timestep we run (drawn from `generator` in diffusers' order)
+        # the image's latents, noised to the first timestep we run (drawn from `generator` in
+        # diffusers' order)
         latents = self.encode_image(pixels, generator)
         latents = torch.cat([latents] * (batch // latents.shape[0]))  # (B, 4, h, w)
         if len(timesteps):
             noise = initial_noise(latents.shape, generator, self.device, self.dtype)
             latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
-        latents = self.denoise(latents, timesteps, context, guidance_scale, step_options(self.scheduler, eta, generator), callback, callback_steps)
+        options = step_options(self.scheduler, eta, generator)
+        latents = self.denoise(
+            latents, timesteps, context, guidance_scale, options, callback, callback_steps
+        )
         return self.decode(latents, output_type, return_dict)
 
 
@@ -241,54 +400,84 @@ def mask_tensor(mask_image, image_shape, device, dtype) -> torch.Tensor:
     if isinstance(mask_image, Image.Image):
         mask_image = [mask_image]
     if isinstance(mask_image, list) and all(isinstance(m, Image.Image) for m in mask_image):
-        mask_image = torch.from_numpy(np.stack([np.asarray(m.convert("L"), dtype=np.float32) / 255 for m in mask_image]))[:, None]
+        arrays = [np.asarray(m.convert("L"), dtype=np.float32) / 255 for m in mask_image]
+        mask_image = torch.from_numpy(np.stack(arrays))[:, None]  # (B, 1, H, W)
     if not isinstance(mask_image, torch.Tensor) or mask_image.ndim != 4 or mask_image.shape[1] != 1:
-        raise ValueError(f"mask_image must be a PIL image, a list of them, or a (B, 1, H, W) tensor in [0, 1]; got {tuple(getattr(mask_image, 'shape', ()))}")
+        raise ValueError(
+            "mask_image must be a PIL image, a list of them, or a (B, 1, H, W) tensor in [0, 1]; "
+            f"got {tuple(getattr(mask_image, 'shape', ()))}"
+        )
     if mask_image.shape[2:] != image_shape[2:] or mask_image.shape[0] not in (1, image_shape[0]):
-        raise ValueError(f"the mask is {tuple(mask_image.shape)}, the image {tuple(image_shape)}: give one mask, or one per image, of the image's size")
+        raise ValueError(
+            f"the mask is {tuple(mask_image.shape)}, the image {tuple(image_shape)}: "
+            "give one mask, or one per image, of the image's size"
+        )
     return (mask_image >= 0.5).to(device=device, dtype=dtype)
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     """Inpainting: repaint where the mask is white, keep the rest.
 
-    Two models work: the dedicated 9-channel inpainting UNet (runwayml's SD inpainting) sees the mask
-    and the latents of the masked image as 5 extra input channels; the base 4-channel UNet is steered
-    by blending: after every step the unmasked region is replaced by the original image's latents,
-    noised to the next timestep (RePaint-style, Lugmayr et al. 2022, without resampling).
+    Two models work: the dedicated 9-channel inpainting UNet (runwayml's SD inpainting) sees the
+    mask and the latents of the masked image as 5 extra input channels; the base 4-channel UNet is
+    steered by blending: after every step the unmasked region is replaced by the original image's
+    latents, noised to the next timestep (RePaint-style, Lugmayr et al. 2022, arXiv:2201.09865,
+    without resampling).
     """
 
     @torch.no_grad()
-    def __call__(self, prompt, image, mask_image, strength: float = 1.0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 negative_prompt=None, num_images_per_prompt: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
-                 output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
-        prompts, guided, batch = self.check_call(prompt, negative_prompt, guidance_scale, num_images_per_prompt, callback_steps, output_type)
+    def __call__(
+        self,
+        prompt,
+        image,
+        mask_image,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+        callback_steps: int = 1,
+    ):
+        prompts = prompt_list(prompt)
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("callback_steps", callback_steps)
+        check_output_type(output_type)
+        check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
+        check_inpainting_unet(self.unet.config.in_channels)
+        batch = len(prompts) * num_images_per_prompt
+        guided = guidance_scale > 1.0
         channels = self.unet.config.in_channels
-        if channels not in (4, 9):
-            raise ValueError(f"inpainting needs a 4-channel (base) or 9-channel (inpainting) UNet, this one takes {channels}")
+
         timesteps = self.timesteps_from_strength(num_inference_steps, strength)
+        check_steps_left(timesteps, strength, num_inference_steps)
         pixels = self.image_batch(image, batch)
         mask = mask_tensor(mask_image, pixels.shape, self.device, pixels.dtype)  # 1 = repaint
-        if len(timesteps) == 0:
-            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run: raise either")
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
         f = self.vae.config.downsampling_factor
         shape = (batch, 4, pixels.shape[2] // f, pixels.shape[3] // f)
-        # random draws in diffusers' order: the image's latents, the noise, the masked image's latents
+        # random draws in diffusers' order: the image's latents, the noise, the masked image's
+        # latents
         image_latents = None
         if channels == 4 or strength < 1:
-            image_latents = self.encode_image(pixels, generator).repeat(batch // pixels.shape[0], 1, 1, 1)  # (B, 4, h, w)
+            image_latents = self.encode_image(pixels, generator)
+            image_latents = image_latents.repeat(batch // pixels.shape[0], 1, 1, 1)  # (B, 4, h, w)
         noise = initial_noise(shape, generator, self.device, self.dtype)
         if strength == 1:
             latents = noise * self.scheduler.init_noise_sigma
         else:
             latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-        masked_latents = self.encode_image(pixels * (mask < 0.5), generator)  # the image with the hole blanked
+        masked_latents = self.encode_image(pixels * (mask < 0.5), generator)  # the hole blanked
         masked_latents = masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)
-        latent_mask = torch.nn.functional.interpolate(mask, size=shape[2:]).to(self.dtype)  # (Bm, 1, h, w), nearest
-        latent_mask = latent_mask.repeat(batch // latent_mask.shape[0], 1, 1, 1)
+        latent_mask = torch.nn.functional.interpolate(mask, size=shape[2:])  # (Bm, 1, h, w) nearest
+        latent_mask = latent_mask.to(self.dtype).repeat(batch // latent_mask.shape[0], 1, 1, 1)
 
-        extra_input, after_step = None, None
+        extra_input = None
+        after_step = None
         if channels == 9:  # the inpainting UNet reads the mask and the masked image
             extra_input = torch.cat([latent_mask, masked_latents], dim=1)  # (B, 1 + 4, h, w)
             extra_input = torch.cat([extra_input] * 2) if guided else extra_input
@@ -300,6 +489,33 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                     known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
                 return (1 - latent_mask) * known + latent_mask * latents
 
-        latents = self.denoise(latents, timesteps, context, guidance_scale, step_options(self.scheduler, eta, generator), callback, callback_steps,
-                               extra_input=extra_input, after_step=after_step)
+        options = step_options(self.scheduler, eta, generator)
+        latents = self.denoise(
+            latents,
+            timesteps,
+            context,
+            guidance_scale,
+            options,
+            callback,
+            callback_steps,
+            extra_input=extra_input,
+            after_step=after_step,
+        )
         return self.decode(latents, output_type, return_dict)
+
+
+def check_inpainting_unet(channels: int):
+    if channels not in (4, 9):
+        raise ValueError(
+            "inpainting needs a 4-channel (base) or 9-channel (inpainting) UNet, "
+            f"this one takes {channels}"
+        )
+
+
+def check_steps_left(timesteps, strength: float, num_inference_steps: int):
+    """Inpainting needs at least one step (image-to-image may run none and return the image)."""
+    if len(timesteps) == 0:
+        raise ValueError(
+            f"strength {strength} with {num_inference_steps} steps leaves no step to run: "
+            "raise either"
+        )

@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 
 from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
-from minildm.pipelines.common import PipelineOutput, check_count, check_output_type, images_out, prompt_list
+from minildm.pipelines.common import (
+    PipelineOutput,
+    check_count,
+    check_output_type,
+    images_out,
+    prompt_list,
+)
 from minildm.weights import read_config, resolve_folder
 
 
@@ -41,58 +47,86 @@ def truncate(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
 
 
 class VQDiffusionPipeline:
-    def __init__(self, vqvae, text_encoder, tokenizer, transformer, scheduler, learned_classifier_free_sampling_embeddings=None):
-        self.vqvae, self.text_encoder, self.tokenizer = vqvae, text_encoder, tokenizer
-        self.transformer, self.scheduler = transformer, scheduler
+    def __init__(
+        self,
+        vqvae,
+        text_encoder,
+        tokenizer,
+        transformer,
+        scheduler,
+        learned_classifier_free_sampling_embeddings=None,
+    ):
+        self.vqvae = vqvae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.transformer = transformer
+        self.scheduler = scheduler
         # None: the unconditional branch encodes the empty prompt instead (hub branches without it)
-        self.learned_classifier_free_sampling_embeddings = learned_classifier_free_sampling_embeddings
+        embeddings = learned_classifier_free_sampling_embeddings
+        self.learned_classifier_free_sampling_embeddings = embeddings
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, variant: str | None = None) -> "VQDiffusionPipeline":
+    def from_pretrained(
+        cls, name_or_path, device=None, dtype=None, variant: str | None = None
+    ) -> "VQDiffusionPipeline":
         """From a hub-layout folder (or `microsoft/vq-diffusion-ithq` in the Hugging Face cache)."""
         folder = Path(resolve_folder(name_or_path))
         index = read_model_index(folder, "VQDiffusionPipeline")
-        parts = {name: load_component(folder / name, device=device, dtype=dtype, variant=variant) for name in ("vqvae", "text_encoder", "transformer")}
-        embeddings = None  # the fp16 branch of the hub repo has none (facts 4.1)
+        parts = {
+            name: load_component(folder / name, device=device, dtype=dtype, variant=variant)
+            for name in ("vqvae", "text_encoder", "transformer")
+        }
+        # None where the folder has none: the fp16 branch of the hub's microsoft/vq-diffusion-ithq,
+        # whose model_index.json lists no learned_classifier_free_sampling_embeddings
+        embeddings = None
         embeddings_folder = folder / "learned_classifier_free_sampling_embeddings"
-        if "learned_classifier_free_sampling_embeddings" in index and read_config(embeddings_folder).get("learnable"):
-            embeddings = load_component(embeddings_folder, device=device, dtype=dtype, variant=variant)
-        return cls(tokenizer=load_tokenizer(folder / "tokenizer"), scheduler=load_scheduler(folder / "scheduler"),
-                   learned_classifier_free_sampling_embeddings=embeddings, **parts)
+        listed = "learned_classifier_free_sampling_embeddings" in index
+        if listed and read_config(embeddings_folder).get("learnable"):
+            embeddings = load_component(
+                embeddings_folder, device=device, dtype=dtype, variant=variant
+            )
+        return cls(
+            tokenizer=load_tokenizer(folder / "tokenizer"),
+            scheduler=load_scheduler(folder / "scheduler"),
+            learned_classifier_free_sampling_embeddings=embeddings,
+            **parts,
+        )
 
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def encode_prompt(self, prompts: list, num_images_per_prompt: int, guided: bool) -> torch.Tensor:
-        """-> (B, 77, D) text context, or (2B, 77, D) with the unconditional half first when guided."""
-        dtype = next(self.transformer.parameters()).dtype
-        text = self.text_encoder(self.tokenizer(prompts).to(self.device))  # (P, 77, D)
-        text = text / text.norm(dim=-1, keepdim=True)  # every token vector on the unit sphere, as in training
-        text = text.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
-        if not guided:
-            return text.to(dtype)
-        if self.learned_classifier_free_sampling_embeddings is not None:
-            empty = self.learned_classifier_free_sampling_embeddings.embeddings[None]  # (1, 77, D), used as is
-        else:
-            empty = self.text_encoder(self.tokenizer([""]).to(self.device))
-            empty = empty / empty.norm(dim=-1, keepdim=True)
-        return torch.cat([empty.expand_as(text).to(text.dtype), text]).to(dtype)  # (2B, 77, D)
-
     @torch.no_grad()
-    def __call__(self, prompt, num_inference_steps: int = 100, guidance_scale: float = 5.0, truncation_rate: float = 1.0,
-                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, callback=None, callback_steps: int = 1):
+    def __call__(
+        self,
+        prompt,
+        num_inference_steps: int = 100,
+        guidance_scale: float = 5.0,
+        truncation_rate: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+        callback_steps: int = 1,
+    ):
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
-        if not 0 < truncation_rate <= 1:
-            raise ValueError(f"truncation_rate must lie in (0, 1] (a cumulative probability), got {truncation_rate!r}")
+        check_truncation_rate(truncation_rate)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         config = self.transformer.config
         batch = len(prompts) * num_images_per_prompt
+        shape = (batch, config.height * config.width)  # (B, N): one code per latent position
+        check_codes(latents, shape, config.height, config.width, config.mask_index)
         guided = guidance_scale > 1.0
-        sample = self._initial_codes(latents, batch)  # (B, N)
+
+        # start from all [MASK] (the state at the last diffusion step), or the caller's codes
+        if latents is None:
+            sample = torch.full(shape, config.mask_index, device=self.device)
+        else:
+            sample = latents.to(self.device)
         context = self.encode_prompt(prompts, num_images_per_prompt, guided)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -103,24 +137,55 @@ class VQDiffusionPipeline:
                 unconditional, conditional = log_p_x_0.chunk(2)
                 log_p_x_0 = unconditional + guidance_scale * (conditional - unconditional)
                 log_p_x_0 = log_p_x_0 - torch.logsumexp(log_p_x_0, dim=1, keepdim=True)
-            log_p_x_0 = truncate(log_p_x_0, truncation_rate).clamp(min=-70)  # -70: exp() is 0 in float32 anyway
-            sample = self.scheduler.step(log_p_x_0, t, sample, generator=generator)  # (B, N) codes of x_{t-1}
+            log_p_x_0 = truncate(log_p_x_0, truncation_rate)
+            log_p_x_0 = log_p_x_0.clamp(min=-70)  # -70: exp() is 0 in float32 anyway
+            # sample x_{t-1}: (B, N) codes
+            sample = self.scheduler.step(log_p_x_0, t, sample, generator=generator)
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, sample)
 
-        images = self.vqvae.decode_indices(sample, (config.height, config.width))  # (B, 3, H, W) in [-1, 1]
-        images = images_out((images.float() / 2 + 0.5).clamp(0, 1), output_type)
+        images = self.vqvae.decode_indices(sample, (config.height, config.width))  # (B, 3, H, W)
+        images = images_out((images.float() / 2 + 0.5).clamp(0, 1), output_type)  # from [-1, 1]
         return PipelineOutput(images) if return_dict else (images,)
 
-    def _initial_codes(self, latents, batch: int) -> torch.Tensor:
-        """All [MASK] (the state at the last diffusion step), or the caller's codes, checked."""
-        config = self.transformer.config
-        shape = (batch, config.height * config.width)
-        if latents is None:
-            return torch.full(shape, config.mask_index, device=self.device)
-        if tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} (images x {config.height}*{config.width} code positions), got {tuple(latents.shape)}")
-        if latents.dtype != torch.long or latents.min() < 0 or latents.max() > config.mask_index:
-            raise ValueError(f"latents must be integer code indices in [0, {config.mask_index}] ({config.mask_index} = [MASK]), "
-                             f"got {latents.dtype} in [{latents.min().item()}, {latents.max().item()}]")
-        return latents.to(self.device)
+    def encode_prompt(self, prompts: list, num_images_per_prompt: int, guided: bool):
+        """-> (B, 77, D) text context, or (2B, 77, D) with the unconditional half first when
+        guided."""
+        dtype = next(self.transformer.parameters()).dtype
+        text = self.text_encoder(self.tokenizer(prompts).to(self.device))  # (P, 77, D)
+        text = text / text.norm(dim=-1, keepdim=True)  # unit length per token, as in training
+        text = text.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
+        if not guided:
+            return text.to(dtype)
+        if self.learned_classifier_free_sampling_embeddings is not None:
+            # the learned "no text", used as is (not normalised)
+            empty = self.learned_classifier_free_sampling_embeddings.embeddings[None]  # (1, 77, D)
+        else:
+            empty = self.text_encoder(self.tokenizer([""]).to(self.device))
+            empty = empty / empty.norm(dim=-1, keepdim=True)
+        return torch.cat([empty.expand_as(text).to(text.dtype), text]).to(dtype)  # (2B, 77, D)
+
+
+def check_truncation_rate(truncation_rate: float):
+    if not 0 < truncation_rate <= 1:
+        raise ValueError(
+            "truncation_rate must lie in (0, 1] (a cumulative probability), "
+            f"got {truncation_rate!r}"
+        )
+
+
+def check_codes(latents: torch.Tensor | None, shape: tuple, height: int, width: int, mask: int):
+    """The caller's starting codes, if any: `shape` (images, height * width positions), integers
+    in [0, mask] (mask = [MASK])."""
+    if latents is None:
+        return
+    if tuple(latents.shape) != shape:
+        raise ValueError(
+            f"latents must have shape {shape} (images x {height}*{width} code positions), "
+            f"got {tuple(latents.shape)}"
+        )
+    if latents.dtype != torch.long or latents.min() < 0 or latents.max() > mask:
+        raise ValueError(
+            f"latents must be integer code indices in [0, {mask}] ({mask} = [MASK]), "
+            f"got {latents.dtype} in [{latents.min().item()}, {latents.max().item()}]"
+        )
