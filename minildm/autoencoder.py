@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.layers import FP32GroupNorm, legacy_attention_name, squeeze_attention_weights
 from minildm.weights import load_into, rename_keys
 
 
@@ -118,57 +119,54 @@ VQ_F8_ITHQ = AutoencoderConfig(  # microsoft/vq-diffusion-ithq (facts 4.2-4.3); 
 # --- building blocks ----------------------------------------------------------------------------
 
 
-class FP32GroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in float32 whatever the input dtype: a half-precision
-    variance over 512 channels x 4096 pixels loses most of its digits."""
-
-    def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
 class ResBlock(nn.Module):
     """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on the skip path when C changes.
 
-    Shared with the UNet, whose ResBlocks also add a projection of the timestep embedding between
-    the two convolutions (time_channels > 0) and use GroupNorm eps 1e-5 instead of 1e-6.
+    The UNet's ResBlock (unet.py) is this one plus a timestep input, with GroupNorm eps 1e-5.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6, time_channels: int = 0):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.norm1 = FP32GroupNorm(groups, in_channels, eps=eps)  # eps 1e-6 throughout the autoencoders (facts 6.10)
+        # eps 1e-6 throughout the autoencoders (CompVis/latent-diffusion
+        # ldm/modules/diffusionmodules/model.py Normalize)
+        self.norm1 = FP32GroupNorm(groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Linear(time_channels, out_channels) if time_channels else None
-        self.norm2 = FP32GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = FP32GroupNorm(groups, out_channels, eps=1e-6)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x, time_embedding=None):  # (B, C_in, H, W) [, (B, T)] -> (B, C_out, H, W)
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W)
         h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_proj is not None:
-            h = h + self.time_proj(F.silu(time_embedding))[:, :, None, None]  # one shift per channel
         h = self.conv2(F.silu(self.norm2(h)))
         return (self.shortcut(x) if self.shortcut is not None else x) + h
 
 
 class Attention(nn.Module):
-    """Self-attention over all pixels, with a residual: every pixel mixes with every other.
+    """Self-attention over all pixels, in one head, with a residual: every pixel mixes with every
+    other.
 
-    softmax(Q K^T / sqrt(Dh)) V as in clip.attention; here `F.scaled_dot_product_attention` computes it
-    without materialising the (HW x HW) score matrix, with float32 softmax statistics in its kernels.
-    One head in the autoencoders; the CelebA-HQ UNet uses several heads of 32 channels and eps 1e-5.
+    softmax(Q K^T / sqrt(C)) V as written out in layers.attention; here
+    `F.scaled_dot_product_attention` computes it without materialising the (HW x HW) score matrix,
+    with float32 softmax statistics in its kernels.
     """
 
-    def __init__(self, channels: int, groups: int, heads: int = 1, eps: float = 1e-6):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.heads = heads
-        self.norm = FP32GroupNorm(groups, channels, eps=eps)
-        self.q, self.k, self.v, self.out = (nn.Linear(channels, channels) for _ in range(4))
+        self.norm = FP32GroupNorm(groups, channels, eps=1e-6)
+        self.q = nn.Linear(channels, channels)
+        self.k = nn.Linear(channels, channels)
+        self.v = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, channels)
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C): one token per pixel
-        q, k, v = (proj(h).view(B, H * W, self.heads, C // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, heads, HW, Dh)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+
+        def one_head(t):  # (B, HW, C) -> (B, 1, HW, C)
+            return t.view(B, H * W, 1, C).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(one_head(self.q(h)), one_head(self.k(h)), one_head(self.v(h)))
+        y = y.transpose(1, 2).reshape(B, H * W, C)
         y = self.out(y).transpose(1, 2).reshape(B, C, H, W)
         return x + y
 
@@ -404,8 +402,6 @@ DIFFUSERS_NAMES = [
     (r"(attentions\.\d+)\.out\.", r"\1.to_out.0."),
     (r"^codebook\.", "quantize.embedding."),
 ]
-# diffusers' 2022 AttentionBlock names, still inside the official hub files (facts 5.8)
-LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
 def diffusers_name(name: str) -> str:
@@ -440,10 +436,9 @@ def file_names(model: nn.Module) -> dict:
     num_levels = len(model.config.channels)
     table = {}
     for ours in model.state_dict():
-        diffusers, original = diffusers_name(ours), original_name(ours, num_levels)
-        legacy = diffusers
-        for new, old in LEGACY_ATTENTION_NAMES.items():
-            legacy = legacy.replace(f".{new}.", f".{old}.")
+        diffusers = diffusers_name(ours)
+        original = original_name(ours, num_levels)
+        legacy = legacy_attention_name(diffusers)  # the 2022 names inside the official hub files
         spellings = {diffusers, legacy, original, "first_stage_model." + original, "vae." + original}
         if ours == "codebook.weight":
             spellings.add("quantize.embedding")  # VQ-Diffusion's EMA quantizer keeps a bare tensor (facts 5.7)
@@ -455,13 +450,6 @@ def file_names(model: nn.Module) -> dict:
 # Training-only tensors in original checkpoints: the GAN/LPIPS loss, EMA bookkeeping, and the EMA
 # quantizer's running statistics (VQ-Diffusion's EMAVectorQuantizer).
 DROPPED_KEYS = [r"(first_stage_model\.)?loss\..*", r"model_ema\..*", r"(first_stage_model\.)?quantize\.(cluster_size|embedding_avg|embed_avg)"]
-
-
-def _squeeze_attention_weights(weights: dict) -> dict:
-    """Original checkpoints (and some diffusers files) hold attention projections as 1x1 convs
-    [C, C, 1, 1]; ours are Linear [C, C]."""
-    pattern = re.compile(r".*attention(s\.\d+)?\.(q|k|v|out)\.weight")
-    return {k: v[:, :, 0, 0] if v.ndim == 4 and pattern.fullmatch(k) else v for k, v in weights.items()}
 
 
 def _mismatch_hint(missing, unexpected, mismatched):
@@ -483,4 +471,4 @@ def load_autoencoder(config: AutoencoderConfig, state_dict: dict, device=None, d
         model = VQModel(config) if config.is_vq else AutoencoderKL(config)
     weights, names_in_file = rename_keys(state_dict, file_names(model), DROPPED_KEYS)
     what = "VQ autoencoder" if config.is_vq else "KL autoencoder"
-    return load_into(model, _squeeze_attention_weights(weights), file_names=names_in_file, device=device, dtype=dtype, what=what, hint=_mismatch_hint)
+    return load_into(model, squeeze_attention_weights(weights), file_names=names_in_file, device=device, dtype=dtype, what=what, hint=_mismatch_hint)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.layers import FP32LayerNorm, attention, check_input_ids
 from minildm.weights import load_into, remap_keys
 
 
@@ -108,29 +109,6 @@ def _hidden_act(config: dict) -> str:
     return activation
 
 
-class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm whose mean and variance are computed in float32, whatever the input dtype:
-    in fp16/bf16 the variance of a wide vector loses most of its digits."""
-
-    def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
-def attention(q, k, v, causal: bool):
-    """softmax(Q K^T / sqrt(Dh)) V, written out for the reader; q, k, v are (B, H, L, Dh).
-
-    The softmax runs in float32 (a half-precision softmax over 77 scores loses small weights).
-    `F.scaled_dot_product_attention(q, k, v, is_causal=causal)` computes the same; at 77 tokens (or
-    257 image patches) the explicit form costs little.
-    """
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, L, L)
-    if causal:  # token i may attend to tokens 0..i only (CLIP was trained left to right)
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    weights = scores.float().softmax(dim=-1).to(v.dtype)
-    return weights @ v  # (B, H, L, Dh)
-
-
 class SelfAttention(nn.Module):
     """causal: text tokens see only earlier tokens; image patches all see each other (causal=False)."""
 
@@ -192,16 +170,6 @@ class CLIPTextModel(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.final_norm(x)  # (B, L, D)
-
-
-def check_input_ids(input_ids, vocab_size: int, max_length: int):
-    """Refuse what would otherwise fail deep inside an embedding lookup, with a message that helps."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.ndim != 2:
-        raise TypeError(f"expected input_ids as a LongTensor [B, L] (from the tokenizer), got {getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.shape[1] > max_length:
-        raise ValueError(f"{input_ids.shape[1]} tokens given; the model has {max_length} positions (truncate with the tokenizer)")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); got [{input_ids.min().item()}, {input_ids.max().item()}]: was a different tokenizer used?")
 
 
 class CLIPVisionModel(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.clip import FP32LayerNorm, check_input_ids, attention
+from minildm.layers import FP32LayerNorm, attention, check_input_ids
 from minildm.weights import load_into, remap_keys
 
 

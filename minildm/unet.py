@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.autoencoder import Attention, FP32GroupNorm, ResBlock, Upsample
+from minildm.layers import FP32GroupNorm, legacy_attention_name, squeeze_attention_weights
 from minildm.weights import CheckpointError, load_into, rename_keys
 
 
@@ -150,16 +150,64 @@ class TimestepMLP(nn.Module):
         return self.linear2(F.silu(self.linear1(features)))
 
 
-class MultiHeadAttention(nn.Module):
-    """Attention from the tokens x (B, N, C) to `context` (B, L, D), or to x itself when context is
-    None. q/k/v have no bias in the LDM spatial transformer; VQ-Diffusion's transformer has them."""
+class ResBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x))) + time))), with a 1x1 conv on the skip path when C
+    changes: the autoencoder's ResBlock plus a projection of the timestep embedding, added to every
+    pixel between the two convolutions (Ho et al. 2020, appendix B)."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float, time_channels: int):
+        super().__init__()
+        self.norm1 = FP32GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_channels, out_channels)
+        self.norm2 = FP32GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x, time_embedding):  # (B, C_in, h, w), (B, T) -> (B, C_out, h, w)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(time_embedding))[:, :, None, None]  # one shift per channel
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.shortcut(x) if self.shortcut is not None else x) + h
+
+
+class SelfAttentionBlock(nn.Module):
+    """The unconditional UNet's attention (openaimodel AttentionBlock): GroupNorm, multi-head
+    self-attention over all pixels, a residual. Heads of a fixed width (32 channels for CelebA-HQ).
+    The computation of the autoencoder's Attention, with several heads and eps 1e-5."""
+
+    def __init__(self, channels: int, heads: int, groups: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(channels, channels, bias=qkv_bias)
-        self.k = nn.Linear(context_dim or channels, channels, bias=qkv_bias)
-        self.v = nn.Linear(context_dim or channels, channels, bias=qkv_bias)
+        self.norm = FP32GroupNorm(groups, channels, eps=eps)
+        self.q = nn.Linear(channels, channels)
+        self.k = nn.Linear(channels, channels)
+        self.v = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x):  # (B, C, h, w)
+        B, C, H, W = x.shape
+        h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, hw, C): one token per pixel
+
+        def split_heads(t):  # (B, hw, C) -> (B, heads, hw, C / heads)
+            return t.view(B, H * W, self.heads, C // self.heads).transpose(1, 2)
+
+        q, k, v = split_heads(self.q(h)), split_heads(self.k(h)), split_heads(self.v(h))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        y = self.out(y).transpose(1, 2).reshape(B, C, H, W)
+        return x + y
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention from the tokens x (B, N, C) to `context` (B, L, D), or to x itself when context is
+    None. q/k/v have no bias in the LDM spatial transformer."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(channels, channels, bias=False)
+        self.k = nn.Linear(context_dim or channels, channels, bias=False)
+        self.v = nn.Linear(context_dim or channels, channels, bias=False)
         self.out = nn.Linear(channels, channels)
 
     def forward(self, x, context=None):
@@ -169,7 +217,7 @@ class MultiHeadAttention(nn.Module):
         def split_heads(t):  # (B, n, C) -> (B, heads, n, C / heads)
             return t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)
 
-        # softmax(Q K^T / sqrt(Dh)) V, as written out in clip.attention; the fused kernels keep the
+        # softmax(Q K^T / sqrt(Dh)) V, as written out in layers.attention; the fused kernels keep the
         # softmax statistics in float32 for half-precision inputs
         y = F.scaled_dot_product_attention(split_heads(self.q(x)), split_heads(self.k(context)), split_heads(self.v(context)))
         return self.out(y.transpose(1, 2).reshape(B, N, C))
@@ -234,6 +282,17 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
 class UNetLevel(nn.Module):
     """The ResBlocks, attentions (one per ResBlock, or none) and resampling of one resolution level.
     UNet.forward runs them, because the skip connections cross between levels."""
@@ -257,7 +316,7 @@ class UNet(nn.Module):
         def attention(c):
             if config.context_dim is not None:
                 return SpatialTransformer(c, config.heads_at(c), config.context_dim, config.norm_groups)
-            return Attention(c, config.norm_groups, heads=config.heads_at(c), eps=config.norm_eps)
+            return SelfAttentionBlock(c, config.heads_at(c), config.norm_groups, config.norm_eps)
 
         skip_channels = [ch[0]]  # channels of every tensor the down path keeps, in order
         self.down = nn.ModuleList()
@@ -436,15 +495,11 @@ def original_name(name: str, config: UNetConfig) -> str:
 def file_names(model: "UNet") -> dict:
     """{name in some official layout: our name} for every parameter."""
     table = {}
-    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     for ours in model.state_dict():
         diffusers, original = diffusers_name(ours, model.config), original_name(ours, model.config)
         spellings = {diffusers, "model.diffusion_model." + original}
-        if model.config.context_dim is None and ".attentions." in diffusers:  # the CelebA-HQ hub file's 2022 names
-            old = diffusers
-            for new, name in legacy.items():
-                old = old.replace(f".{new}.", f".{name}.")
-            spellings.add(old)
+        if model.config.context_dim is None and ".attentions." in diffusers:
+            spellings.add(legacy_attention_name(diffusers))  # the CelebA-HQ hub file's 2022 names
         for theirs in spellings:
             assert table.setdefault(theirs, ours) == ours, f"{theirs} would name two parameters"
     return table
@@ -515,5 +570,5 @@ def load_unet(config: UNetConfig, state_dict: dict, device=None, dtype=None, ema
         state_dict = split_fused_qkv(state_dict, config.head_channels)
     weights, names_in_file = rename_keys(state_dict, file_names(model), drop=[r"model_ema\.(decay|num_updates)"])
     # the CelebA-HQ hub file may hold its attention projections as 1x1 convs
-    weights = {k: v[:, :, 0, 0] if v.ndim == 4 and re.fullmatch(r".*attention(s\.\d+)?\.(q|k|v|out)\.weight", k) else v for k, v in weights.items()}
+    weights = squeeze_attention_weights(weights)
     return load_into(model, weights, file_names=names_in_file, device=device, dtype=dtype, what="UNet", hint=_mismatch_hint)

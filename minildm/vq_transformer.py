@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.clip import FP32LayerNorm
-from minildm.unet import MultiHeadAttention
+from minildm.layers import FP32LayerNorm
 from minildm.weights import load_into, remap_keys
 
 
@@ -108,9 +107,35 @@ class AdaLayerNorm(nn.Module):
         scale, shift = self.linear(F.silu(self.emb(timestep))).chunk(2, dim=-1)  # each (C,) or (B, C)
         if timestep.ndim == 1:
             scale, shift = scale[:, None, :], shift[:, None, :]  # one step per sample
-        # statistics in float32 whatever the dtype (see clip.FP32LayerNorm)
+        # statistics in float32 whatever the dtype (see layers.FP32LayerNorm)
         normed = F.layer_norm(x.float(), (self.channels,), eps=1e-5).to(x.dtype)
         return normed * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Multi-head attention from the tokens x (B, N, C) to `context` (B, L, D), or to x itself when
+    context is None. q, k and v have biases here (the config's attention_bias), unlike the UNet's."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(channels, channels)
+        self.k = nn.Linear(context_dim or channels, channels)
+        self.v = nn.Linear(context_dim or channels, channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        B, N, C = x.shape
+
+        def split_heads(t):  # (B, n, C) -> (B, heads, n, C / heads)
+            return t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)
+
+        # softmax(Q K^T / sqrt(Dh)) V, as written out in layers.attention; the fused kernel keeps
+        # the softmax statistics in float32 for half-precision inputs
+        q, k, v = split_heads(self.q(x)), split_heads(self.k(context)), split_heads(self.v(context))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C / heads)
+        return self.out(y.transpose(1, 2).reshape(B, N, C))
 
 
 class FeedForward(nn.Module):
@@ -131,9 +156,9 @@ class Block(nn.Module):
         super().__init__()
         C = config.channels
         self.norm1 = AdaLayerNorm(C, config.num_timesteps)
-        self.attn1 = MultiHeadAttention(C, config.heads, qkv_bias=True)
+        self.attn1 = Attention(C, config.heads)
         self.norm2 = AdaLayerNorm(C, config.num_timesteps)
-        self.attn2 = MultiHeadAttention(C, config.heads, context_dim=config.context_dim, qkv_bias=True)
+        self.attn2 = Attention(C, config.heads, context_dim=config.context_dim)
         self.norm3 = FP32LayerNorm(C)
         self.ff = FeedForward(C)
 
