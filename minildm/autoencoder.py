@@ -18,8 +18,9 @@ self-attention between two ResBlocks in the middle). Matches CompVis/latent-diff
 Latent scaling. Diffusion models are trained on `latent * scaling_factor` so the latents have about
 unit variance: 0.18215 for KL-f8 (the YAML `scale_factor`). The CelebA-HQ LDM trains on unscaled VQ
 latents (its YAML sets no scale_factor, so LatentDiffusion's default 1.0 applies); diffusers' VQModel
-defaults to 0.18215 when the config omits it, and `LDMPipeline` has divided by it since 2023
-(facts 6.5). minildm keeps 1.0 for VQ models whose config names no scaling factor, as the original does.
+defaults to 0.18215 when the config omits it, and `LDMPipeline` has divided by it since 2023. minildm
+keeps 1.0 for VQ models whose config names no scaling factor, as the original does
+(docs/parity/models.md, The VQ autoencoders' config names no scaling_factor).
 
 Shapes: B batch, C channels, H x W image, h x w latent (H/f, W/f), D code dim, N codebook size.
 """
@@ -37,7 +38,8 @@ from minildm.weights import load_into, rename_keys
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """Defaults: the KL-f8 autoencoder of Stable Diffusion v1 (facts 1.3)."""
+    """Defaults: the KL-f8 autoencoder of Stable Diffusion v1 (the hub's vae/config.json of
+    CompVis/stable-diffusion-v1-4)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -109,9 +111,15 @@ class AutoencoderConfig:
         return config
 
 
-KL_F8 = AutoencoderConfig()  # Stable Diffusion v1.x and CompVis/ldm-text2im-large-256 (facts 1.3, 2.2)
-VQ_F4_CELEBAHQ = AutoencoderConfig(channels=(128, 256, 512), latent_channels=3, codebook_size=8192, code_dim=3, scaling_factor=1.0)  # facts 3.2-3.3
-VQ_F8_ITHQ = AutoencoderConfig(  # microsoft/vq-diffusion-ithq (facts 4.2-4.3); works on indices, so no scaling
+# Stable Diffusion v1.x and CompVis/ldm-text2im-large-256: the hub's vae/config.json and
+# vqvae/config.json of the two repos, which describe the same model
+KL_F8 = AutoencoderConfig()
+# CompVis/ldm-celebahq-256: the hub's vqvae/config.json; the scale of CompVis/latent-diffusion
+# models/ldm/celeba256/config.yaml (none set: LatentDiffusion's default 1.0)
+VQ_F4_CELEBAHQ = AutoencoderConfig(channels=(128, 256, 512), latent_channels=3, codebook_size=8192, code_dim=3, scaling_factor=1.0)
+# microsoft/vq-diffusion-ithq: the hub's vqvae/config.json (microsoft/VQ-Diffusion's
+# taming_dvae/config.yaml); it works on code indices, so no scaling
+VQ_F8_ITHQ = AutoencoderConfig(
     channels=(64, 128, 256, 512), attention_levels=(3,), latent_channels=256, codebook_size=4096, code_dim=128, scaling_factor=1.0
 )
 
@@ -173,7 +181,8 @@ class Attention(nn.Module):
 
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3x3 conv after padding one zero row/column on the bottom/right
-    only (the original's asymmetric padding, facts 6.11), so H=2k gives exactly k rows."""
+    only (the original's asymmetric padding: CompVis/latent-diffusion
+    ldm/modules/diffusionmodules/model.py Downsample), so H=2k gives exactly k rows."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -363,7 +372,8 @@ class VQModel(nn.Module):
 
     def decode(self, h: torch.Tensor, quantize: bool = True, sliced: bool = False) -> torch.Tensor:
         """Latents (B, D, h, w) -> images (B, 3, H, W). `quantize=True` snaps them to the codebook first,
-        as the original `decode_first_stage` does for the CelebA-HQ LDM (facts 3.3)."""
+        as the original does for the CelebA-HQ LDM (CompVis/latent-diffusion ldm/models/diffusion/ddpm.py
+        LatentDiffusion.decode_first_stage)."""
         _check_latent(h, self.config.code_dim, "VQ latents")
         if quantize:
             h = self.quantize(h)[0]
@@ -441,7 +451,8 @@ def file_names(model: nn.Module) -> dict:
         legacy = legacy_attention_name(diffusers)  # the 2022 names inside the official hub files
         spellings = {diffusers, legacy, original, "first_stage_model." + original, "vae." + original}
         if ours == "codebook.weight":
-            spellings.add("quantize.embedding")  # VQ-Diffusion's EMA quantizer keeps a bare tensor (facts 5.7)
+            spellings.add("quantize.embedding")  # VQ-Diffusion's EMA quantizer keeps a bare tensor
+            # (diffusers' scripts/convert_vq_diffusion_to_diffusers.py)
         for theirs in spellings:
             assert table.setdefault(theirs, ours) == ours, f"{theirs} would name two parameters"
     return table

@@ -29,7 +29,8 @@ from minildm.weights import load_into, remap_keys
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
-    """Defaults: openai/clip-vit-large-patch14, SD v1's text encoder (facts 1.3)."""
+    """Defaults: openai/clip-vit-large-patch14, SD v1's text encoder (the hub's text_encoder/config.json
+    of CompVis/stable-diffusion-v1-4)."""
 
     vocab_size: int = 49408
     max_length: int = 77
@@ -38,7 +39,7 @@ class CLIPTextConfig:
     heads: int = 12
     mlp_width: int = 3072
     norm_eps: float = 1e-5
-    activation: str = "quick_gelu"  # x * sigmoid(1.702 x), CLIP's fast GELU approximation (facts 6.6)
+    activation: str = "quick_gelu"  # x * sigmoid(1.702 x): openai/CLIP clip/model.py QuickGELU
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
@@ -67,13 +68,15 @@ class CLIPTextConfig:
 
 
 CLIP_VIT_L_14 = CLIPTextConfig()  # Stable Diffusion v1.x
-CLIP_VIT_B_32 = CLIPTextConfig(width=512, heads=8, mlp_width=2048)  # VQ-Diffusion (facts 4.2)
+# VQ-Diffusion: the hub's text_encoder/config.json of microsoft/vq-diffusion-ithq
+CLIP_VIT_B_32 = CLIPTextConfig(width=512, heads=8, mlp_width=2048)
 
 
 @dataclass(frozen=True)
 class CLIPVisionConfig:
     """Defaults: the ViT-L/14 image tower of openai/clip-vit-large-patch14, the one inside SD v1's
-    safety checker (facts 1.3). Field names as in CLIPTextConfig, so `CLIPLayer` takes either."""
+    safety checker (the vision_config of the hub's safety_checker/config.json of
+    CompVis/stable-diffusion-v1-4). Field names as in CLIPTextConfig, so `CLIPLayer` takes either."""
 
     image_size: int = 224
     patch_size: int = 14  # the "/14" of ViT-L/14: 224 / 14 = 16 patches a side, 256 in all

@@ -8,8 +8,10 @@ an x-transformers `TransformerWrapper(attn_layers=Encoder(dim=1280, depth=32))`
 `LDMBertModel` (pipelines/latent_diffusion/pipeline_latent_diffusion.py). Both layouts load here.
 
 Unlike CLIP: learned absolute positions, exact (erf) GELU, no attention mask at all (padding tokens
-are attended to, in the original and in diffusers alike, facts 6.7), and attention narrower than the
-residual stream: 8 heads x 64 = 512 channels inside a 1280-wide model, with q/k/v without bias.
+are attended to: the original's BERTEmbedder passes no mask to its TransformerWrapper, nor does
+diffusers' LDMTextToImagePipeline), and attention narrower than the residual stream: 8 heads x 64 =
+512 channels inside a 1280-wide model, with q/k/v without bias (CompVis/latent-diffusion
+ldm/modules/x_transformer.py Attention).
 
 Shapes: B batch, L tokens (77), D width (1280), H heads, Dh head width (64).
 """
@@ -27,7 +29,7 @@ from minildm.weights import load_into, remap_keys
 
 @dataclass(frozen=True)
 class LDMBertConfig:
-    """Defaults: CompVis/ldm-text2im-large-256 `bert/config.json` (facts 2.2)."""
+    """Defaults: the hub's `bert/config.json` of CompVis/ldm-text2im-large-256."""
 
     vocab_size: int = 30522
     max_length: int = 77
@@ -114,7 +116,8 @@ class LDMBertLayer(nn.Module):
 
 class LDMBert(nn.Module):
     """(input_ids [B, L]) -> [B, L, 1280]. The unconditional input is the tokenized empty prompt
-    ([CLS] [SEP] [PAD]...), run through the same model (facts 6.7)."""
+    ([CLS] [SEP] [PAD]...), run through the same model (CompVis/latent-diffusion scripts/txt2img.py:
+    `get_learned_conditioning(n * [""])`)."""
 
     def __init__(self, config: LDMBertConfig = LDMBertConfig()):
         super().__init__()
@@ -136,7 +139,9 @@ class LDMBert(nn.Module):
 # --- Official weights -------------------------------------------------------------------------
 # Two layouts map onto ours; their key patterns do not overlap, so one rule list serves both.
 # In the original, layer list entry 2i is [norm, attention, residual] and 2i+1 [norm, feed-forward,
-# residual] of our layer i (facts 5.4); `net.1` is a dropout, the residual has no weights.
+# residual] of our layer i (CompVis/latent-diffusion ldm/modules/x_transformer.py; the names of the
+# old diffusers convert_from_ckpt.py convert_ldm_bert_checkpoint); `net.1` is a dropout, the
+# residual has no weights.
 def _original_layer(match) -> str:
     entry, part = int(match.group(1)), match.group(2)
     layer, is_attention = entry // 2, entry % 2 == 0
@@ -166,7 +171,9 @@ KEY_RULES = [
     (r"^attn_layers\.layers\.(\d+)\.(.*)$", _original_layer),
     (r"^norm\.", "final_norm."),
 ]
-# The language-model head is trained but unused for conditioning (facts 6.7).
+# The language-model head is trained but unused for conditioning (the original's BERTEmbedder asks
+# its TransformerWrapper for `return_embeddings=True`: CompVis/latent-diffusion
+# ldm/modules/encoders/modules.py).
 DROPPED_KEYS = [r"(cond_stage_model\.transformer\.)?to_logits\.(weight|bias)"]
 
 

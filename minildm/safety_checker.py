@@ -38,7 +38,8 @@ CONCEPTS = 17  # fixed by the released weights, not by the config
 SPECIAL_CARE_CONCEPTS = 3
 SPECIAL_CARE_ADJUSTMENT = 0.01  # how much lower every concept threshold goes once a special-care concept fires
 
-# CLIPImageProcessor's settings in SD v1-4's feature_extractor/preprocessor_config.json (facts 1.3):
+# CLIPImageProcessor's settings in the hub's feature_extractor/preprocessor_config.json of
+# CompVis/stable-diffusion-v1-4:
 # the mean and standard deviation of CLIP's training images, per RGB channel.
 CLIP_IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,7 +48,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class SafetyCheckerConfig:
-    """Defaults: SD v1-4's safety_checker/config.json (facts 1.3)."""
+    """Defaults: the hub's safety_checker/config.json of CompVis/stable-diffusion-v1-4."""
 
     vision: CLIPVisionConfig = CLIPVisionConfig()
     projection_dim: int = 768

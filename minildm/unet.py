@@ -30,7 +30,8 @@ from minildm.weights import CheckpointError, load_into, rename_keys
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Defaults: the Stable Diffusion v1 UNet (facts 1.3, 1.4)."""
+    """Defaults: the Stable Diffusion v1 UNet (the hub's unet/config.json of
+    CompVis/stable-diffusion-v1-4; CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml)."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -81,8 +82,9 @@ class UNetConfig:
                 raise ValueError(f"per-level attention_head_dim {head_setting} is not supported (SD 2.x-style configs)")
             head_setting = head_setting[0]
         if name == "UNet2DConditionModel":
-            # The naming trap (facts 6.12): for UNet2DConditionModel `attention_head_dim` is the number
-            # of heads (8 for SD v1: 40/80/160 channels per head), unless num_attention_heads is given.
+            # The naming trap: for UNet2DConditionModel `attention_head_dim` is the number of heads
+            # (8 for SD v1: 40/80/160 channels per head), unless num_attention_heads is given
+            # (docs/parity/models.md, attention_head_dim counts heads in UNet2DConditionModel).
             context_dim, heads, head_channels = config.get("cross_attention_dim", 1280), config.get("num_attention_heads") or head_setting, None
         else:  # UNet2DModel: `attention_head_dim` really is the channels per head (32 for CelebA-HQ)
             context_dim, heads, head_channels = None, None, head_setting or channels[-1]
@@ -127,7 +129,9 @@ CELEBAHQ = UNetConfig(  # CompVis/ldm-celebahq-256, unconditional on VQ-f4 laten
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim), cosines first (`flip_sin_to_cos`, facts 6.13).
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), cosines first (diffusers'
+    `flip_sin_to_cos`; CompVis/latent-diffusion ldm/modules/diffusionmodules/util.py
+    timestep_embedding concatenates [cos, sin]).
 
     Frequencies fall geometrically from 1 to 1/max_period, as in the Transformer's positional
     encoding. Computed in float32 whatever the model's dtype: t up to 999 times a frequency needs
@@ -258,7 +262,9 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
         super().__init__()
-        self.norm = FP32GroupNorm(groups, channels, eps=1e-6)  # 1e-6 here, unlike the ResBlocks (facts 6.10)
+        # eps 1e-6 here (CompVis/latent-diffusion ldm/modules/attention.py Normalize), unlike the
+        # ResBlocks' 1e-5 (ldm/modules/diffusionmodules/util.py normalization)
+        self.norm = FP32GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.block = TransformerBlock(channels, heads, context_dim)
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -434,7 +440,8 @@ def diffusers_name(name: str, config: UNetConfig) -> str:
 
 
 def original_name(name: str, config: UNetConfig) -> str:
-    """Our name -> openaimodel's (without the `model.diffusion_model.` prefix), facts 5.1.
+    """Our name -> openaimodel's (without the `model.diffusion_model.` prefix), the layout of
+    diffusers' loaders/single_file_utils.py convert_ldm_unet_checkpoint.
 
     The CompVis UNet numbers its blocks flat: input_blocks.0 is conv_in, then per level
     `layers_per_level` blocks [ResBlock, attention?] and a downsampler block; output_blocks has
@@ -508,7 +515,8 @@ def file_names(model: "UNet") -> dict:
 def split_fused_qkv(state_dict: dict, head_channels: int) -> dict:
     """openaimodel's AttentionBlock keeps q, k, v in one Conv1d `qkv` [3C, C, 1] laid out head by
     head (QKVAttentionLegacy): for each head, its q rows, then its k rows, then its v rows. Split it
-    into three [C, C] matrices (and biases), and squeeze the Conv1d `proj_out` [C, C, 1] (facts 5.1)."""
+    into three [C, C] matrices (and biases), and squeeze the Conv1d `proj_out` [C, C, 1]
+    (docs/parity/models.md, The fused qkv of openaimodel's AttentionBlock is laid out head by head)."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith((".qkv.weight", ".qkv.bias")):
@@ -527,7 +535,8 @@ def split_fused_qkv(state_dict: dict, head_channels: int) -> dict:
 
 def select_ema(state_dict: dict, ema: bool | None) -> dict:
     """Full-EMA CompVis checkpoints hold the UNet twice: `model.diffusion_model.X` (trained) and
-    `model_ema.` + "diffusion_modelX" with the dots removed (LitEma's flattened names, facts 1.4).
+    `model_ema.` + "diffusion_modelX" with the dots removed (CompVis/latent-diffusion
+    ldm/modules/ema.py LitEma flattens the names; diffusers' convert_ldm_unet_checkpoint reads them).
     The caller must choose; EMA-only files (sd-v1-4.ckpt) keep just two `model_ema` counters."""
     ema_keys = [k for k in state_dict if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")]
     if len(ema_keys) <= 100:  # diffusers' own threshold for "this file has an EMA copy"

@@ -29,7 +29,7 @@ from minildm.weights import load_into, remap_keys
 
 @dataclass(frozen=True)
 class VQTransformerConfig:
-    """Defaults: microsoft/vq-diffusion-ithq `transformer/config.json` (facts 4.2)."""
+    """Defaults: the hub's `transformer/config.json` of microsoft/vq-diffusion-ithq."""
 
     num_classes: int = 4097  # 4096 codes + the mask class
     height: int = 32
@@ -216,7 +216,8 @@ class VQTransformer(nn.Module):
 class LearnedClassifierFreeEmbeddings(nn.Module):
     """Improved VQ-Diffusion's learned "empty prompt": 77 x 512 vectors trained to stand in for the
     text condition in the unconditional branch of classifier-free guidance (used as is, not
-    normalised like real text embeddings, facts 6.8)."""
+    normalised like real text embeddings: diffusers' pipelines/deprecated/vq_diffusion/
+    pipeline_vq_diffusion.py VQDiffusionPipeline._encode_prompt)."""
 
     def __init__(self, length: int = 77, hidden_size: int = 512):
         super().__init__()
@@ -297,8 +298,8 @@ def load_learned_embeddings(config: dict, state_dict: dict, device=None, dtype=N
 
 def split_original_checkpoint(checkpoint: dict, ema: bool = True) -> tuple:
     """microsoft/VQ-Diffusion's ithq_learnable.pth ({"model": ..., "ema": ...}) -> (transformer state
-    dict, learned-embedding state dict). The original samples with the EMA weights (`get_model(ema=True)`,
-    facts 4.3), so ema=True is the default; the EMA dict covers only the transformer, under
+    dict, learned-embedding state dict). The original samples with the EMA weights
+    (microsoft/VQ-Diffusion inference_VQ_Diffusion.py, `get_model(ema=True)`), so ema=True is the default; the EMA dict covers only the transformer, under
     `transformer.` instead of `transformer.transformer.`. Other entries of "model" belong elsewhere:
     the OpenAI CLIP copy (`transformer.condition_emb.*`; the diffusers port uses transformers' CLIP),
     the VQ-VAE (loaded from ithq_vqvae.pth) and the schedule buffers (the scheduler recomputes them).

@@ -13,7 +13,8 @@ from conftest import max_relative_error, oracle, randomize_
 
 TOLERANCE = 1e-4  # fp32, max abs error relative to the output's max abs value
 
-# The hub config.json contents (facts 1.3, 3.2, 4.2). Note the absent scaling_factor for the VQ models.
+# The hub config.json contents (vae/ of CompVis/stable-diffusion-v1-4, vqvae/ of CompVis/ldm-celebahq-256
+# and of microsoft/vq-diffusion-ithq). Note the absent scaling_factor for the VQ models.
 HUB_CONFIGS = {
     "KL-f8 (SD v1, LDM text2im)": dict(
         _class_name="AutoencoderKL", act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
@@ -40,7 +41,8 @@ def diffusers_model(config: dict):
 
 
 def legacy_attention_names(state: dict, four_d: bool) -> dict:
-    """The 2022 diffusers AttentionBlock names the hub files carry (facts 5.8), optionally as 1x1 convs."""
+    """The 2022 diffusers AttentionBlock names the hub files carry, optionally as 1x1 convs
+    (docs/parity/models.md, 2022 attention names and 1x1-conv weights in hub files)."""
     out = {}
     for key, value in state.items():
         for new, old in {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}.items():
@@ -108,7 +110,7 @@ def check_parity(ours, reference, layout):
             compare(f"{name} quantized latents", z_q, ref_z_q)
             compare(f"{name} decode (quantized)", ours.decode(h_ref), diffusers_model.decode(h_ref).sample)
             compare(f"{name} decode (not quantized)", ours.decode(h_ref, quantize=False), diffusers_model.decode(h_ref, force_not_quantize=True).sample)
-            # VQ-Diffusion's path: indices -> codebook vectors -> decoder (facts 6.8)
+            # VQ-Diffusion's path: indices -> codebook vectors -> decoder (diffusers' pipeline_vq_diffusion.py)
             h, w = h_ref.shape[2:]
             codes = diffusers_model.quantize.get_codebook_entry(ref_indices.flatten(), (2, h, w, ours.config.code_dim))
             compare(f"{name} decode_indices", ours.decode_indices(ref_indices.view(2, h * w), (h, w)),
@@ -147,7 +149,8 @@ def test_original_compvis_layout_through_diffusers_converter(reference):
     ours = minildm.load_component(reference["modern"])
     original = original_layout(ours, "first_stage_model.")
     converted = convert(original, reference["config"])
-    if isinstance(ours, VQModel):  # the KL converter leaves the codebook alone; its name is unchanged (facts 5.2)
+    if isinstance(ours, VQModel):  # the KL converter leaves the codebook alone; its name is unchanged
+        # (diffusers' single_file_utils.py convert_ldm_vae_checkpoint)
         converted["quantize.embedding.weight"] = original["first_stage_model.quantize.embedding.weight"]
     rebuilt = diffusers_model(reference["config"]).eval()
     rebuilt.load_state_dict(converted, strict=True)
@@ -159,7 +162,8 @@ def test_original_compvis_layout_through_diffusers_converter(reference):
 
 def test_original_vq_diffusion_layout():
     """ithq_vqvae.pth["model"]: taming names, 4-D attention weights, the codebook as a bare tensor
-    `quantize.embedding`, and the EMA quantizer's statistics (facts 5.7)."""
+    `quantize.embedding`, and the EMA quantizer's statistics (diffusers'
+    scripts/convert_vq_diffusion_to_diffusers.py)."""
     with torch.device("meta"):
         ours = VQModel(VQ_F8_ITHQ)
     assert original_name("encoder.levels.3.attentions.1.q.weight", 4) == "encoder.down.3.attn.1.q.weight"
@@ -179,7 +183,7 @@ def test_original_vq_diffusion_layout():
 
 def test_vq_config_without_scaling_factor_keeps_the_original_scale():
     # the hub's ldm-celebahq-256 vqvae config names no scaling_factor: diffusers then uses 0.18215,
-    # the original LDM 1.0 (facts 6.5)
+    # the original LDM 1.0 (docs/parity/models.md, The VQ autoencoders' config names no scaling_factor)
     assert AutoencoderConfig.from_diffusers(HUB_CONFIGS["VQ-f4 (CelebA-HQ)"]).scaling_factor == 1.0
     assert AutoencoderConfig.from_diffusers(dict(HUB_CONFIGS["VQ-f4 (CelebA-HQ)"], scaling_factor=0.5)).scaling_factor == 0.5
     assert AutoencoderConfig.from_diffusers({k: v for k, v in HUB_CONFIGS["KL-f8 (SD v1, LDM text2im)"].items() if k != "scaling_factor"}).scaling_factor == 0.18215

@@ -10,7 +10,8 @@ import minildm
 from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel, load_clip_text_model
 from conftest import max_relative_error, oracle, randomize_
 
-# the text_config fields of openai/clip-vit-large-patch14 and clip-vit-base-patch32 (facts 1.3, 4.2)
+# the text_config fields of openai/clip-vit-large-patch14 and clip-vit-base-patch32 (the hub's
+# text_encoder/config.json of CompVis/stable-diffusion-v1-4 and microsoft/vq-diffusion-ithq)
 OFFICIAL = {
     "ViT-L/14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     "ViT-B/32": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8, projection_dim=512),

@@ -18,7 +18,7 @@ def reference_class():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """diffusers' LDMBertModel at the hub config (bert/config.json, facts 2.2), every parameter random,
+    """diffusers' LDMBertModel at the hub config (the hub's bert/config.json of CompVis/ldm-text2im-large-256), every parameter random,
     saved by the reference library itself."""
     Config, Model = reference_class()
     model = randomize_(Model(Config()).eval())  # the defaults are the official config
@@ -45,7 +45,7 @@ def test_saved_by_diffusers(reference):
     check(ours, reference, "hub layout (model.safetensors, to_logits dropped)")
 
 
-# The original x-transformers names for each hub name, from the table in facts 5.4 (written out
+# The original x-transformers names for each hub name, from the old diffusers convert_from_ckpt.py convert_ldm_bert_checkpoint (written out
 # here independently of minildm's key map, which must invert it).
 def original_layout(hub: dict) -> dict:
     original = {}
@@ -73,7 +73,7 @@ def original_layout(hub: dict) -> dict:
 
 def test_original_compvis_layout(reference):
     original = original_layout(reference["model"].state_dict())
-    assert len(original) == 32 * 13 + 6 == 422  # the hub file's 422 tensors (facts 5.4)
+    assert len(original) == 32 * 13 + 6 == 422  # the hub's bert/pytorch_model.bin holds 422 tensors
     check(load_ldm_bert(LDMBertConfig(), original), reference, "original layout (cond_stage_model.transformer.attn_layers)")
 
 

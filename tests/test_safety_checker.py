@@ -29,10 +29,10 @@ SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
 SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)  # in the config, unused by the checker
 OFFICIAL_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu")
 OFFICIAL_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-# SD v1-4's feature_extractor/preprocessor_config.json (facts 1.3)
+# the hub's feature_extractor/preprocessor_config.json of CompVis/stable-diffusion-v1-4
 PREPROCESSOR_CONFIG = dict(crop_size=224, size=224, resample=3, do_center_crop=True, do_normalize=True, do_resize=True, do_convert_rgb=True,
                            image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-SAFETY_CHECKER_FILE_SIZE = 1_215_981_830  # safety_checker/model.safetensors of SD v1-4 (facts 1.2)
+SAFETY_CHECKER_FILE_SIZE = 1_215_981_830  # the hub's LFS pointer of safety_checker/model.safetensors, CompVis/stable-diffusion-v1-4 at 133a221
 
 
 def reference_image_processor():

@@ -12,7 +12,8 @@ from conftest import max_relative_error, oracle, randomize_
 
 TOLERANCE = 1e-4  # fp32, max abs error relative to the output's max abs value
 
-# The hub unet/config.json contents (facts 1.3, 2.2, 3.2); the LDM one has no cross_attention_dim.
+# The hub unet/config.json contents (CompVis/stable-diffusion-v1-4, CompVis/ldm-text2im-large-256,
+# CompVis/ldm-celebahq-256); the LDM one has no cross_attention_dim.
 SD_CONFIG = dict(_class_name="UNet2DConditionModel", act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
                  center_input_sample=False, cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                  downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
@@ -27,7 +28,9 @@ HUB_CONFIGS = {
                       up_block_types=["AttnUpBlock2D"] * 3 + ["UpBlock2D"]),
 }
 PRESETS = {"SD v1": SD_V1, "LDM text2im": LDM_TEXT2IM, "CelebA-HQ": CELEBAHQ}
-PARAMETERS = {"SD v1": 859_520_964, "LDM text2im": 872_300_484, "CelebA-HQ": 274_056_163}  # facts 5.1
+# diffusers' models at the hub configs; the CompVis code prints "DiffusionWrapper has 859.52 M params"
+# for SD v1 and 872.30 M for LDM text2im
+PARAMETERS = {"SD v1": 859_520_964, "LDM text2im": 872_300_484, "CelebA-HQ": 274_056_163}
 
 
 def diffusers_unet(config: dict):
@@ -109,7 +112,8 @@ def test_celebahq_hub_file_with_2022_attention_names(reference, tmp_path):
 
 
 def fuse_qkv(q, k, v, head_channels):
-    """The inverse of the head-major split in facts 5.1: per head, its q rows, k rows, v rows."""
+    """The inverse of the head-major split (docs/parity/models.md, The fused qkv of openaimodel's
+    AttentionBlock is laid out head by head): per head, its q rows, k rows, v rows."""
     C = q.shape[0]
     per_head = [t.reshape(C // head_channels, head_channels, *t.shape[1:]) for t in (q, k, v)]
     return torch.cat(per_head, dim=1).reshape(3 * C, *q.shape[1:])

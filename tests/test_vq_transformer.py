@@ -12,7 +12,7 @@ from minildm.vq_transformer import (ITHQ, LearnedClassifierFreeEmbeddings, VQTra
 from conftest import max_relative_error, oracle, randomize_
 
 TOLERANCE = 1e-4
-# microsoft/vq-diffusion-ithq transformer/config.json (facts 4.2)
+# the hub's transformer/config.json of microsoft/vq-diffusion-ithq
 HUB_CONFIG = dict(_class_name="Transformer2DModel", _diffusers_version="0.8.0.dev0", activation_fn="geglu-approximate", attention_bias=True,
                   attention_head_dim=88, cross_attention_dim=512, dropout=0.0, in_channels=None, norm_num_groups=32, num_attention_heads=16,
                   num_embeds_ada_norm=100, num_layers=36, num_vector_embeds=4097, sample_size=32)
@@ -70,7 +70,7 @@ def test_log_probs_equal_diffusers(reference, timestep):
     assert torch.allclose(got.exp().sum(dim=1), torch.ones(2, 1024), atol=1e-4)  # distributions over the 4096 codes
 
 
-# The original names for each diffusers name, from the table in facts 5.6 (written out here, independently of the key map)
+# The original names for each diffusers name, from diffusers' scripts/convert_vq_diffusion_to_diffusers.py (written out here, independently of the key map)
 def original_name(diffusers_key: str) -> str:
     for new, old in [("latent_image_embedding.", "content_emb."), ("transformer_blocks.", "blocks."), (".norm1.", ".ln1."), (".norm2.", ".ln1_1."),
                      (".norm3.", ".ln2."), (".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj."),
