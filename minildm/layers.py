@@ -22,7 +22,9 @@ class FP32GroupNorm(nn.GroupNorm):
 
     def forward(self, x):
         x32 = x.float()
-        return F.group_norm(x32, self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        return F.group_norm(
+            x32, self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        ).to(x.dtype)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -52,10 +54,15 @@ def attention(q, k, v, causal: bool):
 
 
 def check_input_ids(input_ids, vocab_size: int, max_length: int):
-    """Refuse what would otherwise fail deep inside an embedding lookup, with a message that helps."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.ndim != 2:
-        found = f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}"
-        raise TypeError(f"expected input_ids as a LongTensor [B, L] (from the tokenizer), got {found}")
+    """Refuse what would otherwise fail deep inside an embedding lookup, with a message that
+    helps."""
+    is_tensor = isinstance(input_ids, torch.Tensor)
+    if not is_tensor or input_ids.dtype != torch.long or input_ids.ndim != 2:
+        dtype = getattr(input_ids, "dtype", type(input_ids))
+        shape = tuple(getattr(input_ids, "shape", ()))
+        raise TypeError(
+            f"expected input_ids as a LongTensor [B, L] (from the tokenizer), got {dtype} {shape}"
+        )
     if input_ids.shape[1] > max_length:
         raise ValueError(
             f"{input_ids.shape[1]} tokens given; the model has {max_length} positions "
@@ -64,7 +71,8 @@ def check_input_ids(input_ids, vocab_size: int, max_length: int):
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
         raise ValueError(
             f"token ids must lie in [0, {vocab_size}); "
-            f"got [{input_ids.min().item()}, {input_ids.max().item()}]: was a different tokenizer used?"
+            f"got [{input_ids.min().item()}, {input_ids.max().item()}]: "
+            "was a different tokenizer used?"
         )
 
 
