@@ -45,7 +45,10 @@ class LDMBertConfig:
         """From the hub `bert/config.json` (LDMBertConfig field names)."""
         activation = config.get("activation_function", "gelu")
         if activation != "gelu":
-            raise ValueError(f"LDMBert activation_function {activation!r} is not supported; the official model uses 'gelu'")
+            raise ValueError(
+                f"LDMBert activation_function {activation!r} is not supported; "
+                "the official model uses 'gelu'"
+            )
         return cls(
             vocab_size=config.get("vocab_size", 30522),
             max_length=config.get("max_position_embeddings", 77),
@@ -78,25 +81,35 @@ class LDMBertConfig:
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, head_width: int):
         super().__init__()
-        self.heads, self.head_width = heads, head_width
-        inner = heads * head_width
-        self.q, self.k, self.v = (nn.Linear(width, inner, bias=False) for _ in range(3))
+        self.heads = heads
+        self.head_width = head_width
+        inner = heads * head_width  # 512, narrower than the 1280-wide residual stream
+        self.q = nn.Linear(width, inner, bias=False)
+        self.k = nn.Linear(width, inner, bias=False)
+        self.v = nn.Linear(width, inner, bias=False)
         self.out = nn.Linear(inner, width)
 
     def forward(self, x):  # (B, L, D)
         B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.heads, self.head_width).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, H, L, Dh)
-        y = attention(q, k, v, causal=False).transpose(1, 2).reshape(B, L, self.heads * self.head_width)
+
+        def split_heads(t):  # (B, L, H * Dh) -> (B, H, L, Dh)
+            return t.view(B, L, self.heads, self.head_width).transpose(1, 2)
+
+        q, k, v = split_heads(self.q(x)), split_heads(self.k(x)), split_heads(self.v(x))
+        y = attention(q, k, v, causal=False)  # no mask: padding tokens are attended to
+        y = y.transpose(1, 2).reshape(B, L, self.heads * self.head_width)
         return self.out(y)  # (B, L, D)
 
 
 class MLP(nn.Module):
     def __init__(self, width: int, mlp_width: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, mlp_width), nn.Linear(mlp_width, width)
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.fc2 = nn.Linear(mlp_width, width)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU (x-transformers nn.GELU, transformers "gelu")
+        # exact erf GELU (x-transformers nn.GELU, transformers "gelu")
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class LDMBertLayer(nn.Module):
@@ -143,14 +156,23 @@ class LDMBert(nn.Module):
 # old diffusers convert_from_ckpt.py convert_ldm_bert_checkpoint); `net.1` is a dropout, the
 # residual has no weights.
 def _original_layer(match) -> str:
-    entry, part = int(match.group(1)), match.group(2)
-    layer, is_attention = entry // 2, entry % 2 == 0
+    entry = int(match.group(1))
+    part = match.group(2)
+    layer = entry // 2
+    is_attention = entry % 2 == 0
     if part.startswith("0."):  # the pre-norm
         return f"layers.{layer}.{'attn_norm' if is_attention else 'mlp_norm'}.{part[2:]}"
-    renames = {"1.to_q.": "attn.q.", "1.to_k.": "attn.k.", "1.to_v.": "attn.v.", "1.to_out.": "attn.out.", "1.net.0.0.": "mlp.fc1.", "1.net.2.": "mlp.fc2."}
+    renames = {
+        "1.to_q.": "attn.q.",
+        "1.to_k.": "attn.k.",
+        "1.to_v.": "attn.v.",
+        "1.to_out.": "attn.out.",
+        "1.net.0.0.": "mlp.fc1.",
+        "1.net.2.": "mlp.fc2.",
+    }
     for old, new in renames.items():
         if part.startswith(old):
-            return f"layers.{layer}.{new}{part[len(old):]}"
+            return f"layers.{layer}.{new}{part[len(old) :]}"
     return match.group(0)  # unknown: left as is, so the strict loader reports it
 
 
@@ -164,7 +186,8 @@ KEY_RULES = [
     (r"^model\.layers\.(\d+)\.final_layer_norm\.", r"layers.\1.mlp_norm."),
     (r"^model\.layers\.(\d+)\.(fc1|fc2)\.", r"layers.\1.mlp.\2."),
     (r"^model\.layer_norm\.", "final_norm."),
-    # original CompVis checkpoint (x-transformers TransformerWrapper under cond_stage_model.transformer.)
+    # original CompVis checkpoint (x-transformers TransformerWrapper, under
+    # cond_stage_model.transformer.)
     (r"^cond_stage_model\.transformer\.", ""),
     (r"^token_emb\.", "token_embedding."),
     (r"^pos_emb\.emb\.", "position_embedding."),
@@ -204,7 +227,10 @@ def _mismatch_hint(missing, unexpected, mismatched):
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in unexpected):
         return "a whole LDM checkpoint: split it into components first"
     if mismatched:
-        return "an LDMBert of another size: check that config.json (d_model, encoder_layers, ...) matches the weights"
+        return (
+            "an LDMBert of another size: check that config.json (d_model, encoder_layers, ...) "
+            "matches the weights"
+        )
     return None
 
 
@@ -212,4 +238,12 @@ def load_ldm_bert(config: LDMBertConfig, state_dict: dict, device=None, dtype=No
     with torch.device("meta"):
         model = LDMBert(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="LDMBert text encoder", hint=_mismatch_hint)
+    return load_into(
+        model,
+        weights,
+        file_names=file_names,
+        device=device,
+        dtype=dtype,
+        what="LDMBert text encoder",
+        hint=_mismatch_hint,
+    )

@@ -525,7 +525,7 @@ def check_context(context, config: UNetConfig, batch: int):
         return
     if context is None:
         raise ValueError(
-            f"this UNet attends to a text context: pass context of shape "
+            "this UNet attends to a text context: pass context of shape "
             f"(B, L, {config.context_dim}) from the text encoder"
         )
     if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != config.context_dim:
