@@ -21,10 +21,8 @@ class FP32GroupNorm(nn.GroupNorm):
     variance over 512 channels x 4096 pixels loses most of its digits."""
 
     def forward(self, x):
-        x32 = x.float()
-        return F.group_norm(
-            x32, self.num_groups, self.weight.float(), self.bias.float(), self.eps
-        ).to(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -32,9 +30,8 @@ class FP32LayerNorm(nn.LayerNorm):
     in fp16/bf16 the variance of a wide vector loses most of its digits."""
 
     def forward(self, x):
-        x32 = x.float()
         weight, bias = self.weight.float(), self.bias.float()
-        return F.layer_norm(x32, self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 def attention(q, k, v, causal: bool):
@@ -77,10 +74,11 @@ def check_input_ids(input_ids, vocab_size: int, max_length: int):
 
 
 # --- The 2022 diffusers attention blocks in weight files --------------------------------------
-# diffusers' AttentionBlock of 2022 (models/attention.py until late 2022) named its projections
+# diffusers' AttentionBlock of 2022 (models/attention.py) named its projections
 # query/key/value/proj_attn; the official hub files of the autoencoders and of the CelebA-HQ UNet
 # were saved with it and still carry those names (modern diffusers renames them on load, in
-# ModelMixin._fix_state_dict_keys_on_load).
+# ModelMixin._fix_state_dict_keys_on_load): docs/parity/models.md, 2022 attention names and
+# 1x1-conv weights in hub files.
 LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
