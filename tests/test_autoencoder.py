@@ -21,8 +21,9 @@ from minildm.autoencoder import (
 
 TOLERANCE = 1e-4  # fp32, max abs error relative to the output's max abs value
 
-# The hub config.json contents (vae/ of CompVis/stable-diffusion-v1-4, vqvae/ of CompVis/ldm-celebahq-256
-# and of microsoft/vq-diffusion-ithq). Note the absent scaling_factor for the VQ models.
+# The hub config.json contents (vae/ of CompVis/stable-diffusion-v1-4, vqvae/ of
+# CompVis/ldm-celebahq-256 and of microsoft/vq-diffusion-ithq). Note the absent scaling_factor for
+# the VQ models.
 HUB_CONFIGS = {
     "KL-f8 (SD v1, LDM text2im)": dict(
         _class_name="AutoencoderKL",
@@ -188,7 +189,8 @@ def check_parity(ours, reference, layout):
                 ours.decode(h_ref, quantize=False),
                 diffusers_model.decode(h_ref, force_not_quantize=True).sample,
             )
-            # VQ-Diffusion's path: indices -> codebook vectors -> decoder (diffusers' pipeline_vq_diffusion.py)
+            # VQ-Diffusion's path: indices -> codebook vectors -> decoder
+            # (diffusers' pipeline_vq_diffusion.py)
             h, w = h_ref.shape[2:]
             codes = diffusers_model.quantize.get_codebook_entry(
                 ref_indices.flatten(), (2, h, w, ours.config.code_dim)
@@ -291,7 +293,8 @@ def test_original_vq_diffusion_layout():
 
 def test_vq_config_without_scaling_factor_keeps_the_original_scale():
     # the hub's ldm-celebahq-256 vqvae config names no scaling_factor: diffusers then uses 0.18215,
-    # the original LDM 1.0 (docs/parity/models.md, The VQ autoencoders' config names no scaling_factor)
+    # the original LDM 1.0 (docs/parity/models.md, The VQ autoencoders' config names no
+    # scaling_factor)
     assert AutoencoderConfig.from_diffusers(HUB_CONFIGS["VQ-f4 (CelebA-HQ)"]).scaling_factor == 1.0
     assert (
         AutoencoderConfig.from_diffusers(

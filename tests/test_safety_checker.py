@@ -66,7 +66,8 @@ PREPROCESSOR_CONFIG = dict(
     image_mean=list(CLIP_MEAN),
     image_std=list(CLIP_STD),
 )
-# the hub's LFS pointer of safety_checker/model.safetensors, CompVis/stable-diffusion-v1-4 at 133a221
+# the hub's LFS pointer of safety_checker/model.safetensors, CompVis/stable-diffusion-v1-4
+# at 133a221
 SAFETY_CHECKER_FILE_SIZE = 1_215_981_830
 
 

@@ -71,8 +71,8 @@ HUB_CONFIGS = {
     ),
 }
 PRESETS = {"SD v1": SD_V1, "LDM text2im": LDM_TEXT2IM, "CelebA-HQ": CELEBAHQ}
-# diffusers' models at the hub configs; the CompVis code prints "DiffusionWrapper has 859.52 M params"
-# for SD v1 and 872.30 M for LDM text2im
+# diffusers' models at the hub configs; the CompVis code prints
+# "DiffusionWrapper has 859.52 M params" for SD v1 and 872.30 M for LDM text2im
 PARAMETERS = {"SD v1": 859_520_964, "LDM text2im": 872_300_484, "CelebA-HQ": 274_056_163}
 
 
