@@ -17,9 +17,10 @@ self-attention between two ResBlocks in the middle). Matches CompVis/latent-diff
 
 Latent scaling. Diffusion models are trained on `latent * scaling_factor` so the latents have about
 unit variance: 0.18215 for KL-f8 (the YAML `scale_factor`). The CelebA-HQ LDM trains on unscaled VQ
-latents (its YAML sets no scale_factor, so LatentDiffusion's default 1.0 applies); diffusers' VQModel
-defaults to 0.18215 when the config omits it, and `LDMPipeline` has divided by it since 2023
-(facts 6.5). minildm keeps 1.0 for VQ models whose config names no scaling factor, as the original does.
+latents (its YAML sets no scale_factor, so LatentDiffusion's default 1.0 applies); diffusers'
+VQModel defaults to 0.18215 when the config omits it, and `LDMPipeline` has divided by it since
+2023. minildm keeps 1.0 for VQ models whose config names no scaling factor, as the original does
+(docs/parity/models.md, The VQ autoencoders' config names no scaling_factor).
 
 Shapes: B batch, C channels, H x W image, h x w latent (H/f, W/f), D code dim, N codebook size.
 """
@@ -31,18 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.layers import FP32GroupNorm, legacy_attention_name, squeeze_attention_weights
 from minildm.weights import load_into, rename_keys
 
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """Defaults: the KL-f8 autoencoder of Stable Diffusion v1 (facts 1.3)."""
+    """Defaults: the KL-f8 autoencoder of Stable Diffusion v1 (the hub's vae/config.json of
+    CompVis/stable-diffusion-v1-4)."""
 
     in_channels: int = 3
     out_channels: int = 3
     channels: tuple = (128, 256, 512, 512)  # per resolution level, full resolution first
     layers_per_level: int = 2  # ResBlocks per encoder level; the decoder has one more per level
-    attention_levels: tuple = ()  # levels with self-attention after every ResBlock (VQ-Diffusion: the last)
+    # levels with self-attention after every ResBlock (VQ-Diffusion: the last)
+    attention_levels: tuple = ()
     latent_channels: int = 4  # KL: channels of z; VQ: encoder output channels before quant_conv
     codebook_size: int = 0  # VQ: number of codes N (0 for a KL model)
     code_dim: int = 0  # VQ: the length D of a code vector
@@ -63,20 +67,38 @@ class AutoencoderConfig:
         name = config.get("_class_name")
         if name not in ("AutoencoderKL", "VQModel"):
             raise ValueError(f"expected an AutoencoderKL or VQModel config, got {name!r}")
-        unsupported = {"act_fn": "silu", "norm_type": "group", "use_quant_conv": True, "use_post_quant_conv": True,
-                       "mid_block_add_attention": True, "lookup_from_codebook": False, "shift_factor": None, "latents_mean": None}
+        unsupported = {
+            "act_fn": "silu",
+            "norm_type": "group",
+            "use_quant_conv": True,
+            "use_post_quant_conv": True,
+            "mid_block_add_attention": True,
+            "lookup_from_codebook": False,
+            "shift_factor": None,
+            "latents_mean": None,
+        }
         for key, supported in unsupported.items():
             if config.get(key, supported) != supported:
-                raise ValueError(f"{name} with {key}={config[key]!r} is not one of the four official autoencoders minildm implements (expected {supported!r})")
+                raise ValueError(
+                    f"{name} with {key}={config[key]!r} is not one of the four official "
+                    f"autoencoders minildm implements (expected {supported!r})"
+                )
         channels = tuple(config.get("block_out_channels", (64,)))
         down = config.get("down_block_types", ["DownEncoderBlock2D"] * len(channels))
         up = config.get("up_block_types", ["UpDecoderBlock2D"] * len(channels))
         attention_levels = tuple(i for i, block in enumerate(down) if block.startswith("Attn"))
         mirrored = tuple(len(up) - 1 - i for i, block in enumerate(up) if block.startswith("Attn"))
-        if len(down) != len(channels) or len(up) != len(channels) or sorted(mirrored) != list(attention_levels):
-            raise ValueError(f"down_block_types {down} and up_block_types {up} must mirror each other, one per block_out_channels entry")
+        one_per_level = len(down) == len(channels) and len(up) == len(channels)
+        if not one_per_level or sorted(mirrored) != list(attention_levels):
+            raise ValueError(
+                f"down_block_types {down} and up_block_types {up} must mirror each other, "
+                "one per block_out_channels entry"
+            )
         is_vq = name == "VQModel"
         latent_channels = config.get("latent_channels", 3 if is_vq else 4)
+        scaling_factor = config.get("scaling_factor")
+        if not scaling_factor:  # absent (or null): 1.0 for a VQ model, see the module docstring
+            scaling_factor = 1.0 if is_vq else 0.18215
         return cls(
             in_channels=config.get("in_channels", 3),
             out_channels=config.get("out_channels", 3),
@@ -87,95 +109,125 @@ class AutoencoderConfig:
             codebook_size=config.get("num_vq_embeddings", 256) if is_vq else 0,
             code_dim=(config.get("vq_embed_dim") or latent_channels) if is_vq else 0,
             norm_groups=config.get("norm_num_groups", 32),
-            scaling_factor=config.get("scaling_factor") or (1.0 if is_vq else 0.18215),  # 1.0: see the module docstring
+            scaling_factor=scaling_factor,
         )
 
-
     def to_diffusers(self, sample_size: int = 512) -> dict:
-        """The diffusers `config.json` of this model (what `from_diffusers` reads back); sample_size,
-        the image size it was trained at, is only informative (diffusers' tiled decoding reads it)."""
+        """The diffusers `config.json` of this model (what `from_diffusers` reads back);
+        sample_size, the image size it was trained at, is only informative (diffusers' tiled
+        decoding reads it)."""
         n = len(self.channels)
         config = {
-            "_class_name": "VQModel" if self.is_vq else "AutoencoderKL", "_diffusers_version": "0.42.1",
-            "in_channels": self.in_channels, "out_channels": self.out_channels, "block_out_channels": list(self.channels),
-            "down_block_types": ["AttnDownEncoderBlock2D" if i in self.attention_levels else "DownEncoderBlock2D" for i in range(n)],
-            "up_block_types": ["AttnUpDecoderBlock2D" if n - 1 - i in self.attention_levels else "UpDecoderBlock2D" for i in range(n)],
-            "layers_per_block": self.layers_per_level, "latent_channels": self.latent_channels, "norm_num_groups": self.norm_groups,
-            "act_fn": "silu", "sample_size": sample_size, "scaling_factor": self.scaling_factor,
+            "_class_name": "VQModel" if self.is_vq else "AutoencoderKL",
+            "_diffusers_version": "0.42.1",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "block_out_channels": list(self.channels),
+            "down_block_types": [
+                "AttnDownEncoderBlock2D" if i in self.attention_levels else "DownEncoderBlock2D"
+                for i in range(n)
+            ],
+            "up_block_types": [
+                "AttnUpDecoderBlock2D" if n - 1 - i in self.attention_levels else "UpDecoderBlock2D"
+                for i in range(n)
+            ],
+            "layers_per_block": self.layers_per_level,
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_groups,
+            "act_fn": "silu",
+            "sample_size": sample_size,
+            "scaling_factor": self.scaling_factor,
         }
         if self.is_vq:
             config.update(num_vq_embeddings=self.codebook_size, vq_embed_dim=self.code_dim)
         return config
 
 
-KL_F8 = AutoencoderConfig()  # Stable Diffusion v1.x and CompVis/ldm-text2im-large-256 (facts 1.3, 2.2)
-VQ_F4_CELEBAHQ = AutoencoderConfig(channels=(128, 256, 512), latent_channels=3, codebook_size=8192, code_dim=3, scaling_factor=1.0)  # facts 3.2-3.3
-VQ_F8_ITHQ = AutoencoderConfig(  # microsoft/vq-diffusion-ithq (facts 4.2-4.3); works on indices, so no scaling
-    channels=(64, 128, 256, 512), attention_levels=(3,), latent_channels=256, codebook_size=4096, code_dim=128, scaling_factor=1.0
+# Stable Diffusion v1.x and CompVis/ldm-text2im-large-256: the hub's vae/config.json and
+# vqvae/config.json of the two repos, which describe the same model
+KL_F8 = AutoencoderConfig()
+
+# CompVis/ldm-celebahq-256: the hub's vqvae/config.json; the scale of CompVis/latent-diffusion
+# models/ldm/celeba256/config.yaml (none set: LatentDiffusion's default 1.0)
+VQ_F4_CELEBAHQ = AutoencoderConfig(
+    channels=(128, 256, 512), latent_channels=3, codebook_size=8192, code_dim=3, scaling_factor=1.0
+)
+
+# microsoft/vq-diffusion-ithq: the hub's vqvae/config.json (microsoft/VQ-Diffusion's
+# taming_dvae/config.yaml); it works on code indices, so no scaling
+VQ_F8_ITHQ = AutoencoderConfig(
+    channels=(64, 128, 256, 512),
+    attention_levels=(3,),
+    latent_channels=256,
+    codebook_size=4096,
+    code_dim=128,
+    scaling_factor=1.0,
 )
 
 
 # --- building blocks ----------------------------------------------------------------------------
 
 
-class FP32GroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in float32 whatever the input dtype: a half-precision
-    variance over 512 channels x 4096 pixels loses most of its digits."""
-
-    def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
 class ResBlock(nn.Module):
     """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on the skip path when C changes.
 
-    Shared with the UNet, whose ResBlocks also add a projection of the timestep embedding between
-    the two convolutions (time_channels > 0) and use GroupNorm eps 1e-5 instead of 1e-6.
+    The UNet's ResBlock (unet.py) is this one plus a timestep input, with GroupNorm eps 1e-5.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6, time_channels: int = 0):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.norm1 = FP32GroupNorm(groups, in_channels, eps=eps)  # eps 1e-6 throughout the autoencoders (facts 6.10)
+        # eps 1e-6 throughout the autoencoders (CompVis/latent-diffusion
+        # ldm/modules/diffusionmodules/model.py Normalize)
+        self.norm1 = FP32GroupNorm(groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Linear(time_channels, out_channels) if time_channels else None
-        self.norm2 = FP32GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = FP32GroupNorm(groups, out_channels, eps=1e-6)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
 
-    def forward(self, x, time_embedding=None):  # (B, C_in, H, W) [, (B, T)] -> (B, C_out, H, W)
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W)
         h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_proj is not None:
-            h = h + self.time_proj(F.silu(time_embedding))[:, :, None, None]  # one shift per channel
         h = self.conv2(F.silu(self.norm2(h)))
         return (self.shortcut(x) if self.shortcut is not None else x) + h
 
 
 class Attention(nn.Module):
-    """Self-attention over all pixels, with a residual: every pixel mixes with every other.
+    """Self-attention over all pixels, in one head, with a residual: every pixel mixes with every
+    other.
 
-    softmax(Q K^T / sqrt(Dh)) V as in clip.attention; here `F.scaled_dot_product_attention` computes it
-    without materialising the (HW x HW) score matrix, with float32 softmax statistics in its kernels.
-    One head in the autoencoders; the CelebA-HQ UNet uses several heads of 32 channels and eps 1e-5.
+    softmax(Q K^T / sqrt(C)) V as written out in layers.attention; here
+    `F.scaled_dot_product_attention` computes it without materialising the (HW x HW) score matrix,
+    with float32 softmax statistics in its kernels.
     """
 
-    def __init__(self, channels: int, groups: int, heads: int = 1, eps: float = 1e-6):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.heads = heads
-        self.norm = FP32GroupNorm(groups, channels, eps=eps)
-        self.q, self.k, self.v, self.out = (nn.Linear(channels, channels) for _ in range(4))
+        self.norm = FP32GroupNorm(groups, channels, eps=1e-6)
+        self.q = nn.Linear(channels, channels)
+        self.k = nn.Linear(channels, channels)
+        self.v = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, channels)
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C): one token per pixel
-        q, k, v = (proj(h).view(B, H * W, self.heads, C // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, heads, HW, Dh)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+
+        def one_head(t):  # (B, HW, C) -> (B, 1, HW, C)
+            return t.view(B, H * W, 1, C).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            one_head(self.q(h)), one_head(self.k(h)), one_head(self.v(h))
+        )
+        y = y.transpose(1, 2).reshape(B, H * W, C)
         y = self.out(y).transpose(1, 2).reshape(B, C, H, W)
         return x + y
 
 
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3x3 conv after padding one zero row/column on the bottom/right
-    only (the original's asymmetric padding, facts 6.11), so H=2k gives exactly k rows."""
+    only (the original's asymmetric padding: CompVis/latent-diffusion
+    ldm/modules/diffusionmodules/model.py Downsample), so H=2k gives exactly k rows."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -197,12 +249,18 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: ResBlocks (each followed by attention where asked), then a resampling."""
+    """One resolution level: ResBlocks (each followed by attention where asked), then a
+    resampling."""
 
     def __init__(self, in_channels, out_channels, num_blocks, attention: bool, resample, groups):
         super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_blocks))
-        self.attentions = nn.ModuleList(Attention(out_channels, groups) for _ in range(num_blocks if attention else 0))
+        self.resnets = nn.ModuleList(
+            ResBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+            for i in range(num_blocks)
+        )
+        self.attentions = nn.ModuleList(
+            Attention(out_channels, groups) for _ in range(num_blocks if attention else 0)
+        )
         self.resample = resample
 
     def forward(self, x):
@@ -234,7 +292,14 @@ class Encoder(nn.Module):
         ch, groups, last = config.channels, config.norm_groups, len(config.channels) - 1
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.levels = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], config.layers_per_level, i in config.attention_levels, Downsample(ch[i]) if i < last else None, groups)
+            Level(
+                ch[max(i - 1, 0)],
+                ch[i],
+                config.layers_per_level,
+                i in config.attention_levels,
+                Downsample(ch[i]) if i < last else None,
+                groups,
+            )
             for i in range(len(ch))
         )
         self.mid = MidBlock(ch[-1], groups)
@@ -258,7 +323,14 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, ch[0], 3, padding=1)
         self.mid = MidBlock(ch[0], groups)
         self.levels = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], config.layers_per_level + 1, (n - 1 - i) in config.attention_levels, Upsample(ch[i]) if i < n - 1 else None, groups)
+            Level(
+                ch[max(i - 1, 0)],
+                ch[i],
+                config.layers_per_level + 1,
+                (n - 1 - i) in config.attention_levels,
+                Upsample(ch[i]) if i < n - 1 else None,
+                groups,
+            )
             for i in range(n)
         )
         self.norm_out = FP32GroupNorm(groups, ch[-1], eps=1e-6)
@@ -274,40 +346,13 @@ class Decoder(nn.Module):
 # --- the two autoencoders ---------------------------------------------------------------------
 
 
-def _check_image(x, config: AutoencoderConfig):
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != config.in_channels:
-        raise ValueError(f"expected images of shape (B, {config.in_channels}, H, W) scaled to [-1, 1], got {tuple(getattr(x, 'shape', ()))}")
-    f = config.downsampling_factor
-    if x.shape[2] % f or x.shape[3] % f:
-        raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not divisible by the downsampling factor {f}: crop or resize to a multiple of {f}")
-
-
-def _check_latent(z, channels: int, what: str):
-    if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != channels:
-        raise ValueError(f"expected {what} of shape (B, {channels}, h, w), got {tuple(getattr(z, 'shape', ()))}")
-
-
-def _check_finite(x):
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(
-            f"the autoencoder's decode produced inf/nan in {x.dtype}: activations overflowed the half-precision range. "
-            "Run the autoencoder in float32 (load it with dtype=torch.float32); the rest of the pipeline may stay in half precision."
-        )
-    return x
-
-
-def _decode_batch(decode_one, z, sliced: bool):
-    """Decode all at once, or one image at a time (diffusers' "VAE slicing") to bound peak memory."""
-    if not sliced:
-        return decode_one(z)
-    return torch.cat([decode_one(z[i : i + 1]) for i in range(z.shape[0])])
-
-
 class AutoencoderKL(nn.Module):
     def __init__(self, config: AutoencoderConfig = KL_F8):
         super().__init__()
         if config.is_vq:
-            raise ValueError("this config describes a VQ autoencoder (codebook_size > 0): use VQModel")
+            raise ValueError(
+                "this config describes a VQ autoencoder (codebook_size > 0): use VQModel"
+            )
         self.config = config
         latent = config.latent_channels
         self.encoder = Encoder(config, out_channels=2 * latent)  # mean and log-variance
@@ -317,22 +362,28 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor):
         """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, 4, H/8, W/8)."""
-        _check_image(x, self.config)
+        check_image(x, self.config)
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # the original clamps so exp() cannot overflow
 
     @staticmethod
-    def sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A draw z = mean + std * eps from the encoder's Gaussian; noise comes from `generator`'s device
-        (as diffusers' randn_tensor does), so a CPU generator reproduces on any device."""
+    def sample(
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A draw z = mean + std * eps from the encoder's Gaussian; noise comes from `generator`'s
+        device (as diffusers' randn_tensor does), so a CPU generator reproduces on any device."""
         noise_device = generator.device if generator is not None else mean.device
         noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
         return mean + torch.exp(0.5 * logvar) * noise
 
     def decode(self, z: torch.Tensor, sliced: bool = False) -> torch.Tensor:
-        """Latents (B, 4, h, w), unscaled (divide by config.scaling_factor first) -> images (B, 3, 8h, 8w) in about [-1, 1]."""
-        _check_latent(z, self.config.latent_channels, "KL latents")
-        return _check_finite(_decode_batch(lambda zi: self.decoder(self.post_quant_conv(zi)), z, sliced))
+        """Latents (B, 4, h, w), unscaled (divide by config.scaling_factor first) -> images
+        (B, 3, 8h, 8w) in about [-1, 1]."""
+        check_latent(z, self.config.latent_channels, "KL latents")
+        x = decode_batch(lambda zi: self.decoder(self.post_quant_conv(zi)), z, sliced)
+        return check_finite(x)
 
 
 class VQModel(nn.Module):
@@ -348,42 +399,99 @@ class VQModel(nn.Module):
         self.decoder = Decoder(config, in_channels=config.latent_channels)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> continuous latents h (B, D, h, w), before quantization."""
-        _check_image(x, self.config)
+        """Images (B, 3, H, W) in [-1, 1] -> continuous latents h (B, D, h, w), before
+        quantization."""
+        check_image(x, self.config)
         return self.quant_conv(self.encoder(x))
 
     def quantize(self, h: torch.Tensor):
         """Snap every latent pixel to its nearest code: -> (z_q (B, D, h, w), indices (B, h, w))."""
-        _check_latent(h, self.config.code_dim, "VQ latents")
+        check_latent(h, self.config.code_dim, "VQ latents")
         B, D, H, W = h.shape
         flat = h.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
         # Euclidean distance to every code; torch.cdist is what diffusers uses, so near-ties break
         # the same way (the original expands |z|^2 + |e|^2 - 2 z.e, which cdist does internally).
-        indices = torch.cdist(flat, self.codebook.weight.to(flat.dtype)).argmin(dim=1)  # (B*h*w,)
+        distances = torch.cdist(flat, self.codebook.weight.to(flat.dtype))  # (B*h*w, N)
+        indices = distances.argmin(dim=1)  # (B*h*w,)
         z_q = self.codebook(indices).view(B, H, W, D).permute(0, 3, 1, 2)  # (B, D, h, w)
         return z_q.to(h.dtype), indices.view(B, H, W)
 
     def decode(self, h: torch.Tensor, quantize: bool = True, sliced: bool = False) -> torch.Tensor:
-        """Latents (B, D, h, w) -> images (B, 3, H, W). `quantize=True` snaps them to the codebook first,
-        as the original `decode_first_stage` does for the CelebA-HQ LDM (facts 3.3)."""
-        _check_latent(h, self.config.code_dim, "VQ latents")
+        """Latents (B, D, h, w) -> images (B, 3, H, W). `quantize=True` snaps them to the codebook
+        first, as the original does for the CelebA-HQ LDM (CompVis/latent-diffusion
+        ldm/models/diffusion/ddpm.py LatentDiffusion.decode_first_stage)."""
+        check_latent(h, self.config.code_dim, "VQ latents")
         if quantize:
             h = self.quantize(h)[0]
-        return _check_finite(_decode_batch(lambda hi: self.decoder(self.post_quant_conv(hi)), h, sliced))
+        x = decode_batch(lambda hi: self.decoder(self.post_quant_conv(hi)), h, sliced)
+        return check_finite(x)
 
     def decode_indices(self, indices: torch.Tensor, shape, sliced: bool = False) -> torch.Tensor:
         """Code indices (B, h*w) or (B, h, w) on an (h, w) grid -> images (B, 3, h*f, w*f)."""
         h, w = shape
-        if indices.dtype not in (torch.long, torch.int32, torch.int64) or indices[0].numel() != h * w:
-            raise ValueError(f"expected integer indices of shape (B, {h * w}) or (B, {h}, {w}), got {indices.dtype} {tuple(indices.shape)}")
-        low, high = indices.min().item(), indices.max().item()
-        if low < 0 or high >= self.config.codebook_size:
-            raise ValueError(
-                f"code indices must lie in [0, {self.config.codebook_size}), got [{low}, {high}]"
-                + (f"; {self.config.codebook_size} is VQ-Diffusion's mask class: every token must be sampled before decoding" if high == self.config.codebook_size else "")
-            )
+        check_indices(indices, h, w, self.config.codebook_size)
         z_q = self.codebook(indices.reshape(-1, h, w)).permute(0, 3, 1, 2)  # (B, D, h, w)
         return self.decode(z_q, quantize=False, sliced=sliced)
+
+
+def decode_batch(decode_one, z, sliced: bool):
+    """Decode all at once, or one image at a time (diffusers' "VAE slicing") to bound peak
+    memory."""
+    if not sliced:
+        return decode_one(z)
+    return torch.cat([decode_one(z[i : i + 1]) for i in range(z.shape[0])])
+
+
+# --- input checks: what the autoencoders refuse, and what to do instead ----------------------
+
+
+def check_image(x, config: AutoencoderConfig):
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != config.in_channels:
+        raise ValueError(
+            f"expected images of shape (B, {config.in_channels}, H, W) scaled to [-1, 1], "
+            f"got {tuple(getattr(x, 'shape', ()))}"
+        )
+    f = config.downsampling_factor
+    if x.shape[2] % f or x.shape[3] % f:
+        raise ValueError(
+            f"image size {x.shape[2]}x{x.shape[3]} is not divisible by the downsampling factor "
+            f"{f}: crop or resize to a multiple of {f}"
+        )
+
+
+def check_latent(z, channels: int, what: str):
+    if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != channels:
+        found = tuple(getattr(z, "shape", ()))
+        raise ValueError(f"expected {what} of shape (B, {channels}, h, w), got {found}")
+
+
+def check_indices(indices, h: int, w: int, codebook_size: int):
+    is_integer = indices.dtype in (torch.long, torch.int32, torch.int64)
+    if not is_integer or indices[0].numel() != h * w:
+        raise ValueError(
+            f"expected integer indices of shape (B, {h * w}) or (B, {h}, {w}), "
+            f"got {indices.dtype} {tuple(indices.shape)}"
+        )
+    low, high = indices.min().item(), indices.max().item()
+    if low < 0 or high >= codebook_size:
+        message = f"code indices must lie in [0, {codebook_size}), got [{low}, {high}]"
+        if high == codebook_size:
+            message += (
+                f"; {codebook_size} is VQ-Diffusion's mask class: "
+                "every token must be sampled before decoding"
+            )
+        raise ValueError(message)
+
+
+def check_finite(x):
+    """Raises on inf/nan, else returns x."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"the autoencoder's decode produced inf/nan in {x.dtype}: activations overflowed the "
+            "half-precision range. Run the autoencoder in float32 (load it with "
+            "dtype=torch.float32); the rest of the pipeline may stay in half precision."
+        )
+    return x
 
 
 # --- Official weights -------------------------------------------------------------------------
@@ -404,8 +512,6 @@ DIFFUSERS_NAMES = [
     (r"(attentions\.\d+)\.out\.", r"\1.to_out.0."),
     (r"^codebook\.", "quantize.embedding."),
 ]
-# diffusers' 2022 AttentionBlock names, still inside the official hub files (facts 5.8)
-LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
 def diffusers_name(name: str) -> str:
@@ -417,10 +523,17 @@ def diffusers_name(name: str) -> str:
 
 def original_name(name: str, num_levels: int) -> str:
     """Our name -> the CompVis (taming-transformers) name, also used by microsoft/VQ-Diffusion."""
+
+    def decoder_level(m):  # the original numbers the decoder's levels from the full resolution
+        return f"decoder.up.{num_levels - 1 - int(m.group(1))}."
+
+    def resample(m):
+        return ".downsample.conv." if name.startswith("encoder.") else ".upsample.conv."
+
     rules = [
         (r"^encoder\.levels\.(\d+)\.", r"encoder.down.\1."),
-        (r"^decoder\.levels\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m.group(1))}."),  # stored by resolution
-        (r"\.resample\.conv\.", lambda m: ".downsample.conv." if name.startswith("encoder.") else ".upsample.conv."),
+        (r"^decoder\.levels\.(\d+)\.", decoder_level),  # stored by resolution
+        (r"\.resample\.conv\.", resample),
         (r"\.resnets\.", ".block."),
         (r"\.attentions\.", ".attn."),
         (r"\.mid\.resnet1\.", ".mid.block_1."),
@@ -440,13 +553,15 @@ def file_names(model: nn.Module) -> dict:
     num_levels = len(model.config.channels)
     table = {}
     for ours in model.state_dict():
-        diffusers, original = diffusers_name(ours), original_name(ours, num_levels)
-        legacy = diffusers
-        for new, old in LEGACY_ATTENTION_NAMES.items():
-            legacy = legacy.replace(f".{new}.", f".{old}.")
-        spellings = {diffusers, legacy, original, "first_stage_model." + original, "vae." + original}
+        diffusers = diffusers_name(ours)
+        original = original_name(ours, num_levels)
+        legacy = legacy_attention_name(diffusers)  # the 2022 names inside the official hub files
+        spellings = {diffusers, legacy, original}
+        spellings |= {"first_stage_model." + original, "vae." + original}  # in whole checkpoints
         if ours == "codebook.weight":
-            spellings.add("quantize.embedding")  # VQ-Diffusion's EMA quantizer keeps a bare tensor (facts 5.7)
+            # VQ-Diffusion's EMA quantizer keeps a bare tensor
+            # (diffusers' scripts/convert_vq_diffusion_to_diffusers.py)
+            spellings.add("quantize.embedding")
         for theirs in spellings:
             assert table.setdefault(theirs, ours) == ours, f"{theirs} would name two parameters"
     return table
@@ -454,33 +569,48 @@ def file_names(model: nn.Module) -> dict:
 
 # Training-only tensors in original checkpoints: the GAN/LPIPS loss, EMA bookkeeping, and the EMA
 # quantizer's running statistics (VQ-Diffusion's EMAVectorQuantizer).
-DROPPED_KEYS = [r"(first_stage_model\.)?loss\..*", r"model_ema\..*", r"(first_stage_model\.)?quantize\.(cluster_size|embedding_avg|embed_avg)"]
-
-
-def _squeeze_attention_weights(weights: dict) -> dict:
-    """Original checkpoints (and some diffusers files) hold attention projections as 1x1 convs
-    [C, C, 1, 1]; ours are Linear [C, C]."""
-    pattern = re.compile(r".*attention(s\.\d+)?\.(q|k|v|out)\.weight")
-    return {k: v[:, :, 0, 0] if v.ndim == 4 and pattern.fullmatch(k) else v for k, v in weights.items()}
+DROPPED_KEYS = [
+    r"(first_stage_model\.)?loss\..*",
+    r"model_ema\..*",
+    r"(first_stage_model\.)?quantize\.(cluster_size|embedding_avg|embed_avg)",
+]
 
 
 def _mismatch_hint(missing, unexpected, mismatched):
     if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in unexpected):
         return "a whole LDM / Stable Diffusion checkpoint: split it into components first"
     if "codebook.weight" in missing:
-        return "a KL autoencoder's weights loaded as a VQModel: its config.json should name AutoencoderKL"
+        return (
+            "a KL autoencoder's weights loaded as a VQModel: "
+            "its config.json should name AutoencoderKL"
+        )
     if any("quantize.embedding" in k for k in unexpected):
-        return "a VQ autoencoder's weights loaded as an AutoencoderKL: its config.json should name VQModel"
+        return (
+            "a VQ autoencoder's weights loaded as an AutoencoderKL: "
+            "its config.json should name VQModel"
+        )
     if mismatched:
-        return "an autoencoder of another size: check block_out_channels, latent_channels and the codebook in config.json"
+        return (
+            "an autoencoder of another size: check block_out_channels, latent_channels and the "
+            "codebook in config.json"
+        )
     return None
 
 
 def load_autoencoder(config: AutoencoderConfig, state_dict: dict, device=None, dtype=None):
-    """AutoencoderKL or VQModel (by `config.is_vq`) from a state dict in the diffusers (modern or 2022
-    names), CompVis `first_stage_model.*`, or VQ-Diffusion `ithq_vqvae.pth` layout."""
+    """AutoencoderKL or VQModel (by `config.is_vq`) from a state dict in the diffusers (modern or
+    2022 names), CompVis `first_stage_model.*`, or VQ-Diffusion `ithq_vqvae.pth` layout."""
     with torch.device("meta"):
         model = VQModel(config) if config.is_vq else AutoencoderKL(config)
     weights, names_in_file = rename_keys(state_dict, file_names(model), DROPPED_KEYS)
     what = "VQ autoencoder" if config.is_vq else "KL autoencoder"
-    return load_into(model, _squeeze_attention_weights(weights), file_names=names_in_file, device=device, dtype=dtype, what=what, hint=_mismatch_hint)
+    weights = squeeze_attention_weights(weights)
+    return load_into(
+        model,
+        weights,
+        file_names=names_in_file,
+        device=device,
+        dtype=dtype,
+        what=what,
+        hint=_mismatch_hint,
+    )

@@ -6,8 +6,9 @@ Radford et al. 2021, "Learning Transferable Visual Models From Natural Language 
 Diffusion v1 uses the ViT-L/14 text tower and VQ-Diffusion the ViT-B/32 one; both take the final
 LayerNorm's output for every token (`last_hidden_state`), not the pooled/projected embedding.
 
-The image tower (section 2.4 too) is a Vision Transformer (Dosovitskiy et al. 2020, arXiv:2010.11929)
-built from the same layers, without the causal mask; it summarises an image in one vector.
+The image tower (section 2.4 too) is a Vision Transformer (Dosovitskiy et al. 2020,
+arXiv:2010.11929) built from the same layers, without the causal mask; it summarises an image in
+one vector.
 
 Matches transformers' `CLIPTextModel` and `CLIPVisionModel` (modeling_clip.py), whose hub key names
 the key maps read, as does the `cond_stage_model.transformer.` prefix of original Stable Diffusion
@@ -23,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.layers import FP32LayerNorm, attention, check_input_ids
 from minildm.weights import load_into, remap_keys
 
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
-    """Defaults: openai/clip-vit-large-patch14, SD v1's text encoder (facts 1.3)."""
+    """Defaults: openai/clip-vit-large-patch14, SD v1's text encoder (the hub's
+    text_encoder/config.json of CompVis/stable-diffusion-v1-4)."""
 
     vocab_size: int = 49408
     max_length: int = 77
@@ -37,7 +40,7 @@ class CLIPTextConfig:
     heads: int = 12
     mlp_width: int = 3072
     norm_eps: float = 1e-5
-    activation: str = "quick_gelu"  # x * sigmoid(1.702 x), CLIP's fast GELU approximation (facts 6.6)
+    activation: str = "quick_gelu"  # x * sigmoid(1.702 x): openai/CLIP clip/model.py QuickGELU
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
@@ -55,24 +58,38 @@ class CLIPTextConfig:
             activation=activation,
         )
 
-
     def to_diffusers(self) -> dict:
         """The transformers `config.json` of this model (what `from_diffusers` reads back)."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": self.vocab_size,
-                "max_position_embeddings": self.max_length, "hidden_size": self.width, "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads, "intermediate_size": self.mlp_width, "layer_norm_eps": self.norm_eps,
-                "hidden_act": self.activation, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
-                "projection_dim": self.width, "torch_dtype": "float32"}
+        return {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_length,
+            "hidden_size": self.width,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "intermediate_size": self.mlp_width,
+            "layer_norm_eps": self.norm_eps,
+            "hidden_act": self.activation,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 1,
+            "projection_dim": self.width,
+            "torch_dtype": "float32",
+        }
 
 
 CLIP_VIT_L_14 = CLIPTextConfig()  # Stable Diffusion v1.x
-CLIP_VIT_B_32 = CLIPTextConfig(width=512, heads=8, mlp_width=2048)  # VQ-Diffusion (facts 4.2)
+# VQ-Diffusion: the hub's text_encoder/config.json of microsoft/vq-diffusion-ithq
+CLIP_VIT_B_32 = CLIPTextConfig(width=512, heads=8, mlp_width=2048)
 
 
 @dataclass(frozen=True)
 class CLIPVisionConfig:
     """Defaults: the ViT-L/14 image tower of openai/clip-vit-large-patch14, the one inside SD v1's
-    safety checker (facts 1.3). Field names as in CLIPTextConfig, so `CLIPLayer` takes either."""
+    safety checker (the vision_config of the hub's safety_checker/config.json of
+    CompVis/stable-diffusion-v1-4). Field names as in CLIPTextConfig, so `CLIPLayer` takes
+    either."""
 
     image_size: int = 224
     patch_size: int = 14  # the "/14" of ViT-L/14: 224 / 14 = 16 patches a side, 256 in all
@@ -86,9 +103,11 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "CLIPVisionConfig":
-        """From a transformers `config.json` (CLIPVisionModel, or CLIPModel / the safety checker with a `vision_config`)."""
+        """From a transformers `config.json` (CLIPVisionModel, or CLIPModel / the safety checker
+        with a `vision_config`)."""
         config = config.get("vision_config", config)
-        return cls(  # absent keys take transformers' CLIPVisionConfig defaults (a ViT-B/32), as transformers would
+        # absent keys take transformers' CLIPVisionConfig defaults (a ViT-B/32), as it would
+        return cls(
             image_size=config.get("image_size", 224),
             patch_size=config.get("patch_size", 32),
             channels=config.get("num_channels", 3),
@@ -104,44 +123,32 @@ class CLIPVisionConfig:
 def _hidden_act(config: dict) -> str:
     activation = config.get("hidden_act", "quick_gelu")
     if activation not in ("quick_gelu", "gelu"):
-        raise ValueError(f"CLIP hidden_act {activation!r} is not supported; expected 'quick_gelu' or 'gelu'")
+        raise ValueError(
+            f"CLIP hidden_act {activation!r} is not supported; expected 'quick_gelu' or 'gelu'"
+        )
     return activation
 
 
-class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm whose mean and variance are computed in float32, whatever the input dtype:
-    in fp16/bf16 the variance of a wide vector loses most of its digits."""
-
-    def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
-def attention(q, k, v, causal: bool):
-    """softmax(Q K^T / sqrt(Dh)) V, written out for the reader; q, k, v are (B, H, L, Dh).
-
-    The softmax runs in float32 (a half-precision softmax over 77 scores loses small weights).
-    `F.scaled_dot_product_attention(q, k, v, is_causal=causal)` computes the same; at 77 tokens (or
-    257 image patches) the explicit form costs little.
-    """
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, L, L)
-    if causal:  # token i may attend to tokens 0..i only (CLIP was trained left to right)
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    weights = scores.float().softmax(dim=-1).to(v.dtype)
-    return weights @ v  # (B, H, L, Dh)
-
-
 class SelfAttention(nn.Module):
-    """causal: text tokens see only earlier tokens; image patches all see each other (causal=False)."""
+    """causal: text tokens see only earlier tokens; image patches all see each other
+    (causal=False)."""
 
     def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads, self.causal = heads, causal
-        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+        self.heads = heads
+        self.causal = causal
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
 
     def forward(self, x):  # (B, L, D)
         B, L, D = x.shape
-        q, k, v = (proj(x).view(B, L, self.heads, D // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, H, L, Dh)
+
+        def split_heads(t):  # (B, L, D) -> (B, H, L, Dh)
+            return t.view(B, L, self.heads, D // self.heads).transpose(1, 2)
+
+        q, k, v = split_heads(self.q(x)), split_heads(self.k(x)), split_heads(self.v(x))
         y = attention(q, k, v, causal=self.causal).transpose(1, 2).reshape(B, L, D)
         return self.out(y)
 
@@ -149,7 +156,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width: int, mlp_width: int, activation: str):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, mlp_width), nn.Linear(mlp_width, width)
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.fc2 = nn.Linear(mlp_width, width)
         self.activation = activation
 
     def forward(self, x):
@@ -194,16 +202,6 @@ class CLIPTextModel(nn.Module):
         return self.final_norm(x)  # (B, L, D)
 
 
-def check_input_ids(input_ids, vocab_size: int, max_length: int):
-    """Refuse what would otherwise fail deep inside an embedding lookup, with a message that helps."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.ndim != 2:
-        raise TypeError(f"expected input_ids as a LongTensor [B, L] (from the tokenizer), got {getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.shape[1] > max_length:
-        raise ValueError(f"{input_ids.shape[1]} tokens given; the model has {max_length} positions (truncate with the tokenizer)")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); got [{input_ids.min().item()}, {input_ids.max().item()}]: was a different tokenizer used?")
-
-
 class CLIPVisionModel(nn.Module):
     """(pixel_values [B, 3, 224, 224], CLIP-normalised) -> pooled image embedding [B, D].
 
@@ -219,9 +217,12 @@ class CLIPVisionModel(nn.Module):
         self.config = config
         self.grid = config.image_size // config.patch_size  # patches per side (16)
         # no bias: the position embedding, added next, already gives every token its own offset
-        self.patch_embedding = nn.Conv2d(config.channels, config.width, config.patch_size, stride=config.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(
+            config.channels, config.width, config.patch_size, stride=config.patch_size, bias=False
+        )
         self.class_embedding = nn.Parameter(torch.zeros(config.width))
-        self.position_embedding = nn.Embedding(1 + self.grid**2, config.width)  # the class token's position is 0
+        # one position per patch, and position 0 for the class token
+        self.position_embedding = nn.Embedding(1 + self.grid**2, config.width)
         self.pre_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
         self.layers = nn.ModuleList(CLIPLayer(config, causal=False) for _ in range(config.layers))
         self.post_norm = FP32LayerNorm(config.width, eps=config.norm_eps)
@@ -229,10 +230,12 @@ class CLIPVisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         check_pixel_values(pixel_values, self.config)
         B = pixel_values.shape[0]
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, grid, grid)
-        patches = patches.flatten(2).transpose(1, 2)  # (B, grid * grid, D), patches in row-major order
+        pixels = pixel_values.to(self.patch_embedding.weight.dtype)
+        patches = self.patch_embedding(pixels)  # (B, D, grid, grid)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, grid * grid, D), in row-major order
         class_token = self.class_embedding.expand(B, 1, -1)  # (B, 1, D)
-        x = torch.cat([class_token, patches], dim=1) + self.position_embedding.weight  # (B, 1 + grid * grid, D)
+        tokens = torch.cat([class_token, patches], dim=1)  # (B, 1 + grid * grid, D)
+        x = tokens + self.position_embedding.weight
         x = self.pre_norm(x)
         for layer in self.layers:
             x = layer(x)
@@ -240,20 +243,31 @@ class CLIPVisionModel(nn.Module):
 
 
 def check_pixel_values(pixel_values, config: CLIPVisionConfig):
-    """Refuse images the tower cannot read, saying what to do instead of failing inside the convolution."""
-    S, C = config.image_size, config.channels
+    """Refuse images the tower cannot read, saying what to do instead of failing inside the
+    convolution."""
+    S = config.image_size
+    C = config.channels
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-        raise TypeError(f"expected pixel_values as a float tensor [B, {C}, {S}, {S}], got {getattr(pixel_values, 'dtype', type(pixel_values))}")
+        found = getattr(pixel_values, "dtype", type(pixel_values))
+        raise TypeError(f"expected pixel_values as a float tensor [B, {C}, {S}, {S}], got {found}")
     if pixel_values.ndim != 4:
-        one = " (one image: add the batch dimension, pixel_values[None])" if pixel_values.ndim == 3 else ""
-        raise ValueError(f"expected pixel_values [B, {C}, {S}, {S}], got shape {tuple(pixel_values.shape)}{one}")
+        one = ""
+        if pixel_values.ndim == 3:
+            one = " (one image: add the batch dimension, pixel_values[None])"
+        raise ValueError(
+            f"expected pixel_values [B, {C}, {S}, {S}], got shape {tuple(pixel_values.shape)}{one}"
+        )
     if pixel_values.shape[1] != C:
         layout = " (channels last? use .permute(0, 3, 1, 2))" if pixel_values.shape[-1] == C else ""
-        raise ValueError(f"expected {C} colour channels in dimension 1, got shape {tuple(pixel_values.shape)}{layout}")
+        raise ValueError(
+            f"expected {C} colour channels in dimension 1, "
+            f"got shape {tuple(pixel_values.shape)}{layout}"
+        )
     if pixel_values.shape[2:] != (S, S):
         raise ValueError(
-            f"the vision tower takes {S}x{S} images, got {pixel_values.shape[2]}x{pixel_values.shape[3]}: "
-            "resize and center-crop first (minildm.safety_checker.preprocess does what CLIPImageProcessor does)"
+            f"the vision tower takes {S}x{S} images, "
+            f"got {pixel_values.shape[2]}x{pixel_values.shape[3]}: resize and center-crop first "
+            "(minildm.safety_checker.preprocess does what CLIPImageProcessor does)"
         )
 
 
@@ -299,20 +313,42 @@ def _mismatch_hint(missing, unexpected, mismatched):
     if "token_embedding.weight" in mismatched:
         (_, got_width), (_, want_width) = mismatched["token_embedding.weight"]
         if got_width == 1024:
-            return "a 1024-wide text encoder: this looks like an SD 2.x (OpenCLIP ViT-H/14) checkpoint, which minildm does not implement"
-        return f"the checkpoint's encoder is {got_width} wide, the config's {want_width}: config.json belongs to another model (ViT-L/14 is 768, ViT-B/32 512)"
+            return (
+                "a 1024-wide text encoder: this looks like an SD 2.x (OpenCLIP ViT-H/14) "
+                "checkpoint, which minildm does not implement"
+            )
+        return (
+            f"the checkpoint's encoder is {got_width} wide, the config's {want_width}: "
+            "config.json belongs to another model (ViT-L/14 is 768, ViT-B/32 512)"
+        )
     if any("text_projection" in k for k in unexpected):
-        return "a CLIPTextModelWithProjection checkpoint; minildm uses the last hidden state, not the projection"
+        return (
+            "a CLIPTextModelWithProjection checkpoint; minildm uses the last hidden state, "
+            "not the projection"
+        )
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in unexpected):
         return "a whole Stable Diffusion checkpoint: split it into components first"
     return None
 
 
-def load_clip_text_model(config: CLIPTextConfig, state_dict: dict, device=None, dtype=None) -> CLIPTextModel:
+def load_clip_text_model(
+    config: CLIPTextConfig,
+    state_dict: dict,
+    device=None,
+    dtype=None,
+) -> CLIPTextModel:
     with torch.device("meta"):
         model = CLIPTextModel(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="CLIP text encoder", hint=_mismatch_hint)
+    return load_into(
+        model,
+        weights,
+        file_names=file_names,
+        device=device,
+        dtype=dtype,
+        what="CLIP text encoder",
+        hint=_mismatch_hint,
+    )
 
 
 # The image tower: hub files carry a `vision_model.` prefix, transformers 5 saves without it.
@@ -331,13 +367,29 @@ def _vision_mismatch_hint(missing, unexpected, mismatched):
     if any("text_model" in k or "token_embedding" in k for k in unexpected):
         return "a whole CLIPModel (both towers): load its text and image towers separately"
     if "patch_embedding.weight" in mismatched:
-        (got_width, _, got_patch, _), (want_width, _, want_patch, _) = mismatched["patch_embedding.weight"]
-        return f"the checkpoint's tower is {got_width} wide with {got_patch}-pixel patches, the config's {want_width} with {want_patch}: config.json belongs to another model"
+        got, want = mismatched["patch_embedding.weight"]  # (width, channels, patch, patch) each
+        return (
+            f"the checkpoint's tower is {got[0]} wide with {got[2]}-pixel patches, "
+            f"the config's {want[0]} with {want[2]}: config.json belongs to another model"
+        )
     return None
 
 
-def load_clip_vision_model(config: CLIPVisionConfig, state_dict: dict, device=None, dtype=None) -> CLIPVisionModel:
+def load_clip_vision_model(
+    config: CLIPVisionConfig,
+    state_dict: dict,
+    device=None,
+    dtype=None,
+) -> CLIPVisionModel:
     with torch.device("meta"):
         model = CLIPVisionModel(config)
     weights, file_names = remap_keys(state_dict, VISION_KEY_RULES, VISION_DROPPED_KEYS)
-    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="CLIP vision tower", hint=_vision_mismatch_hint)
+    return load_into(
+        model,
+        weights,
+        file_names=file_names,
+        device=device,
+        dtype=dtype,
+        what="CLIP vision tower",
+        hint=_vision_mismatch_hint,
+    )

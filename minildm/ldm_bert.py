@@ -8,8 +8,10 @@ an x-transformers `TransformerWrapper(attn_layers=Encoder(dim=1280, depth=32))`
 `LDMBertModel` (pipelines/latent_diffusion/pipeline_latent_diffusion.py). Both layouts load here.
 
 Unlike CLIP: learned absolute positions, exact (erf) GELU, no attention mask at all (padding tokens
-are attended to, in the original and in diffusers alike, facts 6.7), and attention narrower than the
-residual stream: 8 heads x 64 = 512 channels inside a 1280-wide model, with q/k/v without bias.
+are attended to: the original's BERTEmbedder passes no mask to its TransformerWrapper, nor does
+diffusers' LDMTextToImagePipeline), and attention narrower than the residual stream: 8 heads x 64 =
+512 channels inside a 1280-wide model, with q/k/v without bias (CompVis/latent-diffusion
+ldm/modules/x_transformer.py Attention).
 
 Shapes: B batch, L tokens (77), D width (1280), H heads, Dh head width (64).
 """
@@ -21,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.clip import FP32LayerNorm, check_input_ids, attention
+from minildm.layers import FP32LayerNorm, attention, check_input_ids
 from minildm.weights import load_into, remap_keys
 
 
 @dataclass(frozen=True)
 class LDMBertConfig:
-    """Defaults: CompVis/ldm-text2im-large-256 `bert/config.json` (facts 2.2)."""
+    """Defaults: the hub's `bert/config.json` of CompVis/ldm-text2im-large-256."""
 
     vocab_size: int = 30522
     max_length: int = 77
@@ -43,7 +45,10 @@ class LDMBertConfig:
         """From the hub `bert/config.json` (LDMBertConfig field names)."""
         activation = config.get("activation_function", "gelu")
         if activation != "gelu":
-            raise ValueError(f"LDMBert activation_function {activation!r} is not supported; the official model uses 'gelu'")
+            raise ValueError(
+                f"LDMBert activation_function {activation!r} is not supported; "
+                "the official model uses 'gelu'"
+            )
         return cls(
             vocab_size=config.get("vocab_size", 30522),
             max_length=config.get("max_position_embeddings", 77),
@@ -76,25 +81,35 @@ class LDMBertConfig:
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, head_width: int):
         super().__init__()
-        self.heads, self.head_width = heads, head_width
-        inner = heads * head_width
-        self.q, self.k, self.v = (nn.Linear(width, inner, bias=False) for _ in range(3))
+        self.heads = heads
+        self.head_width = head_width
+        inner = heads * head_width  # 512, narrower than the 1280-wide residual stream
+        self.q = nn.Linear(width, inner, bias=False)
+        self.k = nn.Linear(width, inner, bias=False)
+        self.v = nn.Linear(width, inner, bias=False)
         self.out = nn.Linear(inner, width)
 
     def forward(self, x):  # (B, L, D)
         B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.heads, self.head_width).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, H, L, Dh)
-        y = attention(q, k, v, causal=False).transpose(1, 2).reshape(B, L, self.heads * self.head_width)
+
+        def split_heads(t):  # (B, L, H * Dh) -> (B, H, L, Dh)
+            return t.view(B, L, self.heads, self.head_width).transpose(1, 2)
+
+        q, k, v = split_heads(self.q(x)), split_heads(self.k(x)), split_heads(self.v(x))
+        y = attention(q, k, v, causal=False)  # no mask: padding tokens are attended to
+        y = y.transpose(1, 2).reshape(B, L, self.heads * self.head_width)
         return self.out(y)  # (B, L, D)
 
 
 class MLP(nn.Module):
     def __init__(self, width: int, mlp_width: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, mlp_width), nn.Linear(mlp_width, width)
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.fc2 = nn.Linear(mlp_width, width)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU (x-transformers nn.GELU, transformers "gelu")
+        # exact erf GELU (x-transformers nn.GELU, transformers "gelu")
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class LDMBertLayer(nn.Module):
@@ -114,7 +129,8 @@ class LDMBertLayer(nn.Module):
 
 class LDMBert(nn.Module):
     """(input_ids [B, L]) -> [B, L, 1280]. The unconditional input is the tokenized empty prompt
-    ([CLS] [SEP] [PAD]...), run through the same model (facts 6.7)."""
+    ([CLS] [SEP] [PAD]...), run through the same model (CompVis/latent-diffusion scripts/txt2img.py:
+    `get_learned_conditioning(n * [""])`)."""
 
     def __init__(self, config: LDMBertConfig = LDMBertConfig()):
         super().__init__()
@@ -136,16 +152,27 @@ class LDMBert(nn.Module):
 # --- Official weights -------------------------------------------------------------------------
 # Two layouts map onto ours; their key patterns do not overlap, so one rule list serves both.
 # In the original, layer list entry 2i is [norm, attention, residual] and 2i+1 [norm, feed-forward,
-# residual] of our layer i (facts 5.4); `net.1` is a dropout, the residual has no weights.
+# residual] of our layer i (CompVis/latent-diffusion ldm/modules/x_transformer.py; the names of the
+# old diffusers convert_from_ckpt.py convert_ldm_bert_checkpoint); `net.1` is a dropout, the
+# residual has no weights.
 def _original_layer(match) -> str:
-    entry, part = int(match.group(1)), match.group(2)
-    layer, is_attention = entry // 2, entry % 2 == 0
+    entry = int(match.group(1))
+    part = match.group(2)
+    layer = entry // 2
+    is_attention = entry % 2 == 0
     if part.startswith("0."):  # the pre-norm
         return f"layers.{layer}.{'attn_norm' if is_attention else 'mlp_norm'}.{part[2:]}"
-    renames = {"1.to_q.": "attn.q.", "1.to_k.": "attn.k.", "1.to_v.": "attn.v.", "1.to_out.": "attn.out.", "1.net.0.0.": "mlp.fc1.", "1.net.2.": "mlp.fc2."}
+    renames = {
+        "1.to_q.": "attn.q.",
+        "1.to_k.": "attn.k.",
+        "1.to_v.": "attn.v.",
+        "1.to_out.": "attn.out.",
+        "1.net.0.0.": "mlp.fc1.",
+        "1.net.2.": "mlp.fc2.",
+    }
     for old, new in renames.items():
         if part.startswith(old):
-            return f"layers.{layer}.{new}{part[len(old):]}"
+            return f"layers.{layer}.{new}{part[len(old) :]}"
     return match.group(0)  # unknown: left as is, so the strict loader reports it
 
 
@@ -159,14 +186,17 @@ KEY_RULES = [
     (r"^model\.layers\.(\d+)\.final_layer_norm\.", r"layers.\1.mlp_norm."),
     (r"^model\.layers\.(\d+)\.(fc1|fc2)\.", r"layers.\1.mlp.\2."),
     (r"^model\.layer_norm\.", "final_norm."),
-    # original CompVis checkpoint (x-transformers TransformerWrapper under cond_stage_model.transformer.)
+    # original CompVis checkpoint (x-transformers TransformerWrapper, under
+    # cond_stage_model.transformer.)
     (r"^cond_stage_model\.transformer\.", ""),
     (r"^token_emb\.", "token_embedding."),
     (r"^pos_emb\.emb\.", "position_embedding."),
     (r"^attn_layers\.layers\.(\d+)\.(.*)$", _original_layer),
     (r"^norm\.", "final_norm."),
 ]
-# The language-model head is trained but unused for conditioning (facts 6.7).
+# The language-model head is trained but unused for conditioning (the original's BERTEmbedder asks
+# its TransformerWrapper for `return_embeddings=True`: CompVis/latent-diffusion
+# ldm/modules/encoders/modules.py).
 DROPPED_KEYS = [r"(cond_stage_model\.transformer\.)?to_logits\.(weight|bias)"]
 
 
@@ -197,7 +227,10 @@ def _mismatch_hint(missing, unexpected, mismatched):
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in unexpected):
         return "a whole LDM checkpoint: split it into components first"
     if mismatched:
-        return "an LDMBert of another size: check that config.json (d_model, encoder_layers, ...) matches the weights"
+        return (
+            "an LDMBert of another size: check that config.json (d_model, encoder_layers, ...) "
+            "matches the weights"
+        )
     return None
 
 
@@ -205,4 +238,12 @@ def load_ldm_bert(config: LDMBertConfig, state_dict: dict, device=None, dtype=No
     with torch.device("meta"):
         model = LDMBert(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="LDMBert text encoder", hint=_mismatch_hint)
+    return load_into(
+        model,
+        weights,
+        file_names=file_names,
+        device=device,
+        dtype=dtype,
+        what="LDMBert text encoder",
+        hint=_mismatch_hint,
+    )

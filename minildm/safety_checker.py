@@ -36,9 +36,12 @@ from minildm.weights import load_into, remap_keys
 
 CONCEPTS = 17  # fixed by the released weights, not by the config
 SPECIAL_CARE_CONCEPTS = 3
-SPECIAL_CARE_ADJUSTMENT = 0.01  # how much lower every concept threshold goes once a special-care concept fires
+SPECIAL_CARE_ADJUSTMENT = (
+    0.01  # how much lower every concept threshold goes once a special-care concept fires
+)
 
-# CLIPImageProcessor's settings in SD v1-4's feature_extractor/preprocessor_config.json (facts 1.3):
+# CLIPImageProcessor's settings in the hub's feature_extractor/preprocessor_config.json of
+# CompVis/stable-diffusion-v1-4:
 # the mean and standard deviation of CLIP's training images, per RGB channel.
 CLIP_IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,20 +50,26 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class SafetyCheckerConfig:
-    """Defaults: SD v1-4's safety_checker/config.json (facts 1.3)."""
+    """Defaults: the hub's safety_checker/config.json of CompVis/stable-diffusion-v1-4."""
 
     vision: CLIPVisionConfig = CLIPVisionConfig()
     projection_dim: int = 768
 
 
 def config_from_diffusers(config: dict) -> SafetyCheckerConfig:
-    """From the safety checker's `config.json`: a transformers CLIPConfig. Only its `vision_config` and
-    `projection_dim` matter; its `text_config` describes a text tower the checker does not have."""
+    """From the safety checker's `config.json`: a transformers CLIPConfig. Only its
+    `vision_config` and `projection_dim` matter; its `text_config` describes a text tower the
+    checker does not have."""
     if "vision_config" not in config:
-        raise ValueError("expected the CLIPConfig of a safety_checker/ folder, with a 'vision_config'; this config.json has none")
+        raise ValueError(
+            "expected the CLIPConfig of a safety_checker/ folder, with a 'vision_config'; "
+            "this config.json has none"
+        )
     return SafetyCheckerConfig(
         vision=CLIPVisionConfig.from_diffusers(config["vision_config"]),
-        projection_dim=config.get("projection_dim", 512),  # absent: transformers' CLIPConfig default
+        projection_dim=config.get(
+            "projection_dim", 512
+        ),  # absent: transformers' CLIPConfig default
     )
 
 
@@ -72,7 +81,8 @@ class SafetyChecker(nn.Module):
         self.config = config
         P = config.projection_dim
         self.vision_model = CLIPVisionModel(config.vision)
-        self.visual_projection = nn.Linear(config.vision.width, P, bias=False)  # into CLIP's joint image-text space
+        # into CLIP's joint image-text space
+        self.visual_projection = nn.Linear(config.vision.width, P, bias=False)
         self.concept_embeds = nn.Parameter(torch.zeros(CONCEPTS, P))
         self.special_care_embeds = nn.Parameter(torch.zeros(SPECIAL_CARE_CONCEPTS, P))
         self.concept_thresholds = nn.Parameter(torch.zeros(CONCEPTS))
@@ -80,21 +90,24 @@ class SafetyChecker(nn.Module):
 
     def scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(special-care scores [B, 3], concept scores [B, 17]): cosine similarity minus threshold,
-        the concept scores already raised by the special-care adjustment where it applies. (diffusers'
-        loop also adds the 0.01 to the special-care scores after the first that fires; that changes
-        no flag, so the special-care scores here are left as measured.)
+        the concept scores already raised by the special-care adjustment where it applies.
+        (diffusers' loop also adds the 0.01 to the special-care scores after the first that fires;
+        that changes no flag, so the special-care scores here are left as measured.)
 
-        Computed in float32 whatever the model's dtype: the scores are compared with 0 at a resolution
-        of 0.001, which float16's rounding (about 0.001 relative) would blur. (diffusers takes the
-        cosine in the model's dtype, then casts to float32.)
+        Computed in float32 whatever the model's dtype: the scores are compared with 0 at a
+        resolution of 0.001, which float16's rounding (about 0.001 relative) would blur. (diffusers
+        takes the cosine in the model's dtype, then casts to float32.)
         """
         image_embeds = self.visual_projection(self.vision_model(pixel_values))  # (B, P)
-        image = F.normalize(image_embeds.float(), dim=-1)  # unit length: a dot product is now a cosine
-        special_care_cosine = image @ F.normalize(self.special_care_embeds.float(), dim=-1).T  # (B, 3)
-        concept_cosine = image @ F.normalize(self.concept_embeds.float(), dim=-1).T  # (B, 17)
+        image = F.normalize(image_embeds.float(), dim=-1)  # unit length: a dot product is a cosine
+        special_care_directions = F.normalize(self.special_care_embeds.float(), dim=-1)
+        concept_directions = F.normalize(self.concept_embeds.float(), dim=-1)
+        special_care_cosine = image @ special_care_directions.T  # (B, 3)
+        concept_cosine = image @ concept_directions.T  # (B, 17)
         special_care_scores = special_care_cosine - self.special_care_thresholds.float()
         special_care = _above_zero(special_care_scores).any(dim=1, keepdim=True)  # (B, 1)
-        concept_scores = concept_cosine - self.concept_thresholds.float() + SPECIAL_CARE_ADJUSTMENT * special_care
+        adjustment = SPECIAL_CARE_ADJUSTMENT * special_care
+        concept_scores = concept_cosine - self.concept_thresholds.float() + adjustment
         return special_care_scores, concept_scores
 
     def forward(self, pixel_values: torch.Tensor) -> list[bool]:
@@ -103,7 +116,8 @@ class SafetyChecker(nn.Module):
         return _above_zero(concept_scores).any(dim=1).tolist()
 
     def check(self, images: torch.Tensor) -> list[bool]:
-        """Flags for images as the pipelines make them: [B, 3, H, W] in [0, 1] (or uint8), any size."""
+        """Flags for images as the pipelines make them: [B, 3, H, W] in [0, 1] (or uint8), any
+        size."""
         weight = self.visual_projection.weight
         return self(preprocess(images).to(device=weight.device, dtype=weight.dtype))
 
@@ -114,7 +128,7 @@ def _above_zero(scores: torch.Tensor) -> torch.Tensor:
     return torch.round(scores, decimals=3) > 0
 
 
-# --- Preprocessing: what CLIPImageProcessor does with SD v1-4's preprocessor_config.json -----------
+# --- Preprocessing: what CLIPImageProcessor does with SD v1-4's preprocessor_config.json ---------
 
 
 def preprocess(images: torch.Tensor, size: int = CLIP_IMAGE_SIZE) -> torch.Tensor:
@@ -122,75 +136,117 @@ def preprocess(images: torch.Tensor, size: int = CLIP_IMAGE_SIZE) -> torch.Tenso
 
     1. Round to 8 bits, as the pipeline does when it hands the feature extractor PIL images.
     2. Resize so that the shorter side is `size` (the longer becomes int(size * long / short),
-       truncated), bicubic, with PIL as CLIPImageProcessor does. PIL widens the kernel when shrinking
-       (antialiasing), computes in fixed point, and clips and rounds its output to 8 bits. torch's
-       F.interpolate(..., mode="bicubic", antialias=True) is the same filter in float: clamped and
-       rounded, it is within 1 level of 255 of PIL on smooth images; unclamped, on noise, it
-       overshoots by tens of levels. So PIL it is: the result then equals CLIPImageProcessor's.
+       truncated), bicubic, with PIL as CLIPImageProcessor does. PIL widens the kernel when
+       shrinking (antialiasing), computes in fixed point, and clips and rounds its output to 8
+       bits. torch's F.interpolate(..., mode="bicubic", antialias=True) is the same filter in
+       float: clamped and rounded, it is within 1 level of 255 of PIL on smooth images; unclamped,
+       on noise, it overshoots by tens of levels. So PIL it is: the result then equals
+       CLIPImageProcessor's.
     3. Crop the central size x size square (offsets (H - size) // 2 and (W - size) // 2).
     4. Scale to [0, 1] and normalise each channel with CLIP's mean and standard deviation.
     """
     check_images(images)
     if images.dtype != torch.uint8:
-        images = (images.detach().float().cpu() * 255).round().to(torch.uint8)  # the same float32 rounding as numpy's
+        # the same float32 rounding as numpy's
+        images = (images.detach().float().cpu() * 255).round().to(torch.uint8)
     crops = []
     for image in images.cpu().permute(0, 2, 3, 1).numpy():  # (H, W, 3) uint8 each
         height, width = image.shape[:2]
-        short, long = min(height, width), max(height, width)
+        short = min(height, width)
+        long = max(height, width)
         new_long = int(size * long / short)
-        new_height, new_width = (size, new_long) if height <= width else (new_long, size)
-        resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))  # PIL takes (width, height)
-        top, left = (new_height - size) // 2, (new_width - size) // 2
+        if height <= width:
+            new_height, new_width = size, new_long
+        else:
+            new_height, new_width = new_long, size
+        # PIL takes (width, height)
+        resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))
+        top = (new_height - size) // 2
+        left = (new_width - size) // 2
         crops.append(resized[top : top + size, left : left + size])
-    pixels = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255  # (B, 3, size, size) in [0, 1]
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255  # (B, 3, S, S)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
 def check_images(images):
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"expected images as a torch tensor [B, 3, H, W], got {type(images).__name__}")
+        raise TypeError(
+            f"expected images as a torch tensor [B, 3, H, W], got {type(images).__name__}"
+        )
     if images.ndim != 4 or images.shape[0] == 0:
         one = " (one image: add the batch dimension, images[None])" if images.ndim == 3 else ""
-        raise ValueError(f"expected images [B, 3, H, W] with B >= 1, got shape {tuple(images.shape)}{one}")
+        raise ValueError(
+            f"expected images [B, 3, H, W] with B >= 1, got shape {tuple(images.shape)}{one}"
+        )
     if images.shape[1] != 3:
         layout = " (channels last? use .permute(0, 3, 1, 2))" if images.shape[-1] == 3 else ""
-        raise ValueError(f"expected 3 colour channels (RGB) in dimension 1, got shape {tuple(images.shape)}{layout}")
+        raise ValueError(
+            "expected 3 colour channels (RGB) in dimension 1, "
+            f"got shape {tuple(images.shape)}{layout}"
+        )
     if images.dtype != torch.uint8:
         if not images.is_floating_point():
             raise TypeError(f"expected float images in [0, 1] or uint8 images, got {images.dtype}")
         if images.numel() and (images.min() < 0 or images.max() > 1):
             raise ValueError(
-                f"expected images in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]; "
+                "expected images in [0, 1], got values in "
+                f"[{images.min().item():.3g}, {images.max().item():.3g}]; "
                 "the autoencoder decodes to [-1, 1]: use (x / 2 + 0.5).clamp(0, 1)"
             )
 
 
 # --- Official weights ----------------------------------------------------------------------------
-# The vision tower's key map, for keys under `vision_model.`: hub files (saved by transformers 4) nest
-# transformers' CLIPVisionModel twice, `vision_model.vision_model.encoder.layers.0...`; transformers 5
-# saves it once, `vision_model.encoder.layers.0...`; ours is `vision_model.layers.0...`.
+# The vision tower's key map, for keys under `vision_model.`: hub files (saved by transformers 4)
+# nest transformers' CLIPVisionModel twice, `vision_model.vision_model.encoder.layers.0...`;
+# transformers 5 saves it once, `vision_model.encoder.layers.0...`; ours is
+# `vision_model.layers.0...`.
 KEY_RULES = [
-    *[(r"^vision_model\." + pattern.removeprefix("^"), "vision_model." + replacement) for pattern, replacement in VISION_KEY_RULES],
+    *[
+        (r"^vision_model\." + pattern.removeprefix("^"), "vision_model." + replacement)
+        for pattern, replacement in VISION_KEY_RULES
+    ],
     (r"^concept_embeds_weights$", "concept_thresholds"),
     (r"^special_care_embeds_weights$", "special_care_thresholds"),
 ]
-DROPPED_KEYS = [r"vision_model\.(vision_model\.)?embeddings\.position_ids"]  # an arange buffer of transformers 4
+# an arange buffer of transformers 4
+DROPPED_KEYS = [r"vision_model\.(vision_model\.)?embeddings\.position_ids"]
 
 
 def _mismatch_hint(missing, unexpected, mismatched):
-    if missing and all(k.startswith(("concept", "special_care", "visual_projection")) for k in missing):
-        return "a CLIP vision model without the safety checker's projection and concept embeddings: use the safety_checker/ folder of a Stable Diffusion repo"
+    checker_parts = ("concept", "special_care", "visual_projection")
+    if missing and all(k.startswith(checker_parts) for k in missing):
+        return (
+            "a CLIP vision model without the safety checker's projection and concept embeddings: "
+            "use the safety_checker/ folder of a Stable Diffusion repo"
+        )
     if any("text_model" in k for k in unexpected):
         return "a whole CLIPModel (text and image towers), not the safety checker"
     if "visual_projection.weight" in mismatched:
         (got_p, got_width), (want_p, want_width) = mismatched["visual_projection.weight"]
-        return f"the checkpoint projects {got_width} -> {got_p}, the config {want_width} -> {want_p}: config.json belongs to another model"
+        return (
+            f"the checkpoint projects {got_width} -> {got_p}, the config {want_width} -> {want_p}: "
+            "config.json belongs to another model"
+        )
     return None
 
 
-def load_safety_checker(config: SafetyCheckerConfig, state_dict: dict, device=None, dtype=None) -> SafetyChecker:
+def load_safety_checker(
+    config: SafetyCheckerConfig,
+    state_dict: dict,
+    device=None,
+    dtype=None,
+) -> SafetyChecker:
     with torch.device("meta"):
         model = SafetyChecker(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="safety checker", hint=_mismatch_hint)
+    return load_into(
+        model,
+        weights,
+        file_names=file_names,
+        device=device,
+        dtype=dtype,
+        what="safety checker",
+        hint=_mismatch_hint,
+    )

@@ -23,14 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.clip import FP32LayerNorm
-from minildm.unet import MultiHeadAttention
+from minildm.layers import FP32LayerNorm
 from minildm.weights import load_into, remap_keys
 
 
 @dataclass(frozen=True)
 class VQTransformerConfig:
-    """Defaults: microsoft/vq-diffusion-ithq `transformer/config.json` (facts 4.2)."""
+    """Defaults: the hub's `transformer/config.json` of microsoft/vq-diffusion-ithq."""
 
     num_classes: int = 4097  # 4096 codes + the mask class
     height: int = 32
@@ -51,23 +50,48 @@ class VQTransformerConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "VQTransformerConfig":
-        """From a diffusers `Transformer2DModel` config with discrete inputs (num_vector_embeds set)."""
+        """From a diffusers `Transformer2DModel` config with discrete inputs (num_vector_embeds
+        set)."""
         if config.get("num_vector_embeds") is None:
-            raise ValueError("this Transformer2DModel has continuous inputs; minildm implements only VQ-Diffusion's discrete one")
-        if config.get("norm_type", "ada_norm") not in ("ada_norm", "layer_norm"):  # diffusers turns "layer_norm" into "ada_norm" here
-            raise ValueError(f"Transformer2DModel with norm_type={config['norm_type']!r} is not VQ-Diffusion's transformer")
-        expected = {"activation_fn": "geglu-approximate", "attention_bias": True, "only_cross_attention": False,
-                    "upcast_attention": False, "double_self_attention": False, "norm_elementwise_affine": True}
+            raise ValueError(
+                "this Transformer2DModel has continuous inputs; "
+                "minildm implements only VQ-Diffusion's discrete one"
+            )
+        # diffusers turns "layer_norm" into "ada_norm" here
+        if config.get("norm_type", "ada_norm") not in ("ada_norm", "layer_norm"):
+            raise ValueError(
+                f"Transformer2DModel with norm_type={config['norm_type']!r} "
+                "is not VQ-Diffusion's transformer"
+            )
+        expected = {
+            "activation_fn": "geglu-approximate",
+            "attention_bias": True,
+            "only_cross_attention": False,
+            "upcast_attention": False,
+            "double_self_attention": False,
+            "norm_elementwise_affine": True,
+        }
         for key, value in expected.items():
             if config.get(key, value) != value:
-                raise ValueError(f"Transformer2DModel with {key}={config[key]!r} is not VQ-Diffusion's transformer (expected {value!r})")
+                raise ValueError(
+                    f"Transformer2DModel with {key}={config[key]!r} is not VQ-Diffusion's "
+                    f"transformer (expected {value!r})"
+                )
         size = config.get("sample_size", 32)
-        return cls(num_classes=config["num_vector_embeds"], height=size, width=size, layers=config.get("num_layers", 1),
-                   heads=config.get("num_attention_heads", 16), head_dim=config.get("attention_head_dim", 88),
-                   context_dim=config.get("cross_attention_dim"), num_timesteps=config.get("num_embeds_ada_norm"))
+        return cls(
+            num_classes=config["num_vector_embeds"],
+            height=size,
+            width=size,
+            layers=config.get("num_layers", 1),
+            heads=config.get("num_attention_heads", 16),
+            head_dim=config.get("attention_head_dim", 88),
+            context_dim=config.get("cross_attention_dim"),
+            num_timesteps=config.get("num_embeds_ada_norm"),
+        )
 
     def to_diffusers(self) -> dict:
-        """The diffusers `Transformer2DModel` config.json of this model (what `from_diffusers` reads back)."""
+        """The diffusers `Transformer2DModel` config.json of this model (what `from_diffusers`
+        reads back)."""
         return {
             "_class_name": "Transformer2DModel",
             "_diffusers_version": "0.42.1",
@@ -105,12 +129,40 @@ class AdaLayerNorm(nn.Module):
         self.channels = channels
 
     def forward(self, x, timestep):  # x (B, N, C), timestep () or (B,)
-        scale, shift = self.linear(F.silu(self.emb(timestep))).chunk(2, dim=-1)  # each (C,) or (B, C)
-        if timestep.ndim == 1:
-            scale, shift = scale[:, None, :], shift[:, None, :]  # one step per sample
-        # statistics in float32 whatever the dtype (see clip.FP32LayerNorm)
+        scale, shift = self.linear(F.silu(self.emb(timestep))).chunk(2, dim=-1)  # (C,) or (B, C)
+        if timestep.ndim == 1:  # one step per sample
+            scale = scale[:, None, :]
+            shift = shift[:, None, :]
+        # statistics in float32 whatever the dtype (see layers.FP32LayerNorm)
         normed = F.layer_norm(x.float(), (self.channels,), eps=1e-5).to(x.dtype)
         return normed * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Multi-head attention from the tokens x (B, N, C) to `context` (B, L, D), or to x itself when
+    context is None. q, k and v have biases here (the config's attention_bias), unlike the
+    UNet's."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(channels, channels)
+        self.k = nn.Linear(context_dim or channels, channels)
+        self.v = nn.Linear(context_dim or channels, channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        B, N, C = x.shape
+
+        def split_heads(t):  # (B, n, C) -> (B, heads, n, C / heads)
+            return t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)
+
+        # softmax(Q K^T / sqrt(Dh)) V, as written out in layers.attention; the fused kernel keeps
+        # the softmax statistics in float32 for half-precision inputs
+        q, k, v = split_heads(self.q(x)), split_heads(self.k(context)), split_heads(self.v(context))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C / heads)
+        return self.out(y.transpose(1, 2).reshape(B, N, C))
 
 
 class FeedForward(nn.Module):
@@ -119,7 +171,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(channels, 4 * channels), nn.Linear(4 * channels, channels)
+        self.fc1 = nn.Linear(channels, 4 * channels)
+        self.fc2 = nn.Linear(4 * channels, channels)
 
     def forward(self, x):
         x = self.fc1(x)
@@ -131,9 +184,9 @@ class Block(nn.Module):
         super().__init__()
         C = config.channels
         self.norm1 = AdaLayerNorm(C, config.num_timesteps)
-        self.attn1 = MultiHeadAttention(C, config.heads, qkv_bias=True)
+        self.attn1 = Attention(C, config.heads)
         self.norm2 = AdaLayerNorm(C, config.num_timesteps)
-        self.attn2 = MultiHeadAttention(C, config.heads, context_dim=config.context_dim, qkv_bias=True)
+        self.attn2 = Attention(C, config.heads, context_dim=config.context_dim)
         self.norm3 = FP32LayerNorm(C)
         self.ff = FeedForward(C)
 
@@ -158,12 +211,16 @@ class VQTransformer(nn.Module):
         self.out = nn.Linear(C, config.num_classes - 1)  # the mask class is never predicted
 
     def forward(self, indices: torch.Tensor, context: torch.Tensor, timestep) -> torch.Tensor:
-        timestep = self._check_inputs(indices, context, timestep)
         c = self.config
+        check_indices(indices, c)
+        check_context(context, c, indices.shape[0])
+        timestep = batch_timestep(timestep, c, indices)
         rows = torch.arange(c.height, device=indices.device)
         columns = torch.arange(c.width, device=indices.device)
-        positions = self.row_embedding(rows)[:, None, :] + self.column_embedding(columns)[None, :, :]  # (h, w, C)
-        x = self.token_embedding(indices) + positions.reshape(1, c.height * c.width, -1)  # (B, N, C)
+        row_vectors = self.row_embedding(rows)[:, None, :]  # (h, 1, C)
+        column_vectors = self.column_embedding(columns)[None, :, :]  # (1, w, C)
+        positions = (row_vectors + column_vectors).reshape(1, c.height * c.width, -1)  # (1, N, C)
+        x = self.token_embedding(indices) + positions  # (B, N, C)
         for block in self.blocks:
             x = block(x, context, timestep)
         logits = self.out(self.norm_out(x)).transpose(1, 2)  # (B, K, N)
@@ -171,27 +228,49 @@ class VQTransformer(nn.Module):
         # in log space, where float32 (let alone half precision) loses the small ones
         return F.log_softmax(logits.double(), dim=1).float()
 
-    def _check_inputs(self, indices, context, timestep) -> torch.Tensor:
-        c = self.config
-        N = c.height * c.width
-        if indices.dtype != torch.long or indices.ndim != 2 or indices.shape[1] != N:
-            raise ValueError(f"expected code indices as a LongTensor (B, {N}) for a {c.height}x{c.width} grid, got {indices.dtype} {tuple(indices.shape)}")
-        if indices.min() < 0 or indices.max() > c.mask_index:
-            raise ValueError(f"indices must lie in [0, {c.mask_index}] ({c.mask_index} is the mask class), got [{indices.min().item()}, {indices.max().item()}]")
-        if context.ndim != 3 or context.shape[0] != indices.shape[0] or context.shape[2] != c.context_dim:
-            raise ValueError(f"expected context of shape ({indices.shape[0]}, L, {c.context_dim}) from CLIP ViT-B/32, got {tuple(context.shape)}")
-        timestep = torch.as_tensor(timestep, dtype=torch.long, device=indices.device)
-        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] != indices.shape[0]):
-            raise ValueError(f"expected one timestep or one per sample, got shape {tuple(timestep.shape)}")
-        if timestep.min() < 0 or timestep.max() >= c.num_timesteps:
-            raise ValueError(f"timestep must lie in [0, {c.num_timesteps}), got {timestep.tolist()}")
-        return timestep
+
+# --- input checks: what the transformer refuses -----------------------------------------------
+
+
+def check_indices(indices, c: VQTransformerConfig):
+    N = c.height * c.width
+    if indices.dtype != torch.long or indices.ndim != 2 or indices.shape[1] != N:
+        raise ValueError(
+            f"expected code indices as a LongTensor (B, {N}) for a {c.height}x{c.width} grid, "
+            f"got {indices.dtype} {tuple(indices.shape)}"
+        )
+    if indices.min() < 0 or indices.max() > c.mask_index:
+        raise ValueError(
+            f"indices must lie in [0, {c.mask_index}] ({c.mask_index} is the mask class), "
+            f"got [{indices.min().item()}, {indices.max().item()}]"
+        )
+
+
+def check_context(context, c: VQTransformerConfig, batch: int):
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != c.context_dim:
+        raise ValueError(
+            f"expected context of shape ({batch}, L, {c.context_dim}) from CLIP ViT-B/32, "
+            f"got {tuple(context.shape)}"
+        )
+
+
+def batch_timestep(timestep, c: VQTransformerConfig, indices: torch.Tensor) -> torch.Tensor:
+    """One step for the batch (a 0-d tensor) or one per sample (B,), as a LongTensor."""
+    timestep = torch.as_tensor(timestep, dtype=torch.long, device=indices.device)
+    if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] != indices.shape[0]):
+        raise ValueError(
+            f"expected one timestep or one per sample, got shape {tuple(timestep.shape)}"
+        )
+    if timestep.min() < 0 or timestep.max() >= c.num_timesteps:
+        raise ValueError(f"timestep must lie in [0, {c.num_timesteps}), got {timestep.tolist()}")
+    return timestep
 
 
 class LearnedClassifierFreeEmbeddings(nn.Module):
     """Improved VQ-Diffusion's learned "empty prompt": 77 x 512 vectors trained to stand in for the
     text condition in the unconditional branch of classifier-free guidance (used as is, not
-    normalised like real text embeddings, facts 6.8)."""
+    normalised like real text embeddings: diffusers' pipelines/deprecated/vq_diffusion/
+    pipeline_vq_diffusion.py VQDiffusionPipeline._encode_prompt)."""
 
     def __init__(self, length: int = 77, hidden_size: int = 512):
         super().__init__()
@@ -200,7 +279,10 @@ class LearnedClassifierFreeEmbeddings(nn.Module):
     @staticmethod
     def config_from_diffusers(config: dict) -> dict:
         if not config.get("learnable", False):
-            raise ValueError("these classifier-free embeddings are not learnable (no weights): the pipeline uses the empty prompt instead")
+            raise ValueError(
+                "these classifier-free embeddings are not learnable (no weights): "
+                "the pipeline uses the empty prompt instead"
+            )
         return {"length": config["length"], "hidden_size": config["hidden_size"]}
 
 
@@ -248,44 +330,83 @@ DIFFUSERS_NAMES = [
 
 
 def diffusers_name(name: str) -> str:
-    """Our parameter name -> its name in diffusers' Transformer2DModel (every rule that matches applies)."""
+    """Our parameter name -> its name in diffusers' Transformer2DModel (every rule that matches
+    applies)."""
     for pattern, replacement in DIFFUSERS_NAMES:
         name = re.sub(pattern, replacement, name)
     return name
 
 
-def load_vq_transformer(config: VQTransformerConfig, state_dict: dict, device=None, dtype=None) -> VQTransformer:
+def load_vq_transformer(
+    config: VQTransformerConfig,
+    state_dict: dict,
+    device=None,
+    dtype=None,
+) -> VQTransformer:
     """From a diffusers `transformer/` state dict, or the transformer part of an original checkpoint
     (see `split_original_checkpoint`)."""
     with torch.device("meta"):
         model = VQTransformer(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES)
-    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="VQ-Diffusion transformer")
+    return load_into(
+        model,
+        weights,
+        file_names=file_names,
+        device=device,
+        dtype=dtype,
+        what="VQ-Diffusion transformer",
+    )
 
 
-def load_learned_embeddings(config: dict, state_dict: dict, device=None, dtype=None) -> LearnedClassifierFreeEmbeddings:
+def load_learned_embeddings(
+    config: dict,
+    state_dict: dict,
+    device=None,
+    dtype=None,
+) -> LearnedClassifierFreeEmbeddings:
     with torch.device("meta"):
         model = LearnedClassifierFreeEmbeddings(**config)
-    weights, file_names = remap_keys(state_dict, [(r"^(transformer\.)?empty_text_embed$", "embeddings")])
-    return load_into(model, weights, file_names=file_names, device=device, dtype=dtype, what="learned classifier-free embeddings")
+    rules = [(r"^(transformer\.)?empty_text_embed$", "embeddings")]
+    weights, file_names = remap_keys(state_dict, rules)
+    return load_into(
+        model,
+        weights,
+        file_names=file_names,
+        device=device,
+        dtype=dtype,
+        what="learned classifier-free embeddings",
+    )
 
 
 def split_original_checkpoint(checkpoint: dict, ema: bool = True) -> tuple:
-    """microsoft/VQ-Diffusion's ithq_learnable.pth ({"model": ..., "ema": ...}) -> (transformer state
-    dict, learned-embedding state dict). The original samples with the EMA weights (`get_model(ema=True)`,
-    facts 4.3), so ema=True is the default; the EMA dict covers only the transformer, under
-    `transformer.` instead of `transformer.transformer.`. Other entries of "model" belong elsewhere:
-    the OpenAI CLIP copy (`transformer.condition_emb.*`; the diffusers port uses transformers' CLIP),
-    the VQ-VAE (loaded from ithq_vqvae.pth) and the schedule buffers (the scheduler recomputes them).
+    """microsoft/VQ-Diffusion's ithq_learnable.pth ({"model": ..., "ema": ...}) -> (transformer
+    state dict, learned-embedding state dict).
+
+    The original samples with the EMA weights (microsoft/VQ-Diffusion inference_VQ_Diffusion.py,
+    `get_model(ema=True)`), so ema=True is the default; the EMA dict covers only the transformer,
+    under `transformer.` instead of `transformer.transformer.`. Other entries of "model" belong
+    elsewhere: the OpenAI CLIP copy (`transformer.condition_emb.*`; the diffusers port uses
+    transformers' CLIP), the VQ-VAE (loaded from ithq_vqvae.pth) and the schedule buffers (the
+    scheduler recomputes them).
     """
     if "model" not in checkpoint:
-        raise ValueError(f"expected microsoft/VQ-Diffusion's checkpoint layout {{'model': ..., 'ema': ...}}, got keys {sorted(checkpoint)[:5]}")
+        raise ValueError(
+            "expected microsoft/VQ-Diffusion's checkpoint layout {'model': ..., 'ema': ...}, "
+            f"got keys {sorted(checkpoint)[:5]}"
+        )
     model = checkpoint["model"]
     transformer = {k: v for k, v in model.items() if k.startswith("transformer.transformer.")}
     embeddings = {k: v for k, v in model.items() if k == "transformer.empty_text_embed"}
     if ema:
         if "ema" not in checkpoint:
             raise ValueError("ema=True, but the checkpoint has no 'ema' entry: pass ema=False")
-        transformer = {"transformer." + k: v for k, v in checkpoint["ema"].items() if k.startswith("transformer.")}
-        embeddings = {"transformer." + k: v for k, v in checkpoint["ema"].items() if k == "empty_text_embed"} or embeddings
+        ema_weights = checkpoint["ema"]
+        transformer = {
+            "transformer." + k: v for k, v in ema_weights.items() if k.startswith("transformer.")
+        }
+        ema_embeddings = {
+            "transformer." + k: v for k, v in ema_weights.items() if k == "empty_text_embed"
+        }
+        if ema_embeddings:  # else keep those of "model"
+            embeddings = ema_embeddings
     return transformer, embeddings

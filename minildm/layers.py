@@ -1,0 +1,103 @@
+"""The few parts several models truly share: normalisations whose statistics are computed in
+float32, the attention function written out, the token-id check of the two text encoders, and the
+two rules by which the 2022 diffusers attention blocks differ from ours in the weight files.
+
+Everything else that looks alike across models (the UNet's ResBlock takes a timestep embedding, the
+autoencoder's does not; the UNet's multi-head attention and VQ-Diffusion's differ in their biases)
+lives in the file of the model it belongs to, so each model file reads on its own.
+
+Shapes: B batch, H heads, L tokens, Dh channels per head.
+"""
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FP32GroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in float32 whatever the input dtype: a half-precision
+    variance over 512 channels x 4096 pixels loses most of its digits."""
+
+    def forward(self, x):
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm whose mean and variance are computed in float32, whatever the input dtype:
+    in fp16/bf16 the variance of a wide vector loses most of its digits."""
+
+    def forward(self, x):
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def attention(q, k, v, causal: bool):
+    """softmax(Q K^T / sqrt(Dh)) V, written out for the reader; q, k, v are (B, H, L, Dh).
+
+    The softmax runs in float32 (a half-precision softmax over 77 scores loses small weights).
+    `F.scaled_dot_product_attention(q, k, v, is_causal=causal)` computes the same; at 77 tokens (or
+    257 image patches) the explicit form costs little. The image models, with thousands of pixels
+    as tokens, call that fused kernel instead: it never materialises the (L x L) score matrix.
+    """
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, L, L)
+    if causal:  # token i may attend to tokens 0..i only (CLIP was trained left to right)
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = scores.float().softmax(dim=-1).to(v.dtype)
+    return weights @ v  # (B, H, L, Dh)
+
+
+def check_input_ids(input_ids, vocab_size: int, max_length: int):
+    """Refuse what would otherwise fail deep inside an embedding lookup, with a message that
+    helps."""
+    is_tensor = isinstance(input_ids, torch.Tensor)
+    if not is_tensor or input_ids.dtype != torch.long or input_ids.ndim != 2:
+        dtype = getattr(input_ids, "dtype", type(input_ids))
+        shape = tuple(getattr(input_ids, "shape", ()))
+        raise TypeError(
+            f"expected input_ids as a LongTensor [B, L] (from the tokenizer), got {dtype} {shape}"
+        )
+    if input_ids.shape[1] > max_length:
+        raise ValueError(
+            f"{input_ids.shape[1]} tokens given; the model has {max_length} positions "
+            "(truncate with the tokenizer)"
+        )
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); "
+            f"got [{input_ids.min().item()}, {input_ids.max().item()}]: "
+            "was a different tokenizer used?"
+        )
+
+
+# --- The 2022 diffusers attention blocks in weight files --------------------------------------
+# diffusers' AttentionBlock of 2022 (models/attention.py) named its projections
+# query/key/value/proj_attn; the official hub files of the autoencoders and of the CelebA-HQ UNet
+# were saved with it and still carry those names (modern diffusers renames them on load, in
+# ModelMixin._fix_state_dict_keys_on_load): docs/parity/models.md, 2022 attention names and
+# 1x1-conv weights in hub files.
+LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def legacy_attention_name(diffusers_name: str) -> str:
+    """A modern diffusers name -> its 2022 AttentionBlock spelling (unchanged if it has none)."""
+    for new, old in LEGACY_ATTENTION_NAMES.items():
+        diffusers_name = diffusers_name.replace(f".{new}.", f".{old}.")
+    return diffusers_name
+
+
+_ATTENTION_WEIGHT = re.compile(r".*attention(s\.\d+)?\.(q|k|v|out)\.weight")
+
+
+def squeeze_attention_weights(weights: dict) -> dict:
+    """Original checkpoints (and some diffusers files) hold the attention projections as 1x1 convs
+    [C, C, 1, 1]; ours are Linear [C, C]. `weights` is keyed by our names."""
+    squeezed = {}
+    for name, value in weights.items():
+        if value.ndim == 4 and _ATTENTION_WEIGHT.fullmatch(name):
+            value = value[:, :, 0, 0]
+        squeezed[name] = value
+    return squeezed
