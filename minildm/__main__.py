@@ -277,8 +277,13 @@ def main(argv=None):
         "a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, "
         "vq-diffusion-ithq) or SYSTEM/PATH"
     )
-    download.add_argument("name", help=name_help)
+    download.add_argument("name", nargs="?", help=name_help)
     download.add_argument("--dir", default="weights", help="files go to DIR/SYSTEM/PATH")
+    download.add_argument(
+        "--list",
+        action="store_true",
+        help="list the manifest's systems and sizes, download nothing",
+    )
 
     train = commands.add_parser(
         "train",
@@ -295,7 +300,7 @@ def main(argv=None):
         "--minutes",
         type=float,
         help="training time, shared by the stages (default: sd 84, ldm 30, ldm-uncond 42, "
-        "vq-diffusion 32; 0.75 with --quick)",
+        "vq-diffusion 32; with --quick each stage runs 250 steps, within at most 5 minutes)",
     )
     train.add_argument(
         "--autoencoder",
@@ -307,7 +312,9 @@ def main(argv=None):
         "--seed", type=int, default=0, help="seed of the drawn data and of every random choice"
     )
     train.add_argument(
-        "--quick", action="store_true", help="toy sizes: the whole path in about a minute"
+        "--quick",
+        action="store_true",
+        help="toy sizes and 250 steps a stage: the whole path in a minute",
     )
 
     tokenize = commands.add_parser(
@@ -325,8 +332,12 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
     elif args.command == "download":
-        from minildm.download import main_download
+        from minildm.download import main_download, main_list
 
+        if args.list:
+            sys.exit(main_list())
+        if args.name is None:
+            parser.error("download: name a system or SYSTEM/PATH (or --list to see them)")
         sys.exit(main_download(args.name, args.dir))
     elif args.command == "train":
         from minildm.train import main_train

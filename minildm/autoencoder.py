@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.layers import FP32GroupNorm, legacy_attention_name, squeeze_attention_weights
+from minildm.layers import FP32GroupNorm, legacy_attention_name, randn, squeeze_attention_weights
 from minildm.weights import load_into, rename_keys
 
 
@@ -374,8 +374,7 @@ class AutoencoderKL(nn.Module):
     ) -> torch.Tensor:
         """A draw z = mean + std * eps from the encoder's Gaussian; noise comes from `generator`'s
         device (as diffusers' randn_tensor does), so a CPU generator reproduces on any device."""
-        noise_device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
+        noise = randn(mean.shape, generator, mean.device, mean.dtype)
         return mean + torch.exp(0.5 * logvar) * noise
 
     def decode(self, z: torch.Tensor, sliced: bool = False) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The few parts several models truly share: normalisations whose statistics are computed in
-float32, the attention function written out, the token-id check of the two text encoders, and the
-two rules by which the 2022 diffusers attention blocks differ from ours in the weight files.
+float32, the attention function written out, the token-id check of the two text encoders, the
+two rules by which the 2022 diffusers attention blocks differ from ours in the weight files, and
+how random noise is drawn (by the autoencoder's posterior, the pipelines and the schedulers).
 
 Everything else that looks alike across models (the UNet's ResBlock takes a timestep embedding, the
 autoencoder's does not; the UNet's multi-head attention and VQ-Diffusion's differ in their biases)
@@ -14,6 +15,20 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device (the CPU without one), then moved to `device`:
+    a seed gives the same numbers whatever device the model runs on, and the same numbers as
+    diffusers' `randn_tensor` given a CPU generator."""
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
+def rand(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Uniform noise in [0, 1), drawn by the same rule as `randn`."""
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
 
 
 class FP32GroupNorm(nn.GroupNorm):

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minildm.layers import randn
+
 
 @dataclass
 class PipelineOutput:
@@ -64,10 +66,7 @@ def initial_noise(shape, generator: torch.Generator | None, device, dtype) -> to
     """Gaussian latents drawn in float32 on the generator's device (the CPU by default), then moved:
     the same seed gives the same image on any device and in any dtype, and the same as diffusers
     with a CPU generator."""
-    noise_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(
-        device=device, dtype=dtype
-    )
+    return randn(shape, generator, device, torch.float32).to(dtype)
 
 
 def step_options(scheduler, eta: float, generator) -> dict:
