@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 
-def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str, trained_betas=None) -> torch.Tensor:
+def make_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas=None,
+) -> torch.Tensor:
     """The betas of the training noise schedule, (num_train_timesteps,) float32.
 
     linear: evenly spaced betas (Ho et al. 2020). scaled_linear: evenly spaced sqrt(beta), what the
@@ -26,23 +32,38 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        return (
+            torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32)
+            ** 2
+        )
     if beta_schedule == "squaredcos_cap_v2":
 
         def alpha_bar(t):  # the fraction of signal left at time t in [0, 1]
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         n = num_train_timesteps
-        return torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float32)
-    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2' (or trained_betas)")
+        return torch.tensor(
+            [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+            dtype=torch.float32,
+        )
+    raise ValueError(
+        f"unknown beta_schedule {beta_schedule!r}; expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2' (or trained_betas)"
+    )
 
 
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int):
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be an integer from 1 to num_train_timesteps ({num_train_timesteps}), got {num_inference_steps!r}")
+    if (
+        not isinstance(num_inference_steps, int)
+        or not 1 <= num_inference_steps <= num_train_timesteps
+    ):
+        raise ValueError(
+            f"num_inference_steps must be an integer from 1 to num_train_timesteps ({num_train_timesteps}), got {num_inference_steps!r}"
+        )
 
 
-def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str, steps_offset: int = 0) -> np.ndarray:
+def spaced_timesteps(
+    num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str, steps_offset: int = 0
+) -> np.ndarray:
     """The n integer training steps to visit, noisiest first (DDPM, DDIM, PNDM), spaced as diffusers does:
 
     leading   0, T//n, 2 T//n, ... shifted by steps_offset (SD: 1, 21, ..., 981 for 50 steps)
@@ -63,9 +84,11 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timeste
 
 def check_timesteps_in_range(timesteps, num_train_timesteps: int):
     if timesteps.max() >= num_train_timesteps or timesteps.min() < 0:
-        raise ValueError(f"the schedule reaches timestep {int(timesteps.max()) if timesteps.max() >= num_train_timesteps else int(timesteps.min())}, "
-                         f"outside the {num_train_timesteps} training steps (steps_offset with as many steps as training steps?): "
-                         "use fewer steps, or another steps_offset or timestep_spacing")
+        raise ValueError(
+            f"the schedule reaches timestep {int(timesteps.max()) if timesteps.max() >= num_train_timesteps else int(timesteps.min())}, "
+            f"outside the {num_train_timesteps} training steps (steps_offset with as many steps as training steps?): "
+            "use fewer steps, or another steps_offset or timestep_spacing"
+        )
 
 
 def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
@@ -76,9 +99,16 @@ def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tens
     return torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
 
 
-def add_noise(alphas_cumprod: torch.Tensor, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    alphas_cumprod: torch.Tensor,
+    original_samples: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
     """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise (Ho et al. 2020, eq. 4), one t per sample."""
-    a = alphas_cumprod.to(original_samples.device, original_samples.dtype)[timesteps.to(original_samples.device)]
+    a = alphas_cumprod.to(original_samples.device, original_samples.dtype)[
+        timesteps.to(original_samples.device)
+    ]
     a = a.flatten().reshape(-1, *([1] * (original_samples.ndim - 1)))  # (B,) -> (B, 1, 1, 1)
     return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
 
@@ -107,18 +137,32 @@ def config_kwargs(cls, config: dict) -> dict:
             kwargs[key] = value
         elif key in cls.UNIMPLEMENTED:
             if value != cls.UNIMPLEMENTED[key]:
-                raise ValueError(f"{cls.__name__}: {key}={value!r} is not implemented in minildm (only {cls.UNIMPLEMENTED[key]!r})")
+                raise ValueError(
+                    f"{cls.__name__}: {key}={value!r} is not implemented in minildm (only {cls.UNIMPLEMENTED[key]!r})"
+                )
         elif key in NEUTRAL_KEYS and value == NEUTRAL_KEYS[key]:
             continue
         elif key in LEGACY_KEYS:
-            if value != LEGACY_KEYS[key] and not (key == "timesteps" and value == config.get("num_train_timesteps", 1000)):
-                raise ValueError(f"{cls.__name__}: legacy key {key}={value!r} would change the schedule; give num_train_timesteps instead")
+            if value != LEGACY_KEYS[key] and not (
+                key == "timesteps" and value == config.get("num_train_timesteps", 1000)
+            ):
+                raise ValueError(
+                    f"{cls.__name__}: legacy key {key}={value!r} would change the schedule; give num_train_timesteps instead"
+                )
         else:
             dropped.append(key)
     if dropped:
-        warnings.warn(f"{cls.__name__} ignores config keys that do not apply to it: {sorted(dropped)}", stacklevel=3)
+        warnings.warn(
+            f"{cls.__name__} ignores config keys that do not apply to it: {sorted(dropped)}",
+            stacklevel=3,
+        )
     return kwargs
 
 
 # diffusers options with the value that leaves the algorithm unchanged, for the schedulers that have them
-NO_THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "rescale_betas_zero_snr": False}
+NO_THRESHOLDING = {
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "rescale_betas_zero_snr": False,
+}

@@ -14,22 +14,55 @@ DDIMSampler (facts 6.3).
 
 import torch
 
-from minildm.schedulers.common import NO_THRESHOLDING, add_noise, check_num_inference_steps, config_kwargs, make_betas, randn, spaced_timesteps
+from minildm.schedulers.common import (
+    NO_THRESHOLDING,
+    add_noise,
+    check_num_inference_steps,
+    config_kwargs,
+    make_betas,
+    randn,
+    spaced_timesteps,
+)
 
 
 class DDIMScheduler:
     UNIMPLEMENTED = NO_THRESHOLDING
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
-                 trained_betas=None, clip_sample: bool = True, clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
-                 steps_offset: int = 0, prediction_type: str = "epsilon", timestep_spacing: str = "leading"):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+    ):
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
+            )
         if timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}")
-        self.num_train_timesteps, self.steps_offset, self.timestep_spacing = num_train_timesteps, steps_offset, timestep_spacing
-        self.clip_sample, self.clip_sample_range, self.prediction_type = clip_sample, clip_sample_range, prediction_type
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+            raise ValueError(
+                f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}"
+            )
+        self.num_train_timesteps, self.steps_offset, self.timestep_spacing = (
+            num_train_timesteps,
+            steps_offset,
+            timestep_spacing,
+        )
+        self.clip_sample, self.clip_sample_range, self.prediction_type = (
+            clip_sample,
+            clip_sample_range,
+            prediction_type,
+        )
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         # the "a_{t-1}" of the last step: 1 (a clean image), or the first training step's value as CompVis does
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
@@ -45,13 +78,22 @@ class DDIMScheduler:
         """Choose the num_inference_steps training steps to visit, from noisiest to cleanest."""
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = n = num_inference_steps
-        timesteps = spaced_timesteps(self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset)
+        timesteps = spaced_timesteps(
+            self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset
+        )
         self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample  # DDIM's model sees x_t unscaled
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """x_t -> x_{t-1} by eq. 12; eta = 0 is deterministic, eta = 1 is DDPM-like noise."""
         if self.num_inference_steps is None:
             raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
@@ -77,8 +119,12 @@ class DDIMScheduler:
         sigma = eta * variance**0.5
         prev_sample = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if eta > 0:
-            prev_sample = prev_sample + sigma * randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            prev_sample = prev_sample + sigma * randn(
+                model_output.shape, generator, model_output.device, model_output.dtype
+            )
         return prev_sample
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
         return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)

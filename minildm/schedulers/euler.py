@@ -28,19 +28,46 @@ from minildm.schedulers.sigmas import predicted_x0, sigma_schedule, step_index
 
 class EulerDiscreteScheduler:
     # diffusers options kept out of minildm, with the value that leaves the algorithm above unchanged
-    UNIMPLEMENTED = {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
-                     "sigma_max": None, "timestep_type": "discrete", "rescale_betas_zero_snr": False, "final_sigmas_type": "zero"}
+    UNIMPLEMENTED = {
+        "interpolation_type": "linear",
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "timestep_type": "discrete",
+        "rescale_betas_zero_snr": False,
+        "final_sigmas_type": "zero",
+    }
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
-                 trained_betas=None, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}"
+            )
         if timestep_spacing not in ("linspace", "leading", "trailing"):
-            raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {timestep_spacing!r}")
-        self.num_train_timesteps, self.steps_offset, self.timestep_spacing = num_train_timesteps, steps_offset, timestep_spacing
+            raise ValueError(
+                f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {timestep_spacing!r}"
+            )
+        self.num_train_timesteps, self.steps_offset, self.timestep_spacing = (
+            num_train_timesteps,
+            steps_offset,
+            timestep_spacing,
+        )
         self.prediction_type, self.use_karras_sigmas = prediction_type, use_karras_sigmas
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.num_inference_steps = None
         self.timesteps = None  # (n,) float32, from set_timesteps
@@ -55,8 +82,13 @@ class EulerDiscreteScheduler:
         """Choose the noise levels to visit, from sigma_max down to 0."""
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
-        timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(self.alphas_cumprod, num_inference_steps, self.timestep_spacing,
-                                                                      self.steps_offset, self.use_karras_sigmas)
+        timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(
+            self.alphas_cumprod,
+            num_inference_steps,
+            self.timestep_spacing,
+            self.steps_offset,
+            self.use_karras_sigmas,
+        )
         self.timesteps = timesteps.to(device)
         # sigmas stay on the CPU: a 0-dim CPU tensor combines with a sample on any device, without a transfer per step
 
@@ -65,7 +97,13 @@ class EulerDiscreteScheduler:
         sigma = self.sigmas[step_index(self.timesteps, timestep, "scale_model_input")]
         return sample / (sigma**2 + 1) ** 0.5
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """x at this timestep's noise level -> x at the next one, one Euler step (Algorithm 1, lines 3-4).
 
         `generator` is accepted so one sampling loop serves every scheduler, and unused: this step is
@@ -74,13 +112,19 @@ class EulerDiscreteScheduler:
         i = step_index(self.timesteps, timestep, "step")
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         sample = sample.float()  # step in float32 even for a float16 model, as diffusers does
-        d = (sample - predicted_x0(model_output, sample, sigma, self.prediction_type)) / sigma  # dx/dsigma
+        d = (
+            sample - predicted_x0(model_output, sample, sigma, self.prediction_type)
+        ) / sigma  # dx/dsigma
         prev_sample = sample + d * (sigma_next - sigma)
         return prev_sample.to(model_output.dtype)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
         """x = x_0 + sigma_t * noise, in the unscaled form step() works on; one timestep per sample, each
         one of this schedule's (as img2img starts part-way down the schedule)."""
         sigma = self.sigmas[[step_index(self.timesteps, t, "add_noise") for t in timesteps]]
-        sigma = sigma.to(original_samples.device, original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))  # (B,) -> (B, 1, 1, 1)
+        sigma = sigma.to(original_samples.device, original_samples.dtype).reshape(
+            -1, *([1] * (original_samples.ndim - 1))
+        )  # (B,) -> (B, 1, 1, 1)
         return original_samples + noise * sigma

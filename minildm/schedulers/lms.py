@@ -53,16 +53,35 @@ def lms_coefficients(sigmas: list[float], sigma_next: float) -> list[float]:
 class LMSDiscreteScheduler:
     UNIMPLEMENTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
-                 trained_betas=None, use_karras_sigmas: bool = False, prediction_type: str = "epsilon", timestep_spacing: str = "linspace",
-                 steps_offset: int = 0):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        use_karras_sigmas: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
+            )
         if timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}")
-        self.num_train_timesteps, self.steps_offset, self.timestep_spacing = num_train_timesteps, steps_offset, timestep_spacing
+            raise ValueError(
+                f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}"
+            )
+        self.num_train_timesteps, self.steps_offset, self.timestep_spacing = (
+            num_train_timesteps,
+            steps_offset,
+            timestep_spacing,
+        )
         self.use_karras_sigmas, self.prediction_type = use_karras_sigmas, prediction_type
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.num_inference_steps = None
         self.timesteps = None
@@ -78,19 +97,30 @@ class LMSDiscreteScheduler:
         """Choose the noise levels to visit, from noisiest to clean (sigma = 0 after the last step)."""
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
-        timesteps, self.sigmas, init_noise_sigma = sigma_schedule(self.alphas_cumprod, num_inference_steps, self.timestep_spacing,
-                                                                  self.steps_offset, self.use_karras_sigmas)
-        self.timesteps = timesteps.to(device)  # (n,) float32; self.sigmas (n + 1,) stays on the CPU: steps read a few as numbers
+        timesteps, self.sigmas, init_noise_sigma = sigma_schedule(
+            self.alphas_cumprod,
+            num_inference_steps,
+            self.timestep_spacing,
+            self.steps_offset,
+            self.use_karras_sigmas,
+        )
+        self.timesteps = timesteps.to(
+            device
+        )  # (n,) float32; self.sigmas (n + 1,) stays on the CPU: steps read a few as numbers
         self.init_noise_sigma = float(init_noise_sigma)
         self.derivatives = []
 
     def index_for_timestep(self, timestep) -> int:
         """The position of `timestep` in `timesteps` (they are all different)."""
         if self.timesteps is None:
-            raise RuntimeError("call set_timesteps(num_inference_steps) before step(), scale_model_input() or add_noise()")
+            raise RuntimeError(
+                "call set_timesteps(num_inference_steps) before step(), scale_model_input() or add_noise()"
+            )
         matches = (self.timesteps == timestep).nonzero()
         if len(matches) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not one of this schedule's timesteps {self.timesteps.tolist()}")
+            raise ValueError(
+                f"timestep {float(timestep)} is not one of this schedule's timesteps {self.timesteps.tolist()}"
+            )
         return int(matches[0, 0])
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
@@ -98,8 +128,14 @@ class LMSDiscreteScheduler:
         sigma = self.sigmas[self.index_for_timestep(timestep)]
         return sample / (sigma**2 + 1) ** 0.5
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        order: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """x at sigma_i -> x at sigma_{i+1}, using up to `order` derivatives. Call it once per timestep, in
         order. Deterministic: `generator` is accepted, so that a pipeline can pass one to any scheduler, and unused."""
         i = self.index_for_timestep(timestep)
@@ -115,11 +151,15 @@ class LMSDiscreteScheduler:
         # instead: the same from the first timestep on, not when sampling starts mid-schedule as img2img does)
         self.derivatives = (self.derivatives + [derivative])[-order:]
 
-        past_sigmas = [float(self.sigmas[i - j]) for j in range(len(self.derivatives))]  # sigma_i, sigma_{i-1}, ...
+        past_sigmas = [
+            float(self.sigmas[i - j]) for j in range(len(self.derivatives))
+        ]  # sigma_i, sigma_{i-1}, ...
         weights = lms_coefficients(past_sigmas, float(self.sigmas[i + 1]))
         return sample + sum(w * d for w, d in zip(weights, reversed(self.derivatives)))
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
         """x = x_0 + sigma * noise, at timesteps of this schedule (one per sample)."""
         indices = [self.index_for_timestep(t) for t in timesteps]
         sigma = self.sigmas.to(original_samples.device, original_samples.dtype)[indices]

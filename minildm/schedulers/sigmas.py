@@ -18,8 +18,13 @@ import torch
 from minildm.schedulers.common import check_timesteps_in_range
 
 
-def sigma_schedule(alphas_cumprod: torch.Tensor, num_inference_steps: int, timestep_spacing: str, steps_offset: int,
-                   use_karras_sigmas: bool = False):
+def sigma_schedule(
+    alphas_cumprod: torch.Tensor,
+    num_inference_steps: int,
+    timestep_spacing: str,
+    steps_offset: int,
+    use_karras_sigmas: bool = False,
+):
     """The timesteps to visit (n,), their noise levels followed by a final 0 (n + 1,), and the
     standard deviation of the starting noise; float32 tensors on the CPU.
 
@@ -37,18 +42,28 @@ def sigma_schedule(alphas_cumprod: torch.Tensor, num_inference_steps: int, times
     timesteps = timesteps.astype(np.float32)
     check_timesteps_in_range(timesteps, T)
 
-    train_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()  # (T,) float32, increasing with t
-    sigmas = np.interp(timesteps, np.arange(T), train_sigmas)  # (n,) float64, linear in t between training steps
+    train_sigmas = (
+        ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    ).numpy()  # (T,) float32, increasing with t
+    sigmas = np.interp(
+        timesteps, np.arange(T), train_sigmas
+    )  # (n,) float64, linear in t between training steps
     if use_karras_sigmas:
         sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
         log_sigmas = np.log(train_sigmas)
-        timesteps = np.array([sigma_to_timestep(sigma, log_sigmas) for sigma in sigmas]).astype(np.float32)
-    sigmas = np.append(sigmas, 0.0).astype(np.float32)  # (n + 1,): the last step lands on sigma = 0, a clean sample
+        timesteps = np.array([sigma_to_timestep(sigma, log_sigmas) for sigma in sigmas]).astype(
+            np.float32
+        )
+    sigmas = np.append(sigmas, 0.0).astype(
+        np.float32
+    )  # (n + 1,): the last step lands on sigma = 0, a clean sample
 
     sigma_max = torch.from_numpy(sigmas)[0]
     # diffusers' convention: x_0 + sigma_max * eps has std sqrt(sigma_max^2 + 1) for unit-variance x_0,
     # but it starts from std sigma_max with linspace and trailing spacing (0.2% apart at SD's 14.6)
-    init_noise_sigma = sigma_max if timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    init_noise_sigma = (
+        sigma_max if timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    )
     return torch.from_numpy(timesteps), torch.from_numpy(sigmas), init_noise_sigma
 
 
@@ -78,11 +93,15 @@ def step_index(schedule_timesteps: torch.Tensor | None, timestep, method: str) -
         raise RuntimeError(f"call set_timesteps(...) before {method}()")
     matches = (schedule_timesteps == float(timestep)).nonzero()
     if len(matches) == 0:
-        raise ValueError(f"timestep {float(timestep)} is not one of this schedule's timesteps {schedule_timesteps.tolist()}")
+        raise ValueError(
+            f"timestep {float(timestep)} is not one of this schedule's timesteps {schedule_timesteps.tolist()}"
+        )
     return int(matches[0, 0])
 
 
-def predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def predicted_x0(
+    model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """The denoised estimate x0_hat from the model's output, for sample = x_0 + sigma * eps."""
     if prediction_type == "epsilon":
         return sample - sigma * model_output

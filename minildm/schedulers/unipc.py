@@ -25,37 +25,90 @@ import numpy as np
 import torch
 
 from minildm.schedulers.common import NO_THRESHOLDING, config_kwargs, make_betas
-from minildm.schedulers.dpm_solver import (PREDICTION_TYPES, SPACINGS, add_noise_at_levels, alpha_sigma_lambda, find_step_index,
-                                           multistep_schedule, predict_x0)
+from minildm.schedulers.dpm_solver import (
+    PREDICTION_TYPES,
+    SPACINGS,
+    add_noise_at_levels,
+    alpha_sigma_lambda,
+    find_step_index,
+    multistep_schedule,
+    predict_x0,
+)
 
 
 class UniPCMultistepScheduler:
-    UNIMPLEMENTED = {**NO_THRESHOLDING, "predict_x0": True, "solver_p": None, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-                     "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero", "use_dynamic_shifting": False,
-                     "time_shift_type": "exponential", "sigma_min": None, "sigma_max": None, "shift_terminal": None}
+    UNIMPLEMENTED = {
+        **NO_THRESHOLDING,
+        "predict_x0": True,
+        "solver_p": None,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_flow_sigmas": False,
+        "flow_shift": 1.0,
+        "final_sigmas_type": "zero",
+        "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",
+        "sigma_min": None,
+        "sigma_max": None,
+        "shift_terminal": None,
+    }
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
-                 trained_betas=None, solver_order: int = 2, prediction_type: str = "epsilon", solver_type: str = "bh2",
-                 lower_order_final: bool = True, disable_corrector: list | tuple = (), use_karras_sigmas: bool = False,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list | tuple = (),
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
-        if solver_type in ("midpoint", "heun", "logrho"):  # a DPM-Solver or DEIS config: diffusers reads it as the default
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
+            )
+        if solver_type in (
+            "midpoint",
+            "heun",
+            "logrho",
+        ):  # a DPM-Solver or DEIS config: diffusers reads it as the default
             solver_type = "bh2"
         if solver_type not in ("bh1", "bh2"):
             raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
         if not lower_order_final and solver_order > 1:
-            raise ValueError("lower_order_final=False is not supported: a step of order > 1 to sigma = 0 divides by r = 0 "
-                             "(diffusers returns inf)")
+            raise ValueError(
+                "lower_order_final=False is not supported: a step of order > 1 to sigma = 0 divides by r = 0 "
+                "(diffusers returns inf)"
+            )
         if timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {timestep_spacing!r}")
-        self.num_train_timesteps, self.timestep_spacing, self.steps_offset = num_train_timesteps, timestep_spacing, steps_offset
-        self.solver_order, self.solver_type, self.prediction_type = solver_order, solver_type, prediction_type
-        self.disable_corrector = tuple(disable_corrector)  # the steps whose result is not corrected (at the next step)
+            raise ValueError(
+                f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {timestep_spacing!r}"
+            )
+        self.num_train_timesteps, self.timestep_spacing, self.steps_offset = (
+            num_train_timesteps,
+            timestep_spacing,
+            steps_offset,
+        )
+        self.solver_order, self.solver_type, self.prediction_type = (
+            solver_order,
+            solver_type,
+            prediction_type,
+        )
+        self.disable_corrector = tuple(
+            disable_corrector
+        )  # the steps whose result is not corrected (at the next step)
         self.use_karras_sigmas = use_karras_sigmas
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.init_noise_sigma = 1.0  # start from pure N(0, I) noise
         self.num_inference_steps = None
@@ -67,37 +120,57 @@ class UniPCMultistepScheduler:
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Choose the noise levels to visit, and forget any previous sampling run."""
-        timesteps, self.sigmas = multistep_schedule(self.alphas_cumprod, num_inference_steps, self.timestep_spacing, self.steps_offset,
-                                                    self.use_karras_sigmas)
+        timesteps, self.sigmas = multistep_schedule(
+            self.alphas_cumprod,
+            num_inference_steps,
+            self.timestep_spacing,
+            self.steps_offset,
+            self.use_karras_sigmas,
+        )
         self.timesteps = torch.from_numpy(timesteps.round().astype(np.int64)).to(device)  # (n,)
-        self.alpha_t, self.sigma_t, self.lambda_t = alpha_sigma_lambda(self.sigmas)  # (n + 1,) each, float32
+        self.alpha_t, self.sigma_t, self.lambda_t = alpha_sigma_lambda(
+            self.sigmas
+        )  # (n + 1,) each, float32
         self.num_inference_steps = num_inference_steps
         self.x0_predictions = []  # the last solver_order predictions of x_0, newest last
         self.last_index = None  # the place on the schedule of the last step taken
-        self.last_sample, self.last_order = None, None  # the last step's input (after correction) and predictor order
+        self.last_sample, self.last_order = (
+            None,
+            None,
+        )  # the last step's input (after correction) and predictor order
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample  # the model sees x_t unscaled
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Correct x at timesteps[i] (UniC), then predict x at the next level (UniP). Deterministic:
         `generator` is accepted, so that every scheduler fits one sampling loop, and unused."""
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(...) before step()")
         i = find_step_index(self.timesteps, timestep, self.last_index)
         self.last_index = i
-        x0 = predict_x0(model_output, sample, self.alpha_t[i], self.sigma_t[i], self.prediction_type)  # (B, C, H, W)
+        x0 = predict_x0(
+            model_output, sample, self.alpha_t[i], self.sigma_t[i], self.prediction_type
+        )  # (B, C, H, W)
 
         if self.last_sample is not None and i - 1 not in self.disable_corrector:
             # redo the last step, from last_sample at i - 1 to i, now knowing the model's output at i
             sample = self._update(self.last_sample, i - 1, i, self.last_order, x0_new=x0)
-        self.x0_predictions = (self.x0_predictions + [x0])[-self.solver_order:]
+        self.x0_predictions = (self.x0_predictions + [x0])[-self.solver_order :]
         # warm up from first order while there are too few past outputs; lower_order_final: no higher than the steps left
         order = min(self.solver_order, len(self.x0_predictions), len(self.timesteps) - i)
         self.last_sample, self.last_order = sample, order
         return self._update(sample, i, i + 1, order)
 
-    def _update(self, x: torch.Tensor, s: int, t: int, order: int, x0_new: torch.Tensor | None = None) -> torch.Tensor:
+    def _update(
+        self, x: torch.Tensor, s: int, t: int, order: int, x0_new: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """From x at level s to level t, using the predictions at s, s - 1, ..., s - order + 1 (the last
         `order` of x0_predictions). The predictor UniP-order has x0_new None; the corrector UniC-order adds
         x0_new, the prediction at t (r = 1)."""
@@ -110,7 +183,11 @@ class UniPCMultistepScheduler:
 
         h_phi_1 = torch.expm1(hh)  # e^hh - 1 = hh phi_1(hh)
         B_h = hh if self.solver_type == "bh1" else torch.expm1(hh)
-        g, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1  # h_phi_k = hh phi_{k+1}(hh), starting at k = 1
+        g, h_phi_k, factorial = (
+            [],
+            h_phi_1 / hh - 1,
+            1,
+        )  # h_phi_k = hh phi_{k+1}(hh), starting at k = 1
         for k in range(1, order + 1):
             g.append(h_phi_k * factorial / B_h)
             factorial *= k + 1
@@ -121,9 +198,13 @@ class UniPCMultistepScheduler:
             if order == 1:
                 a = []
             elif order == 2:
-                a = [0.5]  # as the reference implementation does: a fixed 1/2, the limit of the solution g[0] as h -> 0
+                a = [
+                    0.5
+                ]  # as the reference implementation does: a fixed 1/2, the limit of the solution g[0] as h -> 0
             else:
-                R = torch.stack([torch.stack(r) ** j for j in range(order - 1)])  # (order - 1, order - 1)
+                R = torch.stack(
+                    [torch.stack(r) ** j for j in range(order - 1)]
+                )  # (order - 1, order - 1)
                 a = torch.linalg.solve(R, g[:-1])
         else:  # UniC: one more point, the new prediction at r = 1
             D = D + [x0_new - x0_s]
@@ -134,7 +215,13 @@ class UniPCMultistepScheduler:
                 R = torch.stack([r_all**j for j in range(order)])  # (order, order)
                 a = torch.linalg.solve(R, g)
         correction = sum(a_k * D_k for a_k, D_k in zip(a, D))  # 0 for a first-order prediction
-        return self.sigma_t[t] / self.sigma_t[s] * x - self.alpha_t[t] * h_phi_1 * x0_s - self.alpha_t[t] * B_h * correction
+        return (
+            self.sigma_t[t] / self.sigma_t[s] * x
+            - self.alpha_t[t] * h_phi_1 * x0_s
+            - self.alpha_t[t] * B_h * correction
+        )
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
         return add_noise_at_levels(self, original_samples, noise, timesteps)

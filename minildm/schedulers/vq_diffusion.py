@@ -50,19 +50,37 @@ def _cumulative_schedules(T: int, alpha_start, alpha_end, gamma_start, gamma_end
 class VQDiffusionScheduler:
     UNIMPLEMENTED = {}
 
-    def __init__(self, num_vec_classes: int = 4097, num_train_timesteps: int = 100, alpha_cum_start: float = 0.99999,
-                 alpha_cum_end: float = 0.000009, gamma_cum_start: float = 0.000009, gamma_cum_end: float = 0.99999):
+    def __init__(
+        self,
+        num_vec_classes: int = 4097,
+        num_train_timesteps: int = 100,
+        alpha_cum_start: float = 0.99999,
+        alpha_cum_end: float = 0.000009,
+        gamma_cum_start: float = 0.000009,
+        gamma_cum_end: float = 0.99999,
+    ):
         self.num_train_timesteps = num_train_timesteps
-        self.mask_class = num_vec_classes - 1  # the last class; the K = num_vec_classes - 1 others are codes
+        self.mask_class = (
+            num_vec_classes - 1
+        )  # the last class; the K = num_vec_classes - 1 others are codes
         K = num_vec_classes - 1
-        alpha, alpha_bar, gamma, gamma_bar = _cumulative_schedules(num_train_timesteps, alpha_cum_start, alpha_cum_end, gamma_cum_start, gamma_cum_end)
-        beta, beta_bar = (1 - alpha - gamma) / K, (1 - alpha_bar - gamma_bar) / K  # the rest, spread over the K codes
+        alpha, alpha_bar, gamma, gamma_bar = _cumulative_schedules(
+            num_train_timesteps, alpha_cum_start, alpha_cum_end, gamma_cum_start, gamma_cum_end
+        )
+        beta, beta_bar = (
+            (1 - alpha - gamma) / K,
+            (1 - alpha_bar - gamma_bar) / K,
+        )  # the rest, spread over the K codes
 
         def log32(x):  # logs taken in float64, kept in float32 as diffusers does
             return torch.log(torch.tensor(x.astype("float64"))).float()
 
         self.log_alpha, self.log_beta, self.log_gamma = log32(alpha), log32(beta), log32(gamma)
-        self.log_alpha_bar, self.log_beta_bar, self.log_gamma_bar = log32(alpha_bar), log32(beta_bar), log32(gamma_bar)
+        self.log_alpha_bar, self.log_beta_bar, self.log_gamma_bar = (
+            log32(alpha_bar),
+            log32(beta_bar),
+            log32(gamma_bar),
+        )
         self.timesteps = None
 
     @classmethod
@@ -74,26 +92,48 @@ class VQDiffusionScheduler:
         from a fully masked image at t = n - 1 (as diffusers does), which the model was not trained for."""
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         if num_inference_steps != self.num_train_timesteps:
-            warnings.warn(f"VQ-Diffusion does not subsample its {self.num_train_timesteps} steps: {num_inference_steps} steps run only the "
-                          f"last {num_inference_steps}, starting from a fully masked image (diffusers does the same); use "
-                          f"{self.num_train_timesteps} for the trained behaviour", stacklevel=2)
+            warnings.warn(
+                f"VQ-Diffusion does not subsample its {self.num_train_timesteps} steps: {num_inference_steps} steps run only the "
+                f"last {num_inference_steps}, starting from a fully masked image (diffusers does the same); use "
+                f"{self.num_train_timesteps} for the trained behaviour",
+                stacklevel=2,
+            )
         self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device)
-        for name in ("log_alpha", "log_beta", "log_gamma", "log_alpha_bar", "log_beta_bar", "log_gamma_bar"):
+        for name in (
+            "log_alpha",
+            "log_beta",
+            "log_gamma",
+            "log_alpha_bar",
+            "log_beta_bar",
+            "log_gamma_bar",
+        ):
             setattr(self, name, getattr(self, name).to(device))
 
-    def step(self, log_p_x_0: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self,
+        log_p_x_0: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Sample x_{t-1} (B, N) from the model's log p(x0 | x_t) (B, K, N) and the current codes x_t (B, N)."""
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
         t = int(timestep)
-        log_p = log_p_x_0 if t == 0 else self.log_posterior(log_p_x_0, sample, t)  # (B, K or K+1, N)
-        return (log_p + self._gumbel_noise(log_p.shape, generator, log_p.device)).argmax(dim=1)  # (B, N)
+        log_p = (
+            log_p_x_0 if t == 0 else self.log_posterior(log_p_x_0, sample, t)
+        )  # (B, K or K+1, N)
+        return (log_p + self._gumbel_noise(log_p.shape, generator, log_p.device)).argmax(
+            dim=1
+        )  # (B, N)
 
     @staticmethod
     def _gumbel_noise(shape, generator, device):
         """-log(-log(u)), u ~ U(0, 1): argmax(log p + this) is a sample from p (the Gumbel-max trick).
         Drawn with torch.rand from `generator` as diffusers draws it (on the generator's device)."""
-        uniform = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
+        uniform = torch.rand(
+            shape, generator=generator, device=generator.device if generator is not None else device
+        ).to(device)
         return -torch.log(-torch.log(uniform + 1e-30) + 1e-30)
 
     def log_posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
@@ -104,12 +144,22 @@ class VQDiffusionScheduler:
         candidate x0 by p(x0 | x_t) / q(x_t | x0), normalise, carry it t-1 steps forward with the
         cumulative transition, and multiply by the one-step likelihood q(x_t | x_{t-1}).
         """
-        log_onehot_x_t = torch.log(F.one_hot(x_t, self.mask_class + 1).permute(0, 2, 1).float().clamp(min=1e-30))  # (B, K+1, N)
-        weights = log_p_x_0 - self._log_q_x_t_given(x_t, log_onehot_x_t, t, cumulative=True)  # (B, K, N)
+        log_onehot_x_t = torch.log(
+            F.one_hot(x_t, self.mask_class + 1).permute(0, 2, 1).float().clamp(min=1e-30)
+        )  # (B, K+1, N)
+        weights = log_p_x_0 - self._log_q_x_t_given(
+            x_t, log_onehot_x_t, t, cumulative=True
+        )  # (B, K, N)
         normaliser = torch.logsumexp(weights, dim=1, keepdim=True)
         weights = weights - normaliser
-        log_q_prev = self._forward_cumulative(weights, t - 1)  # (B, K+1, N): q(x_{t-1}) from the weighted x0
-        return log_q_prev + self._log_q_x_t_given(x_t, log_onehot_x_t, t, cumulative=False) + normaliser
+        log_q_prev = self._forward_cumulative(
+            weights, t - 1
+        )  # (B, K+1, N): q(x_{t-1}) from the weighted x0
+        return (
+            log_q_prev
+            + self._log_q_x_t_given(x_t, log_onehot_x_t, t, cumulative=False)
+            + normaliser
+        )
 
     def _log_q_x_t_given(self, x_t, log_onehot_x_t, t: int, cumulative: bool) -> torch.Tensor:
         """As a function of the earlier state, the log-probability of reaching the observed x_t:
@@ -124,7 +174,9 @@ class VQDiffusionScheduler:
         log_q = (log_onehot_x_t[:, :-1, :] + log_a).logaddexp(log_b)  # (B, K, N)
         # where x_t is the mask, every code reached it with probability gamma
         log_q = torch.where((x_t == self.mask_class).unsqueeze(1), log_c, log_q)
-        if not cumulative:  # from the mask one can only stay masked: probability 1 iff x_t is the mask
+        if (
+            not cumulative
+        ):  # from the mask one can only stay masked: probability 1 iff x_t is the mask
             log_q = torch.cat((log_q, log_onehot_x_t[:, -1:, :]), dim=1)  # (B, K+1, N)
         return log_q
 
