@@ -4,10 +4,6 @@ official configs, Karras sigmas included; Euler ancestral with the same generato
 import numpy as np
 import pytest
 import torch
-
-from minildm.schedulers.euler import EulerDiscreteScheduler
-from minildm.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
-from minildm.schedulers.heun import HeunDiscreteScheduler
 from conftest import (
     SCHEDULER_CONFIGS,
     compare_scheduler_steps,
@@ -16,6 +12,10 @@ from conftest import (
     reference_scheduler,
     scheduler_from_config,
 )
+
+from minildm.schedulers.euler import EulerDiscreteScheduler
+from minildm.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from minildm.schedulers.heun import HeunDiscreteScheduler
 
 STEPS = [1, 3, 10, 50]
 VARIANTS = {  # the common options, on top of each official config (the SD config's steps_offset=1 shows with "leading")
@@ -95,7 +95,8 @@ def test_add_noise(cls):
 
 
 def test_schedule_values():
-    # SD's training noise levels run from sigma_min 0.0292 to sigma_max 14.6146; Karras sigmas (eq. 5) are evenly spaced in sigma^(1/7)
+    # SD's training noise levels run from sigma_min 0.0292 to sigma_max 14.6146; Karras sigmas
+    # (eq. 5) are evenly spaced in sigma^(1/7)
     euler = scheduler_from_config(EulerDiscreteScheduler, SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
     euler.set_timesteps(50)
     assert (
@@ -200,5 +201,5 @@ def test_bad_input_is_refused():
         EulerDiscreteScheduler(steps_offset=1, timestep_spacing="leading").set_timesteps(1000)
     euler = EulerDiscreteScheduler()
     euler.set_timesteps(10)
-    with pytest.raises(ValueError, match="timestep 500.0 is not one of this schedule's timesteps"):
+    with pytest.raises(ValueError, match="timestep 500 is not one of this schedule's timesteps"):
         euler.step(torch.zeros(1), 500, torch.zeros(1))

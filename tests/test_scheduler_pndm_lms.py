@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-
-from minildm.schedulers.lms import LMSDiscreteScheduler, lms_coefficients
-from minildm.schedulers.pndm import PNDMScheduler
 from conftest import (
     SCHEDULER_CONFIGS,
     compare_scheduler_steps,
@@ -12,6 +9,9 @@ from conftest import (
     reference_scheduler,
     scheduler_from_config,
 )
+
+from minildm.schedulers.lms import LMSDiscreteScheduler, lms_coefficients
+from minildm.schedulers.pndm import PNDMScheduler
 
 STEPS = [
     1,
@@ -98,7 +98,8 @@ def test_lms_lower_order(order):
 
 
 def test_lms_coefficients_are_adams_bashforth_on_an_even_grid():
-    # sigma 3 -> 2 with the past derivatives at 3, 4, 5, 6: step h = -1 and the textbook weights h * (55, -59, 37, -9) / 24
+    # sigma 3 -> 2 with the past derivatives at 3, 4, 5, 6: step h = -1 and the textbook weights
+    # h * (55, -59, 37, -9) / 24
     assert lms_coefficients([3.0, 4.0, 5.0, 6.0], 2.0) == pytest.approx(
         [-55 / 24, 59 / 24, -37 / 24, 9 / 24], rel=1e-12
     )
@@ -184,5 +185,5 @@ def test_bad_input_is_refused():
         PNDMScheduler(steps_offset=1, skip_prk_steps=True).set_timesteps(1000)
     lms = LMSDiscreteScheduler()
     lms.set_timesteps(10)
-    with pytest.raises(ValueError, match="timestep 500.0 is not one of this schedule's timesteps"):
+    with pytest.raises(ValueError, match="timestep 500 is not one of this schedule's timesteps"):
         lms.step(torch.zeros(1), 500, torch.zeros(1))

@@ -1,4 +1,5 @@
-"""What the schedulers share: the training noise schedule, reading diffusers configs, drawing noise.
+"""What the schedulers share: the training noise schedule, reading diffusers configs, drawing
+noise, finding a step from its timestep, and the input checks.
 
 The forward (noising) process of Ho et al. 2020 ("Denoising Diffusion Probabilistic Models",
 arXiv:2006.11239, eq. 4) is fixed by a sequence of betas: x_t = sqrt(alphas_cumprod[t]) x_0 +
@@ -24,8 +25,9 @@ def make_betas(
     """The betas of the training noise schedule, (num_train_timesteps,) float32.
 
     linear: evenly spaced betas (Ho et al. 2020). scaled_linear: evenly spaced sqrt(beta), what the
-    LDM code calls "linear" and SD trained with (facts 6.1). squaredcos_cap_v2: the cosine schedule of
-    Nichol & Dhariwal 2021 (arXiv:2102.09672, eq. 17), betas capped at 0.999.
+    LDM code calls "linear" and SD trained with (CompVis/latent-diffusion
+    ldm/modules/diffusionmodules/util.py make_beta_schedule). squaredcos_cap_v2: the cosine schedule
+    of Nichol & Dhariwal 2021 (arXiv:2102.09672, eq. 17), betas capped at 0.999.
     """
     if trained_betas is not None:
         return torch.tensor(trained_betas, dtype=torch.float32)
@@ -47,24 +49,55 @@ def make_betas(
             dtype=torch.float32,
         )
     raise ValueError(
-        f"unknown beta_schedule {beta_schedule!r}; expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2' (or trained_betas)"
+        f"unknown beta_schedule {beta_schedule!r}; expected 'linear', 'scaled_linear' or "
+        "'squaredcos_cap_v2' (or trained_betas)"
     )
 
 
+# --- input checks, one per kind, so that the methods using them read without interruption ------
+
+
+def check_choice(name: str, value, choices: tuple, why: str = ""):
+    """A constructor option that takes one of a few values; `why` explains a short list."""
+    if value not in choices:
+        names = [repr(choice) for choice in choices]
+        listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise ValueError(f"{name} must be {listed}{why}, got {value!r}")
+
+
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int):
-    if (
-        not isinstance(num_inference_steps, int)
-        or not 1 <= num_inference_steps <= num_train_timesteps
-    ):
+    valid = isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= num_train_timesteps
+    if not valid:
         raise ValueError(
-            f"num_inference_steps must be an integer from 1 to num_train_timesteps ({num_train_timesteps}), got {num_inference_steps!r}"
+            "num_inference_steps must be an integer from 1 to num_train_timesteps "
+            f"({num_train_timesteps}), got {num_inference_steps!r}"
         )
+
+
+def check_timesteps_in_range(timesteps, num_train_timesteps: int):
+    if timesteps.max() >= num_train_timesteps:
+        outside = int(timesteps.max())
+    elif timesteps.min() < 0:
+        outside = int(timesteps.min())
+    else:
+        return
+    raise ValueError(
+        f"the schedule reaches timestep {outside}, outside the {num_train_timesteps} training "
+        "steps (steps_offset with as many steps as training steps?): use fewer steps, or another "
+        "steps_offset or timestep_spacing"
+    )
+
+
+def check_timesteps_set(timesteps, method: str):
+    if timesteps is None:
+        raise RuntimeError(f"call set_timesteps(...) before {method}(): it chooses the steps")
 
 
 def spaced_timesteps(
     num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str, steps_offset: int = 0
 ) -> np.ndarray:
-    """The n integer training steps to visit, noisiest first (DDPM, DDIM, PNDM), spaced as diffusers does:
+    """The n integer training steps to visit, noisiest first (DDPM, DDIM, PNDM), spaced as
+    diffusers' DDIMScheduler.set_timesteps spaces them:
 
     leading   0, T//n, 2 T//n, ... shifted by steps_offset (SD: 1, 21, ..., 981 for 50 steps)
     trailing  T - 1, T - 1 - T/n, ... rounded; np.arange yields one value too many for some n
@@ -80,15 +113,6 @@ def spaced_timesteps(
         timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
     check_timesteps_in_range(timesteps, T)
     return timesteps.copy()
-
-
-def check_timesteps_in_range(timesteps, num_train_timesteps: int):
-    if timesteps.max() >= num_train_timesteps or timesteps.min() < 0:
-        raise ValueError(
-            f"the schedule reaches timestep {int(timesteps.max()) if timesteps.max() >= num_train_timesteps else int(timesteps.min())}, "
-            f"outside the {num_train_timesteps} training steps (steps_offset with as many steps as training steps?): "
-            "use fewer steps, or another steps_offset or timestep_spacing"
-        )
 
 
 def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
@@ -113,10 +137,50 @@ def add_noise(
     return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
 
 
+# --- finding a step on the schedule -------------------------------------------------------------
+
+
+def timestep_index(timesteps, timestep, method: str, after: int | None = None) -> int:
+    """Where `timestep`, a value of the schedule (not a position in it), is in `timesteps`: its
+    first place, or with `after` its first place after that one.
+
+    The timestep alone then tells a step where it is, without a hidden counter. `after` serves the
+    multistep solvers, which go on from the step last taken because their schedules can hold a
+    value twice (Karras sigmas can round two neighbouring levels to the same timestep): see
+    docs/parity/schedulers.md, "A repeated timestep: which place a lookup finds".
+    """
+    check_timesteps_set(timesteps, method)
+    start = 0 if after is None else after + 1
+    places = (timesteps[start:] == float(timestep)).nonzero()
+    if len(places) == 0:
+        raise ValueError(timestep_not_found(timesteps, timestep, start))
+    return start + int(places[0, 0])
+
+
+def timestep_not_found(timesteps, timestep, start: int) -> str:
+    value = float(timestep)
+    shown = int(value) if value.is_integer() else value
+    if start == 0:
+        return f"timestep {shown} is not one of this schedule's timesteps {timesteps.tolist()}"
+    return (
+        f"timestep {shown} is not among the steps still to take, {timesteps[start:].tolist()}; "
+        "call set_timesteps(...) to start again"
+    )
+
+
+def at_timesteps(values: torch.Tensor, schedule_timesteps, timesteps, like: torch.Tensor):
+    """values[i] at each sample's timestep (a value of the schedule, first place), shaped
+    (B, 1, 1, 1) to scale `like` and on its device and dtype: img2img starts there."""
+    indices = [timestep_index(schedule_timesteps, t, "add_noise") for t in timesteps.flatten()]
+    shape = (-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, 1, 1)
+    return values[indices].to(like.device, like.dtype).reshape(shape)
+
+
 # Keys of old hub configs that diffusers no longer reads: ignored when they say nothing different.
 LEGACY_KEYS = {"timestep_values": None, "timesteps": 1000}
 # Keys the official configs carry for other schedulers' sake, at a value that asks for nothing:
-# SD's PNDM config has clip_sample false "to make it compatible with DDIM" (facts 1.3).
+# SD's PNDM config gained clip_sample false in the commit "Make sure the scheduler compatible with
+# DDIM" (c47dae7, the hub's scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4).
 NEUTRAL_KEYS = {"clip_sample": False}
 
 
@@ -138,16 +202,19 @@ def config_kwargs(cls, config: dict) -> dict:
         elif key in cls.UNIMPLEMENTED:
             if value != cls.UNIMPLEMENTED[key]:
                 raise ValueError(
-                    f"{cls.__name__}: {key}={value!r} is not implemented in minildm (only {cls.UNIMPLEMENTED[key]!r})"
+                    f"{cls.__name__}: {key}={value!r} is not implemented in minildm "
+                    f"(only {cls.UNIMPLEMENTED[key]!r})"
                 )
         elif key in NEUTRAL_KEYS and value == NEUTRAL_KEYS[key]:
             continue
         elif key in LEGACY_KEYS:
-            if value != LEGACY_KEYS[key] and not (
-                key == "timesteps" and value == config.get("num_train_timesteps", 1000)
-            ):
+            # "timesteps" is the old name of num_train_timesteps: harmless when the two agree
+            train_steps = config.get("num_train_timesteps", 1000)
+            same_as_train_steps = key == "timesteps" and value == train_steps
+            if value != LEGACY_KEYS[key] and not same_as_train_steps:
                 raise ValueError(
-                    f"{cls.__name__}: legacy key {key}={value!r} would change the schedule; give num_train_timesteps instead"
+                    f"{cls.__name__}: legacy key {key}={value!r} would change the schedule; give "
+                    "num_train_timesteps instead"
                 )
         else:
             dropped.append(key)
@@ -159,7 +226,8 @@ def config_kwargs(cls, config: dict) -> dict:
     return kwargs
 
 
-# diffusers options with the value that leaves the algorithm unchanged, for the schedulers that have them
+# diffusers options with the value that leaves the algorithm unchanged, for the schedulers that
+# have them
 NO_THRESHOLDING = {
     "thresholding": False,
     "dynamic_thresholding_ratio": 0.995,
