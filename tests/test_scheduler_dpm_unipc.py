@@ -1,10 +1,8 @@
-"""DPM-Solver++ and UniPC: every timestep and every step equal to diffusers', for the official configs and the common options."""
+"""DPM-Solver++ and UniPC: every timestep and every step equal to diffusers', for the official
+configs and the common options."""
 
 import pytest
 import torch
-
-from minildm.schedulers.dpm_solver import DPMSolverMultistepScheduler
-from minildm.schedulers.unipc import UniPCMultistepScheduler
 from conftest import (
     SCHEDULER_CONFIGS,
     compare_scheduler_steps,
@@ -14,8 +12,12 @@ from conftest import (
     scheduler_from_config,
 )
 
+from minildm.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from minildm.schedulers.unipc import UniPCMultistepScheduler
+
 STEPS = [1, 3, 10, 25, 50]
-COMMON_VARIANTS = {  # on top of each official config (from_config of a PNDM or DDIM config, as the blog swaps schedulers)
+# on top of each official config (from_config of a PNDM or DDIM config, as the blog swaps schedulers)
+COMMON_VARIANTS = {
     "as published": {},
     "leading": {"timestep_spacing": "leading"},  # with SD's steps_offset=1
     "trailing": {"timestep_spacing": "trailing"},
@@ -40,7 +42,8 @@ DPM_VARIANTS = {
         "prediction_type": "v_prediction",
     },
 }
-# UniPC with lower_order_final=False is left out: diffusers' last step then divides by r = 0 and returns inf (ours refuses it)
+# UniPC with lower_order_final=False is left out: diffusers' last step then divides by r = 0 and
+# returns inf (ours refuses it)
 UNIPC_VARIANTS = {
     **COMMON_VARIANTS,
     "third order": {"solver_order": 3},
@@ -109,7 +112,8 @@ def test_karras_schedules_do_repeat_timesteps():
 
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
 def test_swapping_between_dpm_solver_and_unipc_configs(cls):
-    # a UniPC config given to DPM-Solver++ (solver_type 'bh2') and back ('midpoint'): diffusers reads the other's solver_type as its default
+    # a UniPC config given to DPM-Solver++ (solver_type 'bh2') and back ('midpoint'): diffusers
+    # reads the other's solver_type as its default
     other = (
         "UniPCMultistepScheduler"
         if cls is DPMSolverMultistepScheduler
@@ -159,7 +163,7 @@ def test_add_noise(cls, karras):
     error = max_relative_error(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t))
     print(f"{cls.__name__} add_noise, karras={karras}: relative error {error:.1e}")
     assert error < 1e-6
-    with pytest.raises(ValueError, match="timestep 5 is not on this schedule"):
+    with pytest.raises(ValueError, match="timestep 5 is not one of this schedule's timesteps"):
         ours.add_noise(x0, noise, torch.tensor([5, 5, 5]))
     with pytest.raises(RuntimeError, match="call set_timesteps"):
         cls().add_noise(x0, noise, t)
@@ -194,7 +198,7 @@ def test_bad_input_is_refused(cls):
         cls(timestep_spacing="leading").set_timesteps(1000)
     scheduler = cls()
     scheduler.set_timesteps(10)
-    with pytest.raises(ValueError, match="timestep 5 is not on this schedule"):
+    with pytest.raises(ValueError, match="timestep 5 is not one of this schedule's timesteps"):
         scheduler.step(torch.zeros(1), 5, torch.zeros(1))
     t = scheduler.timesteps[0]
     scheduler.step(torch.zeros(1), t, torch.zeros(1))
