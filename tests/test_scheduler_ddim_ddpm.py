@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-
-from minildm.schedulers import DDIMScheduler, DDPMScheduler
 from conftest import (
     SCHEDULER_CONFIGS,
     compare_scheduler_steps,
@@ -11,6 +9,8 @@ from conftest import (
     reference_scheduler,
     scheduler_from_config,
 )
+
+from minildm.schedulers import DDIMScheduler, DDPMScheduler
 
 STEPS = [1, 3, 10, 50]
 VARIANTS = {  # the common options, on top of each official config
@@ -100,7 +100,8 @@ def test_trailing_spacing_has_exactly_n_steps():
 
 
 def test_official_schedule_values():
-    # facts 6.1-6.3: the numbers the configs imply
+    # the numbers the configs imply: docs/parity/schedulers.md, "LDM's linear betas are diffusers'
+    # scaled_linear" and "DDIM's first timestep and final alpha: CompVis against the hub configs"
     ldm = DDIMScheduler.from_config(SCHEDULER_CONFIGS["LDM text2im (DDIM)"])
     assert ldm.alphas_cumprod[-1].item() == pytest.approx(0.0015790, rel=1e-4)
     sd = scheduler_from_config(DDIMScheduler, SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
