@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-
-from minildm.schedulers.vq_diffusion import VQDiffusionScheduler
 from conftest import max_relative_error, oracle
 
-# microsoft/vq-diffusion-ithq scheduler/scheduler_config.json (facts 4.2)
+from minildm.schedulers.vq_diffusion import VQDiffusionScheduler
+
+# the hub's scheduler/scheduler_config.json of microsoft/vq-diffusion-ithq: the class defaults, as
+# diffusers' scripts/convert_vq_diffusion_to_diffusers.py passes only num_vec_classes
 HUB_CONFIG = {
     "_class_name": "VQDiffusionScheduler",
     "_diffusers_version": "0.8.0.dev0",
@@ -69,8 +70,9 @@ def test_same_indices_as_diffusers_at_every_step(steps):
         x_t = expected
         masked_left.append(int((x_t == K).sum()))
     print(
-        f"VQ-Diffusion scheduler, {steps} steps: sampled indices identical at every step; log-posterior max relative error "
-        f"{worst_posterior:.1e}; masked tokens left: {masked_left[0]} after the first step, {masked_left[-1]} at the end"
+        f"VQ-Diffusion scheduler, {steps} steps: sampled indices identical at every step; "
+        f"log-posterior max relative error {worst_posterior:.1e}; masked tokens left: "
+        f"{masked_left[0]} after the first step, {masked_left[-1]} at the end"
     )
     assert worst_posterior < 1e-6 and masked_left[-1] == 0
 
