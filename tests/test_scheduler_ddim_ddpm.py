@@ -1,4 +1,5 @@
-"""DDIM and DDPM: every timestep and every step equal to diffusers', deterministic and stochastic."""
+"""DDIM and DDPM: every timestep and every step equal to diffusers', deterministic and
+stochastic."""
 
 import pytest
 import torch
@@ -85,8 +86,9 @@ def test_add_noise(cls):
 
 
 def test_trailing_spacing_has_exactly_n_steps():
-    # for some n (61, 103, 121, ...) np.arange(T, 0, -T/n) yields one extra value near 0, which diffusers
-    # keeps as a step at timestep -1 (reading alphas_cumprod[-1], the noisiest); minildm keeps n steps
+    # for some n (61, 103, 121, ...) np.arange(T, 0, -T/n) yields one extra value near 0, which
+    # diffusers keeps as a step at timestep -1 (reading alphas_cumprod[-1], the noisiest); minildm
+    # keeps n steps
     for n in (61, 103):
         scheduler = DDIMScheduler(timestep_spacing="trailing")
         scheduler.set_timesteps(n)
@@ -137,7 +139,8 @@ def test_bad_input_is_refused():
 
 
 def test_every_scheduler_takes_a_generator():
-    """Pipelines pass `generator` to every scheduler's step; the deterministic ones accept and ignore it."""
+    """Pipelines pass `generator` to every scheduler's step; the deterministic ones accept and
+    ignore it."""
     import inspect
 
     from minildm import schedulers

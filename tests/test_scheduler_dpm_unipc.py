@@ -16,7 +16,8 @@ from minildm.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from minildm.schedulers.unipc import UniPCMultistepScheduler
 
 STEPS = [1, 3, 10, 25, 50]
-# on top of each official config (from_config of a PNDM or DDIM config, as the blog swaps schedulers)
+# on top of each official config (from_config of a PNDM or DDIM config, as the blog swaps
+# schedulers)
 COMMON_VARIANTS = {
     "as published": {},
     "leading": {"timestep_spacing": "leading"},  # with SD's steps_offset=1
@@ -58,10 +59,11 @@ UNIPC_VARIANTS = {
 
 
 def _reference(class_name, config):
-    """diffusers' scheduler. With Karras sigmas and cosine betas the first timestep repeats (998, 998, ... from 10
-    steps on) and diffusers' text-to-image loop fails: it looks the first step up as the repeat's second place and
-    runs off the end of the schedule (IndexError). Its img2img pipelines call set_begin_index, which makes it start
-    at the first place; the reference does the same here."""
+    """diffusers' scheduler. With Karras sigmas and cosine betas the first timestep repeats (998,
+    998, ... from 10 steps on) and diffusers' text-to-image loop fails: it looks the first step up
+    as the repeat's second place and runs off the end of the schedule (IndexError). Its img2img
+    pipelines call set_begin_index, which makes it start at the first place; the reference does the
+    same here."""
     reference = reference_scheduler(class_name, config)
     if config.get("use_karras_sigmas") and config.get("beta_schedule") == "squaredcos_cap_v2":
         set_timesteps = reference.set_timesteps
@@ -130,7 +132,8 @@ def test_swapping_between_dpm_solver_and_unipc_configs(cls):
 
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
 def test_set_timesteps_starts_afresh(cls):
-    # a second run on the same scheduler (and a generator, accepted and unused) gives what a fresh scheduler gives
+    # a second run on the same scheduler (and a generator, accepted and unused) gives what a fresh
+    # scheduler gives
     config = SCHEDULER_CONFIGS["LDM text2im (DDIM)"]
     used, fresh = scheduler_from_config(cls, config), scheduler_from_config(cls, config)
     sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -150,8 +153,8 @@ def test_set_timesteps_starts_afresh(cls):
 @pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
 def test_add_noise(cls, karras):
-    # at the schedule's own noise levels, as diffusers (which needs set_timesteps first: before it, diffusers
-    # reads the levels in reverse order, so ours refuses)
+    # at the schedule's own noise levels, as diffusers (which needs set_timesteps first: before it,
+    # diffusers reads the levels in reverse order, so ours refuses)
     config = dict(SCHEDULER_CONFIGS["SD v1-4 (PNDM)"], use_karras_sigmas=karras)
     ours, theirs = scheduler_from_config(cls, config), reference_scheduler(cls.__name__, config)
     ours.set_timesteps(25)

@@ -18,7 +18,9 @@ from minildm.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from minildm.schedulers.heun import HeunDiscreteScheduler
 
 STEPS = [1, 3, 10, 50]
-VARIANTS = {  # the common options, on top of each official config (the SD config's steps_offset=1 shows with "leading")
+# the common options, on top of each official config (the SD config's steps_offset=1 shows with
+# "leading")
+VARIANTS = {
     "as published": {},
     "leading": {"timestep_spacing": "leading"},
     "trailing": {"timestep_spacing": "trailing"},
@@ -33,7 +35,8 @@ VARIANTS = {  # the common options, on top of each official config (the SD confi
     },
     "karras, trailing": {"use_karras_sigmas": True, "timestep_spacing": "trailing"},
 }
-# diffusers' Euler ancestral has neither "sample" prediction (its step raises NotImplementedError) nor Karras sigmas
+# diffusers' Euler ancestral has neither "sample" prediction (its step raises NotImplementedError)
+# nor Karras sigmas
 ANCESTRAL_VARIANTS = [v for v in VARIANTS if v != "sample prediction" and "karras" not in v]
 
 
@@ -123,9 +126,10 @@ def test_schedule_values():
 
 
 def test_trailing_spacing_has_as_many_steps_as_asked():
-    # diffusers' trailing spacing takes a float arange that, for 62 of the step counts 1..1000 (61 is the
-    # first), yields one extra value near 0: diffusers then makes a step n + 1 at timestep -1. minildm stops
-    # at n steps, equal to diffusers' first n (why 61 is not among the parity tests' step counts).
+    # diffusers' trailing spacing takes a float arange that, for 62 of the step counts 1..1000 (61
+    # is the first), yields one extra value near 0: diffusers then makes a step n + 1 at timestep
+    # -1. minildm stops at n steps, equal to diffusers' first n (why 61 is not among the parity
+    # tests' step counts).
     ours, theirs = (
         EulerDiscreteScheduler(timestep_spacing="trailing"),
         reference_scheduler("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),

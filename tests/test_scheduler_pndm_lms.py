@@ -1,4 +1,5 @@
-"""PNDM and LMS: every timestep and every step equal to diffusers', with and without the warm-ups."""
+"""PNDM and LMS: every timestep and every step equal to diffusers', with and without the
+warm-ups."""
 
 import pytest
 import torch
@@ -50,8 +51,10 @@ LMS_VARIANTS = {
     "leading": {"timestep_spacing": "leading"},
     "trailing": {"timestep_spacing": "trailing"},
     "v_prediction": {"prediction_type": "v_prediction"},
-    # the largest difference, ~7e-7: diffusers' weights carry ~5e-8 relative error (it evaluates the integrand in
-    # float32), which a step from |x| ~ 7 down to |x| ~ 0.65 magnifies tenfold; ours are exact (see below)
+    # the largest difference, ~7e-7: diffusers' weights carry ~5e-8 relative error (it evaluates the
+    # integrand in float32), which a step from |x| ~ 7 down to |x| ~ 0.65 magnifies tenfold; ours
+    # are exact (see below, and docs/parity/schedulers.md, "LMS weights: exact integrals against
+    # scipy's quadrature")
     "sample prediction": {"prediction_type": "sample"},
     "Karras sigmas": {"use_karras_sigmas": True},
     "Karras sigmas, leading": {"use_karras_sigmas": True, "timestep_spacing": "leading"},
@@ -131,7 +134,8 @@ def test_add_noise():
 
 
 def test_official_schedule_values():
-    # SD v1-4's scheduler: PLMS without the Runge-Kutta warm-up, the second timestep repeated for the Heun step
+    # SD v1-4's scheduler: PLMS without the Runge-Kutta warm-up, the second timestep repeated for
+    # the Heun step
     sd = scheduler_from_config(PNDMScheduler, SCHEDULER_CONFIGS["SD v1-4 (PNDM)"])
     sd.set_timesteps(50)
     assert len(sd.timesteps) == 51 and sd.timesteps.tolist() == [981, 961] + list(

@@ -1,4 +1,5 @@
-"""VQ-Diffusion scheduler: the same sampled indices as diffusers at every step, with the same generator."""
+"""VQ-Diffusion scheduler: the same sampled indices as diffusers at every step, with the same
+generator."""
 
 import pytest
 import torch
