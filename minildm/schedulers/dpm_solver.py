@@ -262,7 +262,7 @@ class DPMSolverMultistepScheduler:
         sigma_t = self.sigma_t[i + 1]
         sigma_s = self.sigma_t[i]
         h = self.lambda_t[i + 1] - self.lambda_t[i]
-        # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D: its two weights
+        # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D, the update of every order
         sample_term = (sigma_t / sigma_s) * sample
         x0_weight = alpha_t * (torch.exp(-h) - 1.0)
         is_last = i == len(self.timesteps) - 1
