@@ -193,7 +193,8 @@ def config_kwargs(cls, config: dict) -> dict:
     given to Euler, as the blog post does) do not apply, and are dropped with a warning.
     """
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    kwargs, dropped = {}, []
+    kwargs = {}
+    dropped = []  # keys of other schedulers
     for key, value in config.items():
         if key.startswith("_"):
             continue

@@ -70,7 +70,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     al. eq. 5, rho = 7): smaller steps at low noise, where detail is decided. (n,) float64."""
     rho = 7.0
     ramp = np.linspace(0, 1, n)  # i / (n - 1)
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    min_inv_rho = sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
