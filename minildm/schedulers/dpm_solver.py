@@ -213,6 +213,7 @@ class DPMSolverMultistepScheduler:
         self.timesteps = None  # (n,) int64, from set_timesteps
         self.sigmas = None  # (n + 1,) float32, the noise level of each timestep and a final 0
         self.alpha_t = self.sigma_t = self.lambda_t = None  # (n + 1,) each, from the sigmas
+        self.last_index = None  # the place on the schedule of the last step taken
 
     @classmethod
     def from_config(cls, config: dict) -> "DPMSolverMultistepScheduler":
