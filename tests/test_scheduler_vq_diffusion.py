@@ -1,14 +1,24 @@
-"""VQ-Diffusion scheduler: the same sampled indices as diffusers at every step, with the same generator."""
+"""VQ-Diffusion scheduler: the same sampled indices as diffusers at every step, with the same
+generator."""
 
 import pytest
 import torch
-
-from minildm.schedulers.vq_diffusion import VQDiffusionScheduler
 from conftest import max_relative_error, oracle
 
-# microsoft/vq-diffusion-ithq scheduler/scheduler_config.json (facts 4.2)
-HUB_CONFIG = {"_class_name": "VQDiffusionScheduler", "_diffusers_version": "0.8.0.dev0", "alpha_cum_end": 9e-06, "alpha_cum_start": 0.99999,
-              "gamma_cum_end": 0.99999, "gamma_cum_start": 9e-06, "num_train_timesteps": 100, "num_vec_classes": 4097}
+from minildm.schedulers.vq_diffusion import VQDiffusionScheduler
+
+# the hub's scheduler/scheduler_config.json of microsoft/vq-diffusion-ithq: the class defaults, as
+# diffusers' scripts/convert_vq_diffusion_to_diffusers.py passes only num_vec_classes
+HUB_CONFIG = {
+    "_class_name": "VQDiffusionScheduler",
+    "_diffusers_version": "0.8.0.dev0",
+    "alpha_cum_end": 9e-06,
+    "alpha_cum_start": 0.99999,
+    "gamma_cum_end": 0.99999,
+    "gamma_cum_start": 9e-06,
+    "num_train_timesteps": 100,
+    "num_vec_classes": 4097,
+}
 K, N = 4096, 64  # the official 4096 codes, over a small 8x8 grid
 
 
@@ -17,7 +27,11 @@ def fake_log_p_x_0(x_t: torch.Tensor, t: int) -> torch.Tensor:
     on the current codes and the step, peaked enough that sampling is not uniform."""
     g = torch.Generator().manual_seed(1000 + t)
     logits = 3 * torch.randn(x_t.shape[0], K, x_t.shape[1], generator=g)
-    logits += 2 * torch.nn.functional.one_hot(x_t.clamp(max=K - 1), K).permute(0, 2, 1) * (x_t != K)[:, None, :]
+    logits += (
+        2
+        * torch.nn.functional.one_hot(x_t.clamp(max=K - 1), K).permute(0, 2, 1)
+        * (x_t != K)[:, None, :]
+    )
     return torch.log_softmax(logits.double(), dim=1).float()
 
 
@@ -25,7 +39,9 @@ def fake_log_p_x_0(x_t: torch.Tensor, t: int) -> torch.Tensor:
 def test_same_indices_as_diffusers_at_every_step(steps):
     diffusers = oracle("diffusers")
     ours = VQDiffusionScheduler.from_config(HUB_CONFIG)
-    theirs = diffusers.VQDiffusionScheduler.from_config({k: v for k, v in HUB_CONFIG.items() if k != "_class_name"})
+    theirs = diffusers.VQDiffusionScheduler.from_config(
+        {k: v for k, v in HUB_CONFIG.items() if k != "_class_name"}
+    )
     if steps == 100:
         ours.set_timesteps(steps)
     else:
@@ -34,19 +50,31 @@ def test_same_indices_as_diffusers_at_every_step(steps):
     theirs.set_timesteps(steps)
     assert torch.equal(ours.timesteps, theirs.timesteps)
     x_t = torch.full((2, N), K)  # start fully masked
-    ours_generator, theirs_generator = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    ours_generator, theirs_generator = (
+        torch.Generator().manual_seed(0),
+        torch.Generator().manual_seed(0),
+    )
     worst_posterior, masked_left = 0.0, []
     for t in theirs.timesteps:
         log_p_x_0 = fake_log_p_x_0(x_t, int(t))
         if t > 0:
-            worst_posterior = max(worst_posterior, max_relative_error(ours.log_posterior(log_p_x_0, x_t, int(t)), theirs.q_posterior(log_p_x_0, x_t, t)))
+            worst_posterior = max(
+                worst_posterior,
+                max_relative_error(
+                    ours.log_posterior(log_p_x_0, x_t, int(t)),
+                    theirs.q_posterior(log_p_x_0, x_t, t),
+                ),
+            )
         expected = theirs.step(log_p_x_0, t, x_t, generator=theirs_generator).prev_sample
         got = ours.step(log_p_x_0, t, x_t, generator=ours_generator)
         assert torch.equal(got, expected), f"indices differ at t={int(t)}"
         x_t = expected
         masked_left.append(int((x_t == K).sum()))
-    print(f"VQ-Diffusion scheduler, {steps} steps: sampled indices identical at every step; log-posterior max relative error "
-          f"{worst_posterior:.1e}; masked tokens left: {masked_left[0]} after the first step, {masked_left[-1]} at the end")
+    print(
+        f"VQ-Diffusion scheduler, {steps} steps: sampled indices identical at every step; "
+        f"log-posterior max relative error {worst_posterior:.1e}; masked tokens left: "
+        f"{masked_left[0]} after the first step, {masked_left[-1]} at the end"
+    )
     assert worst_posterior < 1e-6 and masked_left[-1] == 0
 
 

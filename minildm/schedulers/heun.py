@@ -18,72 +18,125 @@ correction uses them. Matches diffusers' HeunDiscreteScheduler.
 
 import torch
 
-from minildm.schedulers.common import check_num_inference_steps, config_kwargs, make_betas
-from minildm.schedulers.sigmas import predicted_x0, sigma_schedule, step_index
+from minildm.schedulers.common import (
+    check_choice,
+    check_num_inference_steps,
+    config_kwargs,
+    make_betas,
+    timestep_index,
+)
+from minildm.schedulers.sigmas import add_noise_at_sigmas, predicted_x0, sigma_schedule
 
 
 class HeunDiscreteScheduler:
-    # diffusers options kept out of minildm, with the value that leaves the algorithm above unchanged
-    UNIMPLEMENTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0}
-    order = 2  # model calls per step: pipelines that start part-way down the schedule (img2img) skip 2 entries per step
+    # diffusers options kept out of minildm, with the value that leaves the algorithm above
+    # unchanged
+    UNIMPLEMENTED = {
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+    }
+    # model calls per step: pipelines that start part-way down the schedule (img2img) skip 2
+    # entries per step
+    order = 2
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, beta_schedule: str = "linear",
-                 trained_betas=None, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0):
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
-        if timestep_spacing not in ("linspace", "leading", "trailing"):
-            raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {timestep_spacing!r}")
-        self.num_train_timesteps, self.steps_offset, self.timestep_spacing = num_train_timesteps, steps_offset, timestep_spacing
-        self.prediction_type, self.use_karras_sigmas = prediction_type, use_karras_sigmas
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
+        check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
+        check_choice("timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
+        self.num_train_timesteps = num_train_timesteps
+        self.steps_offset = steps_offset
+        self.timestep_spacing = timestep_spacing
+        self.prediction_type = prediction_type
+        self.use_karras_sigmas = use_karras_sigmas
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.num_inference_steps = None
-        self.level_timesteps = None  # (n,) float32: the timestep of each noise level but the final 0
+        # (n,) float32: the timestep of each noise level but the final 0
+        self.level_timesteps = None
         self.sigmas = None  # (n + 1,) float32: the noise levels and a final 0
-        self.timesteps = None  # (2n - 1,) float32: one per model evaluation, levels after the first repeated
+        # (2n - 1,) float32: one per model evaluation, levels after the first repeated
+        self.timesteps = None
         self.init_noise_sigma = None
-        self.euler_stage = None  # (x, d, dt) of the Euler stage while its correction is pending, else None
+        # (x, d, dt) of the Euler stage while its correction is pending, else None
+        self.euler_stage = None
 
     @classmethod
     def from_config(cls, config: dict) -> "HeunDiscreteScheduler":
         return cls(**config_kwargs(cls, config))
 
     def set_timesteps(self, num_inference_steps: int, device=None):
-        """Choose the noise levels, from sigma_max down to 0, and the 2n - 1 model evaluations between them."""
+        """Choose the noise levels, from sigma_max down to 0, and the 2n - 1 model evaluations
+        between them."""
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
-        level_timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(self.alphas_cumprod, num_inference_steps, self.timestep_spacing,
-                                                                            self.steps_offset, self.use_karras_sigmas)
+        level_timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(
+            self.alphas_cumprod,
+            num_inference_steps,
+            self.timestep_spacing,
+            self.steps_offset,
+            self.use_karras_sigmas,
+        )
         self.level_timesteps = level_timesteps.to(device)
-        # [t0, t1, t1, t2, t2, ...]: the first of each pair ends a step (correction), the second starts the next (Euler)
-        self.timesteps = torch.cat([level_timesteps[:1], level_timesteps[1:].repeat_interleave(2)]).to(device)  # (2n - 1,)
+        # [t0, t1, t1, t2, t2, ...]: the first of each pair ends a step (correction), the second
+        # starts the next (Euler)
+        repeated = [level_timesteps[:1], level_timesteps[1:].repeat_interleave(2)]
+        self.timesteps = torch.cat(repeated).to(device)  # (2n - 1,)
         self.euler_stage = None  # a new schedule starts with an Euler stage
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """x / sqrt(sigma^2 + 1): the variance-preserving x_t the model was trained on (the same for both stages)."""
-        sigma = self.sigmas[step_index(self.level_timesteps, timestep, "scale_model_input")]
+        """x / sqrt(sigma^2 + 1): the variance-preserving x_t the model was trained on (the same
+        for both stages)."""
+        sigma = self.sigmas[timestep_index(self.level_timesteps, timestep, "scale_model_input")]
         return sample / (sigma**2 + 1) ** 0.5
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One stage of a Heun step: the Euler stage (returns x_euler), or, after it, the correction (returns x_next).
-        Deterministic: `generator` is accepted, so that a pipeline can pass one to any scheduler, and unused."""
-        i = step_index(self.level_timesteps, timestep, "step")  # the model saw `sample` at noise level sigmas[i]
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One stage of a Heun step: the Euler stage (returns x_euler), or, after it, the correction
+        (returns x_next). Deterministic: `generator` is accepted, so that a pipeline can pass one to
+        any scheduler, and unused."""
+        # the model saw `sample` at noise level sigmas[i]
+        i = timestep_index(self.level_timesteps, timestep, "step")
         sigma = self.sigmas[i]
-        d = (sample - predicted_x0(model_output, sample, sigma, self.prediction_type)) / sigma  # dx/dsigma here
-        if self.euler_stage is None:  # Euler stage, from sigmas[i] to sigmas[i + 1]
-            dt = self.sigmas[i + 1] - sigma
-            if self.sigmas[i + 1] > 0:  # a correction follows; the last step, to sigma = 0, stays a plain Euler step
+        denoised = predicted_x0(model_output, sample, sigma, self.prediction_type)
+        d = (sample - denoised) / sigma  # dx/dsigma here, as in euler.py
+        if self.euler_stage is None:  # Euler stage, from sigmas[i] to sigmas[i + 1] (lines 3-4)
+            sigma_next = self.sigmas[i + 1]
+            dt = sigma_next - sigma
+            x_euler = sample + d * dt
+            # a correction follows; the last step, to sigma = 0, stays a plain Euler step
+            if sigma_next > 0:
                 self.euler_stage = (sample, d, dt)
-            return sample + d * dt
-        # correction: `sample` is x_euler at sigmas[i]; redo the step from x with the average of both slopes
+            return x_euler
+        # correction (lines 5-7): `sample` is x_euler at sigmas[i]; redo the step from x with the
+        # average of both slopes
         x, d_euler, dt = self.euler_stage
         self.euler_stage = None
-        return x + (d_euler + d) / 2 * dt
+        d_mean = (d_euler + d) / 2
+        return x + d_mean * dt
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x = x_0 + sigma_t * noise, in the unscaled form step() works on; one timestep per sample, each
-        one of this schedule's (as img2img starts part-way down the schedule)."""
-        sigma = self.sigmas[[step_index(self.level_timesteps, t, "add_noise") for t in timesteps]]
-        sigma = sigma.to(original_samples.device, original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))  # (B,) -> (B, 1, 1, 1)
-        return original_samples + noise * sigma
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        # the levels' own timesteps: each level after the first is in `timesteps` twice
+        return add_noise_at_sigmas(
+            self.sigmas, self.level_timesteps, original_samples, noise, timesteps
+        )

@@ -7,10 +7,11 @@ gamma_t it becomes [MASK] (index K), and [MASK] stays [MASK] ("mask-and-replace"
 steps these compose into cumulative probabilities alpha_bar_t, beta_bar_t, gamma_bar_t (eq. 6),
 linear in t: alpha_bar from 0.99999 to 0.000009, gamma_bar from 0.000009 to 0.99999.
 
-A step samples x_{t-1} from p(x_{t-1} | x_t) = sum_x0 q(x_{t-1} | x_t, x0) p(x0 | x_t) (eq. 11), with
-p(x0 | x_t) from the transformer, everything in log space (probabilities down to 1e-30 matter), and
-the sample drawn by the Gumbel-max trick: argmax(log p + Gumbel noise). Matches diffusers'
-VQDiffusionScheduler (and the original `DiffusionTransformer.p_sample`).
+A step samples x_{t-1} from p(x_{t-1} | x_t) = sum_x0 q(x_{t-1} | x_t, x0) p(x0 | x_t) (eq. 11),
+with p(x0 | x_t) from the transformer, everything in log space (probabilities down to 1e-30
+matter), and the sample drawn by the Gumbel-max trick: argmax(log p + Gumbel noise). Matches
+diffusers' VQDiffusionScheduler (and the original microsoft/VQ-Diffusion
+image_synthesis/modeling/transformers/diffusion_transformer.py `DiffusionTransformer.p_sample`).
 
 Shapes: B batch, K codes (4096), N positions (1024). Log-probabilities are (B, K or K+1, N).
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minildm.schedulers.common import check_num_inference_steps, config_kwargs
+from minildm.schedulers.common import check_num_inference_steps, check_timesteps_set, config_kwargs
 
 
 def _at(values: torch.Tensor, t) -> torch.Tensor:
@@ -37,7 +38,8 @@ def _cumulative_schedules(T: int, alpha_start, alpha_end, gamma_start, gamma_end
 
     The cumulative arrays get one extra entry at the end, read as index -1: the state before
     step 0, a clean image (alpha_bar 1, gamma_bar 0). Per-step values are ratios of cumulative ones:
-    alpha_t = alpha_bar_t / alpha_bar_{t-1}, (1 - gamma_t) = (1 - gamma_bar_t) / (1 - gamma_bar_{t-1}).
+    alpha_t = alpha_bar_t / alpha_bar_{t-1} and
+    (1 - gamma_t) = (1 - gamma_bar_t) / (1 - gamma_bar_{t-1}).
     """
     fraction = np.arange(0, T) / (T - 1)
     alpha_bar = np.concatenate(([1], fraction * (alpha_end - alpha_start) + alpha_start))
@@ -47,22 +49,49 @@ def _cumulative_schedules(T: int, alpha_start, alpha_end, gamma_start, gamma_end
     return alpha, np.concatenate((alpha_bar[1:], [1])), gamma, np.concatenate((gamma_bar[1:], [0]))
 
 
+def warn_unless_every_step(num_inference_steps: int, num_train_timesteps: int):
+    if num_inference_steps != num_train_timesteps:
+        warnings.warn(
+            f"VQ-Diffusion does not subsample its {num_train_timesteps} steps: "
+            f"{num_inference_steps} steps run only the last {num_inference_steps}, starting from a "
+            f"fully masked image (diffusers does the same); use {num_train_timesteps} for the "
+            "trained behaviour",
+            stacklevel=3,
+        )
+
+
 class VQDiffusionScheduler:
     UNIMPLEMENTED = {}
 
-    def __init__(self, num_vec_classes: int = 4097, num_train_timesteps: int = 100, alpha_cum_start: float = 0.99999,
-                 alpha_cum_end: float = 0.000009, gamma_cum_start: float = 0.000009, gamma_cum_end: float = 0.99999):
+    def __init__(
+        self,
+        num_vec_classes: int = 4097,
+        num_train_timesteps: int = 100,
+        alpha_cum_start: float = 0.99999,
+        alpha_cum_end: float = 0.000009,
+        gamma_cum_start: float = 0.000009,
+        gamma_cum_end: float = 0.99999,
+    ):
         self.num_train_timesteps = num_train_timesteps
-        self.mask_class = num_vec_classes - 1  # the last class; the K = num_vec_classes - 1 others are codes
+        # the last class; the K = num_vec_classes - 1 others are codes
+        self.mask_class = num_vec_classes - 1
         K = num_vec_classes - 1
-        alpha, alpha_bar, gamma, gamma_bar = _cumulative_schedules(num_train_timesteps, alpha_cum_start, alpha_cum_end, gamma_cum_start, gamma_cum_end)
-        beta, beta_bar = (1 - alpha - gamma) / K, (1 - alpha_bar - gamma_bar) / K  # the rest, spread over the K codes
+        alpha, alpha_bar, gamma, gamma_bar = _cumulative_schedules(
+            num_train_timesteps, alpha_cum_start, alpha_cum_end, gamma_cum_start, gamma_cum_end
+        )
+        # the rest, spread over the K codes
+        beta = (1 - alpha - gamma) / K
+        beta_bar = (1 - alpha_bar - gamma_bar) / K
 
         def log32(x):  # logs taken in float64, kept in float32 as diffusers does
             return torch.log(torch.tensor(x.astype("float64"))).float()
 
-        self.log_alpha, self.log_beta, self.log_gamma = log32(alpha), log32(beta), log32(gamma)
-        self.log_alpha_bar, self.log_beta_bar, self.log_gamma_bar = log32(alpha_bar), log32(beta_bar), log32(gamma_bar)
+        self.log_alpha = log32(alpha)
+        self.log_beta = log32(beta)
+        self.log_gamma = log32(gamma)
+        self.log_alpha_bar = log32(alpha_bar)
+        self.log_beta_bar = log32(beta_bar)
+        self.log_gamma_bar = log32(gamma_bar)
         self.timesteps = None
 
     @classmethod
@@ -70,51 +99,72 @@ class VQDiffusionScheduler:
         return cls(**config_kwargs(cls, config))
 
     def set_timesteps(self, num_inference_steps: int, device=None):
-        """The steps T-1, ..., 0. The method does not skip steps: n < 100 runs only the last n of them,
-        from a fully masked image at t = n - 1 (as diffusers does), which the model was not trained for."""
+        """The steps T-1, ..., 0. The method does not skip steps: n < 100 runs only the last n of
+        them, from a fully masked image at t = n - 1 (as diffusers does), which the model was not
+        trained for (docs/parity/schedulers.md, "VQ-Diffusion runs the last n steps")."""
         check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
-        if num_inference_steps != self.num_train_timesteps:
-            warnings.warn(f"VQ-Diffusion does not subsample its {self.num_train_timesteps} steps: {num_inference_steps} steps run only the "
-                          f"last {num_inference_steps}, starting from a fully masked image (diffusers does the same); use "
-                          f"{self.num_train_timesteps} for the trained behaviour", stacklevel=2)
+        warn_unless_every_step(num_inference_steps, self.num_train_timesteps)
         self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device)
-        for name in ("log_alpha", "log_beta", "log_gamma", "log_alpha_bar", "log_beta_bar", "log_gamma_bar"):
+        for name in (
+            "log_alpha",
+            "log_beta",
+            "log_gamma",
+            "log_alpha_bar",
+            "log_beta_bar",
+            "log_gamma_bar",
+        ):
             setattr(self, name, getattr(self, name).to(device))
 
-    def step(self, log_p_x_0: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample x_{t-1} (B, N) from the model's log p(x0 | x_t) (B, K, N) and the current codes x_t (B, N)."""
-        if self.timesteps is None:
-            raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
+    def step(
+        self,
+        log_p_x_0: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample x_{t-1} (B, N) from the model's log p(x0 | x_t) (B, K, N) and the current codes
+        x_t (B, N)."""
+        check_timesteps_set(self.timesteps, "step")
         t = int(timestep)
-        log_p = log_p_x_0 if t == 0 else self.log_posterior(log_p_x_0, sample, t)  # (B, K or K+1, N)
-        return (log_p + self._gumbel_noise(log_p.shape, generator, log_p.device)).argmax(dim=1)  # (B, N)
+        if t == 0:
+            log_p = log_p_x_0  # (B, K, N): the last step samples x0 itself
+        else:
+            log_p = self.log_posterior(log_p_x_0, sample, t)  # (B, K+1, N), eq. 11
+        gumbel = self._gumbel_noise(log_p.shape, generator, log_p.device)
+        return (log_p + gumbel).argmax(dim=1)  # (B, N)
 
     @staticmethod
     def _gumbel_noise(shape, generator, device):
-        """-log(-log(u)), u ~ U(0, 1): argmax(log p + this) is a sample from p (the Gumbel-max trick).
-        Drawn with torch.rand from `generator` as diffusers draws it (on the generator's device)."""
-        uniform = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
+        """-log(-log(u)), u ~ U(0, 1): argmax(log p + this) is a sample from p (the Gumbel-max
+        trick). Drawn with torch.rand from `generator` as diffusers draws it (on the generator's
+        device)."""
+        noise_device = generator.device if generator is not None else device
+        uniform = torch.rand(shape, generator=generator, device=noise_device).to(device)
         return -torch.log(-torch.log(uniform + 1e-30) + 1e-30)
 
     def log_posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """log p(x_{t-1} | x_t) = log sum_x0 q(x_{t-1} | x_t, x0) p(x0 | x_t) (eq. 11), (B, K+1, N).
         t: one step (an int) or one per image (a (B,) tensor, in training).
 
-        By Bayes, q(x_{t-1} | x_t, x0) = q(x_t | x_{t-1}) q(x_{t-1} | x0) / q(x_t | x0). So: weight each
-        candidate x0 by p(x0 | x_t) / q(x_t | x0), normalise, carry it t-1 steps forward with the
-        cumulative transition, and multiply by the one-step likelihood q(x_t | x_{t-1}).
+        By Bayes, q(x_{t-1} | x_t, x0) = q(x_t | x_{t-1}) q(x_{t-1} | x0) / q(x_t | x0). So: weight
+        each candidate x0 by p(x0 | x_t) / q(x_t | x0), normalise, carry it t-1 steps forward with
+        the cumulative transition, and multiply by the one-step likelihood q(x_t | x_{t-1}).
         """
-        log_onehot_x_t = torch.log(F.one_hot(x_t, self.mask_class + 1).permute(0, 2, 1).float().clamp(min=1e-30))  # (B, K+1, N)
-        weights = log_p_x_0 - self._log_q_x_t_given(x_t, log_onehot_x_t, t, cumulative=True)  # (B, K, N)
+        onehot_x_t = F.one_hot(x_t, self.mask_class + 1).permute(0, 2, 1).float()
+        log_onehot_x_t = torch.log(onehot_x_t.clamp(min=1e-30))  # (B, K+1, N)
+        log_q_x_t_given_x0 = self._log_q_x_t_given(x_t, log_onehot_x_t, t, cumulative=True)
+        weights = log_p_x_0 - log_q_x_t_given_x0  # (B, K, N)
         normaliser = torch.logsumexp(weights, dim=1, keepdim=True)
         weights = weights - normaliser
-        log_q_prev = self._forward_cumulative(weights, t - 1)  # (B, K+1, N): q(x_{t-1}) from the weighted x0
-        return log_q_prev + self._log_q_x_t_given(x_t, log_onehot_x_t, t, cumulative=False) + normaliser
+        # (B, K+1, N): q(x_{t-1}) from the weighted x0
+        log_q_prev = self._forward_cumulative(weights, t - 1)
+        log_q_one_step = self._log_q_x_t_given(x_t, log_onehot_x_t, t, cumulative=False)
+        return log_q_prev + log_q_one_step + normaliser
 
     def _log_q_x_t_given(self, x_t, log_onehot_x_t, t: int, cumulative: bool) -> torch.Tensor:
         """As a function of the earlier state, the log-probability of reaching the observed x_t:
-        q(x_t | x0) over the K codes x0 (cumulative, (B, K, N)), or q(x_t | x_{t-1}) over the K codes and
-        the mask (one step, (B, K+1, N))."""
+        q(x_t | x0) over the K codes x0 (cumulative, (B, K, N)), or q(x_t | x_{t-1}) over the K
+        codes and the mask (one step, (B, K+1, N))."""
         if cumulative:
             schedules = (self.log_alpha_bar, self.log_beta_bar, self.log_gamma_bar)
         else:
@@ -124,13 +174,14 @@ class VQDiffusionScheduler:
         log_q = (log_onehot_x_t[:, :-1, :] + log_a).logaddexp(log_b)  # (B, K, N)
         # where x_t is the mask, every code reached it with probability gamma
         log_q = torch.where((x_t == self.mask_class).unsqueeze(1), log_c, log_q)
-        if not cumulative:  # from the mask one can only stay masked: probability 1 iff x_t is the mask
+        if not cumulative:
+            # from the mask one can only stay masked: probability 1 iff x_t is the mask
             log_q = torch.cat((log_q, log_onehot_x_t[:, -1:, :]), dim=1)  # (B, K+1, N)
         return log_q
 
     def _forward_cumulative(self, log_p_x_0: torch.Tensor, t: int) -> torch.Tensor:
-        """Push a distribution over codes (B, K, N) through t+1 steps of noise: (B, K+1, N) over codes
-        and the mask. At t = -1 this is the identity (alpha_bar 1, gamma_bar 0)."""
+        """Push a distribution over codes (B, K, N) through t+1 steps of noise: (B, K+1, N) over
+        codes and the mask. At t = -1 this is the identity (alpha_bar 1, gamma_bar 0)."""
         B, _, N = log_p_x_0.shape
         codes = (log_p_x_0 + _at(self.log_alpha_bar, t)).logaddexp(_at(self.log_beta_bar, t))
         return torch.cat((codes, _at(self.log_gamma_bar, t).expand(B, 1, N)), dim=1)
