@@ -115,14 +115,6 @@ def spaced_timesteps(
     return timesteps.copy()
 
 
-def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
-    """Gaussian noise drawn as diffusers' `randn_tensor` draws it: on the generator's device (a CPU
-    generator gives the same numbers whatever device the model is on), then moved."""
-    device = torch.device(device)
-    noise_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
-
-
 def add_noise(
     alphas_cumprod: torch.Tensor,
     original_samples: torch.Tensor,

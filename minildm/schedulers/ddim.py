@@ -18,6 +18,7 @@ final alpha: CompVis against the hub configs".
 
 import torch
 
+from minildm.layers import randn
 from minildm.schedulers.common import (
     NO_THRESHOLDING,
     add_noise,
@@ -26,7 +27,6 @@ from minildm.schedulers.common import (
     check_timesteps_set,
     config_kwargs,
     make_betas,
-    randn,
     spaced_timesteps,
 )
 

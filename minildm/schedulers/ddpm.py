@@ -13,6 +13,7 @@ beta_t = 1 - alpha_t. Matches diffusers' DDPMScheduler.
 
 import torch
 
+from minildm.layers import randn
 from minildm.schedulers.common import (
     NO_THRESHOLDING,
     add_noise,
@@ -20,7 +21,6 @@ from minildm.schedulers.common import (
     check_num_inference_steps,
     config_kwargs,
     make_betas,
-    randn,
     spaced_timesteps,
     timestep_index,
 )

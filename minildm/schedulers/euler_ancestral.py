@@ -21,12 +21,12 @@ Matches diffusers' EulerAncestralDiscreteScheduler; the same generator gives the
 
 import torch
 
+from minildm.layers import randn
 from minildm.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     config_kwargs,
     make_betas,
-    randn,
     timestep_index,
 )
 from minildm.schedulers.sigmas import add_noise_at_sigmas, predicted_x0, sigma_schedule

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minildm.layers import rand
 from minildm.schedulers.common import check_num_inference_steps, check_timesteps_set, config_kwargs
 
 
@@ -138,8 +139,7 @@ class VQDiffusionScheduler:
         """-log(-log(u)), u ~ U(0, 1): argmax(log p + this) is a sample from p (the Gumbel-max
         trick). Drawn with torch.rand from `generator` as diffusers draws it (on the generator's
         device)."""
-        noise_device = generator.device if generator is not None else device
-        uniform = torch.rand(shape, generator=generator, device=noise_device).to(device)
+        uniform = rand(shape, generator, device)
         return -torch.log(-torch.log(uniform + 1e-30) + 1e-30)
 
     def log_posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
