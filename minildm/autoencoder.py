@@ -20,7 +20,7 @@ unit variance: 0.18215 for KL-f8 (the YAML `scale_factor`). The CelebA-HQ LDM tr
 latents (its YAML sets no scale_factor, so LatentDiffusion's default 1.0 applies); diffusers'
 VQModel defaults to 0.18215 when the config omits it, and `LDMPipeline` has divided by it since
 2023. minildm keeps 1.0 for VQ models whose config names no scaling factor, as the original does
-(docs/parity/models.md, The VQ autoencoders' config names no scaling_factor).
+(docs/parity/pipelines.md, "LDM CelebA-HQ: the latent scale is 1, not 0.18215").
 
 Shapes: B batch, C channels, H x W image, h x w latent (H/f, W/f), D code dim, N codebook size.
 """

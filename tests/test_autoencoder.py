@@ -293,8 +293,8 @@ def test_original_vq_diffusion_layout():
 
 def test_vq_config_without_scaling_factor_keeps_the_original_scale():
     # the hub's ldm-celebahq-256 vqvae config names no scaling_factor: diffusers then uses 0.18215,
-    # the original LDM 1.0 (docs/parity/models.md, The VQ autoencoders' config names no
-    # scaling_factor)
+    # the original LDM 1.0 (docs/parity/pipelines.md, "LDM CelebA-HQ: the latent scale is 1, not
+    # 0.18215")
     assert AutoencoderConfig.from_diffusers(HUB_CONFIGS["VQ-f4 (CelebA-HQ)"]).scaling_factor == 1.0
     assert (
         AutoencoderConfig.from_diffusers(
