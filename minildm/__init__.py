@@ -58,7 +58,8 @@ from minildm.weights import (
 __version__ = "0.1.0"
 
 # The embedded teaching model: a tiny Stable Diffusion trained by minildm/train.py on the shapes
-# world (minildm/shapes.py), a diffusers-layout folder read by StableDiffusionPipeline.from_pretrained.
+# world (minildm/shapes.py), a diffusers-layout folder that StableDiffusionPipeline.from_pretrained
+# reads as it reads the official weights.
 TINY_SD = ASSETS / "tiny-sd"
 # ... and one for each of the other three systems, trained on the same world
 TINY_LDM = ASSETS / "tiny-ldm"
