@@ -14,8 +14,16 @@ from minildm.autoencoder import (
     AutoencoderKL,
     VQModel,
 )
-from minildm.clip import CLIP_VIT_B_32, CLIP_VIT_L_14, CLIPTextConfig, CLIPTextModel
-from minildm.ldm_bert import LDMBert, LDMBertConfig
+from minildm.clip import (
+    CLIP_VIT_B_32,
+    CLIP_VIT_L_14,
+    CLIPTextConfig,
+    CLIPTextModel,
+)
+from minildm.ldm_bert import (
+    LDMBert,
+    LDMBertConfig,
+)
 from minildm.load import load_component
 from minildm.pipelines import (
     LDMPipeline,
@@ -25,15 +33,33 @@ from minildm.pipelines import (
     StableDiffusionPipeline,
     VQDiffusionPipeline,
 )
-from minildm.tokenizer import ASSETS, BertTokenizer, CLIPTokenizer
-from minildm.unet import CELEBAHQ, LDM_TEXT2IM, SD_V1, UNet, UNetConfig
-from minildm.vq_transformer import ITHQ, VQTransformer, VQTransformerConfig
-from minildm.weights import CheckpointError, read_state_dict
+from minildm.tokenizer import (
+    ASSETS,
+    BertTokenizer,
+    CLIPTokenizer,
+)
+from minildm.unet import (
+    CELEBAHQ,
+    LDM_TEXT2IM,
+    SD_V1,
+    UNet,
+    UNetConfig,
+)
+from minildm.vq_transformer import (
+    ITHQ,
+    VQTransformer,
+    VQTransformerConfig,
+)
+from minildm.weights import (
+    CheckpointError,
+    read_state_dict,
+)
 
 __version__ = "0.1.0"
 
-# The embedded teaching model: a tiny Stable Diffusion trained by minildm/train.py on the shapes world
-# (minildm/shapes.py), a diffusers-layout folder that StableDiffusionPipeline.from_pretrained reads.
+# The embedded teaching model: a tiny Stable Diffusion trained by minildm/train.py on the shapes
+# world (minildm/shapes.py), a diffusers-layout folder that StableDiffusionPipeline.from_pretrained
+# reads as it reads the official weights.
 TINY_SD = ASSETS / "tiny-sd"
 # ... and one for each of the other three systems, trained on the same world
 TINY_LDM = ASSETS / "tiny-ldm"

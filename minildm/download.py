@@ -4,9 +4,10 @@
     python -m minildm download stable-diffusion-v1-4/unet/config.json   one file
     python -m minildm download vq-diffusion-ithq --dir weights          files go to DIR/SYSTEM/PATH
 
-`weights_manifest.txt` (at the top of the repository, and inside the installed package) lists each official file: its system name,
-hub repository, pinned commit, path, size in bytes and sha256. A downloaded system folder has the
-hub's layout, so it can be given to minildm's loaders like any other local pipeline folder.
+`weights_manifest.txt` (at the top of the repository, and inside the installed package) lists
+each official file: its system name, hub repository, pinned commit, path, size in bytes and
+sha256. A downloaded system folder has the hub's layout, so it can be given to minildm's loaders
+like any other local pipeline folder.
 
 Why the care: the files are gigabytes, connections drop, and a half-written or wrong file fails
 much later, deep inside loading, with an error that says nothing about the download.
@@ -19,7 +20,7 @@ much later, deep inside loading, with an error that says nothing about the downl
 - Nothing is overwritten: a file already in place is checked and skipped, or, if it differs from the
   manifest, the command stops and asks you to delete it.
 - Revisions are pinned commits (all but ldm-text2im-large-256, read at `main`), and sizes and
-  hashes pin the bytes: what you get is the file the facts were checked against, not whatever the
+  hashes pin the bytes: what you get is the file minildm was checked against, not whatever the
   repository holds today.
 - HF_HUB_OFFLINE is respected, as by the Hugging Face libraries.
 Rows with `-` for size or sha256 are downloaded too, and the output says that they could not be
@@ -27,8 +28,8 @@ checked on that column. Only the standard library is used (urllib, hashlib); no 
 """
 
 import hashlib
-import importlib.resources
 import http.client
+import importlib.resources
 import os
 import re
 import shutil
@@ -78,7 +79,8 @@ def read_manifest(path=None) -> list[ManifestEntry]:
     """The rows of the manifest (by default the repository's weights_manifest.txt). Columns:
     system repo revision path bytes sha256, separated by spaces; `-` where unknown; `#` comments."""
     path = Path(path) if path is not None else MANIFEST
-    entries, first_seen = [], {}
+    entries = []
+    first_seen = {}  # (system, path) -> the line that listed it
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -86,19 +88,22 @@ def read_manifest(path=None) -> list[ManifestEntry]:
         fields = line.split()
         if len(fields) != 6:
             raise ValueError(
-                f"{where}: expected 6 columns (system repo revision path bytes sha256, `-` where unknown), "
+                f"{where}: expected 6 columns "
+                "(system repo revision path bytes sha256, `-` where unknown), "
                 f"found {len(fields)}: {line.strip()!r}"
             )
         system, repo, revision, file, size, sha256 = fields
         if "/" in system:
             raise ValueError(
-                f"{where}: the system name {system!r} contains '/'; it must not, because SYSTEM/PATH names one file"
+                f"{where}: the system name {system!r} contains '/'; "
+                "it must not, because SYSTEM/PATH names one file"
             )
         if not re.fullmatch(r"[^/]+/[^/]+", repo):
             raise ValueError(f"{where}: expected a repository as owner/name, found {repo!r}")
         if file.startswith("/") or "\\" in file or ".." in file.split("/"):
             raise ValueError(
-                f"{where}: the path {file!r} must stay inside the repository (relative, '/'-separated, no '..')"
+                f"{where}: the path {file!r} must stay inside the repository "
+                "(relative, '/'-separated, no '..')"
             )
         if size != "-" and not re.fullmatch(r"[0-9]+", size):
             raise ValueError(
@@ -133,8 +138,8 @@ def select(entries: list[ManifestEntry], name: str) -> list[ManifestEntry]:
     system, _, file = name.partition("/")
     if system not in systems:
         raise DownloadError(
-            f"unknown name {name!r}: expected one of the systems in the manifest ({', '.join(systems)}), "
-            "or SYSTEM/PATH for one of its files"
+            f"unknown name {name!r}: expected one of the systems in the manifest "
+            f"({', '.join(systems)}), or SYSTEM/PATH for one of its files"
         )
     files = [e for e in entries if e.system == system]
     if not file:
@@ -154,7 +159,11 @@ def select(entries: list[ManifestEntry], name: str) -> list[ManifestEntry]:
 
 
 def download(
-    name: str, directory, base_url: str = HUB_URL, progress=print, manifest=None
+    name: str,
+    directory,
+    base_url: str = HUB_URL,
+    progress=print,
+    manifest=None,
 ) -> list[Path]:
     """Fetch the files NAME stands for (see `select`) into DIRECTORY/SYSTEM/PATH, verify them, and
     return their paths. Files already in place and verified are skipped. `progress` receives one
@@ -169,16 +178,17 @@ def download(
     offline = os.environ.get("HF_HUB_OFFLINE", "")
     if missing and offline.strip().lower() not in ("", "0", "false", "no"):
         raise DownloadError(
-            f"HF_HUB_OFFLINE={offline} forbids network access, and these files are not in {directory}:\n  "
+            f"HF_HUB_OFFLINE={offline} forbids network access, "
+            f"and these files are not in {directory}:\n  "
             + "\n  ".join(f"{e.system}/{e.path}" for e, _ in missing)
-            + "\nUnset HF_HUB_OFFLINE (or set it to 0) to download them, or copy them there yourself."
+            + "\nUnset HF_HUB_OFFLINE (or set it to 0) to download them, "
+            "or copy them there yourself."
         )
 
     for number, (entry, target) in enumerate(missing, start=1):
         size = "size unknown" if entry.size is None else format_bytes(entry.size)
-        progress(
-            f"[{number}/{len(missing)}] {entry.system}/{entry.path} ({size}) from {entry.url(base_url)}"
-        )
+        label = f"{entry.system}/{entry.path}"
+        progress(f"[{number}/{len(missing)}] {label} ({size}) from {entry.url(base_url)}")
         fetch(entry, target, base_url, progress)
     return targets
 
@@ -192,8 +202,9 @@ def already_in_place(entry: ManifestEntry, target: Path, progress) -> bool:
     size = target.stat().st_size
     if entry.size is not None and size != entry.size:
         raise DownloadError(
-            f"{target} exists with {size} bytes, but the manifest expects {entry.size}: it is not the official "
-            "file (another version, or a copy cut short). minildm does not overwrite files: delete it and run again."
+            f"{target} exists with {size} bytes, but the manifest expects {entry.size}: "
+            "it is not the official file (another version, or a copy cut short). "
+            "minildm does not overwrite files: delete it and run again."
         )
     if entry.sha256 is None:
         progress(f"{label}: present, unverified (the manifest has no sha256 for it); left as it is")
@@ -202,8 +213,9 @@ def already_in_place(entry: ManifestEntry, target: Path, progress) -> bool:
     sha256 = hash_file(target).hexdigest()
     if sha256 != entry.sha256:
         raise DownloadError(
-            f"{target} exists, but its sha256 is {sha256}, expected {entry.sha256}: it is not the official "
-            "file (corrupt, or another version). minildm does not overwrite files: delete it and run again."
+            f"{target} exists, but its sha256 is {sha256}, expected {entry.sha256}: "
+            "it is not the official file (corrupt, or another version). "
+            "minildm does not overwrite files: delete it and run again."
         )
     progress(f"{label}: already verified, skipped")
     return True
@@ -218,32 +230,37 @@ def fetch(entry: ManifestEntry, target: Path, base_url: str, progress) -> None:
     have = part.stat().st_size if part.exists() else 0
     if entry.size is not None and have > entry.size:
         progress(
-            f"  {part} has {have} bytes, more than the {entry.size} of the file: deleting it and starting over"
+            f"  {part} has {have} bytes, more than the {entry.size} of the file: "
+            "deleting it and starting over"
         )
         part.unlink()
         have = 0
     if entry.size is not None and have == entry.size:
         progress(f"  {part.name} is complete from an earlier run: checking it")
-        received, sha256 = have, hash_file(part).hexdigest()
+        received = have
+        sha256 = hash_file(part).hexdigest()
     else:
         received, sha256 = receive(url, part, have, entry.size, progress)
 
     if entry.size is not None and received != entry.size:  # only a misbehaving server gets here
         part.unlink()
         raise DownloadError(
-            f"{url} gave {received} bytes, the manifest expects {entry.size}; the download was deleted."
+            f"{url} gave {received} bytes, the manifest expects {entry.size}; "
+            "the download was deleted."
         )
     if entry.sha256 is not None and sha256 != entry.sha256:
         part.unlink()  # resuming a corrupt file would keep it corrupt
         raise DownloadError(
-            f"{url} is not the expected file: its sha256 is {sha256}, expected {entry.sha256} ({received} bytes). "
-            "The download was deleted; run again to fetch it anew. If this repeats, the server's file differs "
-            "from the one the manifest pins."
+            f"{url} is not the expected file: its sha256 is {sha256}, "
+            f"expected {entry.sha256} ({received} bytes). "
+            "The download was deleted; run again to fetch it anew. "
+            "If this repeats, the server's file differs from the one the manifest pins."
         )
     os.replace(part, target)  # atomic: the real name never holds a partial file
     if entry.sha256 is None:
         progress(
-            f"  {target}: unverified, the manifest has no sha256 for it (this file's sha256 is {sha256})"
+            f"  {target}: unverified, the manifest has no sha256 for it "
+            f"(this file's sha256 is {sha256})"
         )
     else:
         progress(f"  {target}: verified ({received} bytes, sha256 as in the manifest)")
@@ -262,11 +279,8 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
         )
     except urllib.error.HTTPError as e:
         raise DownloadError(http_error_message(e, url, part, have)) from e
-    except (
-        urllib.error.URLError,
-        OSError,
-        http.client.HTTPException,
-    ) as e:  # no answer, or not HTTP
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        # no answer, or not HTTP
         reason = getattr(e, "reason", e)
         kept = f" The {have} bytes received before are kept in {part}." if have else ""
         raise DownloadError(
@@ -278,30 +292,32 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
             start = content_range_start(response)
             if start != have:
                 raise DownloadError(
-                    f"asked {url} to resume at byte {have}, but it sent bytes from {start}; {part} was left unchanged. "
-                    f"Delete {part} to start over."
+                    f"asked {url} to resume at byte {have}, but it sent bytes from {start}; "
+                    f"{part} was left unchanged. Delete {part} to start over."
                 )
-            progress(
-                f"  resuming after the {format_bytes(have)} already in {part.name} (hashing them first)"
-            )
+            already = format_bytes(have)
+            progress(f"  resuming after the {already} already in {part.name} (hashing them first)")
             mode = "ab"
         else:
             if have:
                 progress(
-                    f"  the server ignored the request to resume (it answered {response.status}, not 206): starting over from byte 0"
+                    "  the server ignored the request to resume "
+                    f"(it answered {response.status}, not 206): starting over from byte 0"
                 )
-            have, mode = 0, "wb"
+            have = 0
+            mode = "wb"
         announced = announced_size(response, have)
         if size is not None and announced is not None and announced != size:
             raise DownloadError(
-                f"{url} has {announced} bytes, but the manifest expects {size}: the server holds another file "
-                "than the manifest describes. Nothing was written."
+                f"{url} has {announced} bytes, but the manifest expects {size}: "
+                "the server holds another file than the manifest describes. Nothing was written."
             )
         total = size if size is not None else announced
         free = shutil.disk_usage(part.parent).free
         if total is not None and total - have > free:
             raise DownloadError(
-                f"{part.parent} has {format_bytes(free)} free, the rest of {url} needs {format_bytes(total - have)}. "
+                f"{part.parent} has {format_bytes(free)} free, "
+                f"the rest of {url} needs {format_bytes(total - have)}. "
                 "Free some space (or choose another folder with --dir) and run again."
             )
 
@@ -321,19 +337,18 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
                         progress(
                             progress_line(received, total, received - have, last_report - started)
                         )
-            except (
-                OSError,
-                http.client.HTTPException,
-            ) as e:  # a timeout, a reset connection, a full disk
+            except (OSError, http.client.HTTPException) as e:
+                # a timeout, a reset connection, a full disk
                 raise DownloadError(
-                    f"the transfer of {url} stopped after {received} bytes ({type(e).__name__}: {e}). "
+                    f"the transfer of {url} stopped after {received} bytes "
+                    f"({type(e).__name__}: {e}). "
                     f"The bytes received are kept in {part}: run the same command again to resume."
                 ) from e
         progress(progress_line(received, total, received - have, time.monotonic() - started))
     if total is not None and received < total:
         raise DownloadError(
-            f"the connection to {url} ended after {received} of {total} bytes. The {received} bytes are kept "
-            f"in {part}: run the same command again to resume."
+            f"the connection to {url} ended after {received} of {total} bytes. "
+            f"The {received} bytes are kept in {part}: run the same command again to resume."
         )
     return received, hasher.hexdigest()
 
@@ -342,18 +357,26 @@ def http_error_message(e: urllib.error.HTTPError, url: str, part: Path, have: in
     """What an HTTP error answer means for a download, and what to do about it."""
     if e.code in (401, 403):
         return (
-            f"{url} answered HTTP {e.code} ({e.reason}): the repository may be gated (it asks you to log in and accept "
-            f"its license), and minildm sends no credentials. Download the file in a browser and put it at "
-            f"{part.with_suffix('')}; a rerun then verifies it."
+            f"{url} answered HTTP {e.code} ({e.reason}): the repository may be gated "
+            "(it asks you to log in and accept its license), and minildm sends no credentials. "
+            f"Download the file in a browser and put it at {part.with_suffix('')}; "
+            "a rerun then verifies it."
         )
     if e.code == 404:
         return (
-            f"{url} answered HTTP 404 (not found): the repository, revision or path in the manifest is wrong, "
+            f"{url} answered HTTP 404 (not found): "
+            "the repository, revision or path in the manifest is wrong, "
             "or the file was removed from the hub."
         )
     if e.code == 416:  # Range Not Satisfiable: there is nothing after byte HAVE
-        return f"{url} has no bytes after byte {have}: {part} is as long as the file, or longer. Delete it and run again."
-    return f"{url} answered HTTP {e.code} ({e.reason}). Run again later; a partial download, if any, is kept in {part}."
+        return (
+            f"{url} has no bytes after byte {have}: {part} is as long as the file, or longer. "
+            "Delete it and run again."
+        )
+    return (
+        f"{url} answered HTTP {e.code} ({e.reason}). "
+        f"Run again later; a partial download, if any, is kept in {part}."
+    )
 
 
 def content_range_start(response) -> int:
@@ -362,7 +385,8 @@ def content_range_start(response) -> int:
     match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", value.strip())
     if match is None:
         raise DownloadError(
-            f"the server answered 206 (partial content) with an unreadable Content-Range header {value!r}"
+            "the server answered 206 (partial content) "
+            f"with an unreadable Content-Range header {value!r}"
         )
     return int(match.group(1))
 
@@ -397,7 +421,8 @@ def format_bytes(n: int) -> str:
 def progress_line(received: int, total: int | None, new_bytes: int, seconds: float) -> str:
     rate = f"{format_bytes(int(new_bytes / seconds))}/s" if seconds > 0 else ""
     if total:
-        return f"  {100 * received / total:5.1f}%  {format_bytes(received)} of {format_bytes(total)}  {rate}"
+        share = 100 * received / total
+        return f"  {share:5.1f}%  {format_bytes(received)} of {format_bytes(total)}  {rate}"
     return f"  {format_bytes(received)}  {rate}"
 
 
@@ -407,7 +432,8 @@ def progress_line(received: int, total: int | None, new_bytes: int, seconds: flo
 
 
 def manifest_listing(entries: list[ManifestEntry]) -> str:
-    """`download --list`: each system with its hub repository, pinned commit, file count and size."""
+    """`download --list`: each system with its hub repository, pinned commit, file count and
+    size."""
     lines = []
     for system in dict.fromkeys(e.system for e in entries):
         files = [e for e in entries if e.system == system]
@@ -415,9 +441,8 @@ def manifest_listing(entries: list[ManifestEntry]) -> str:
         unknown = sum(e.size is None for e in files)
         size = format_bytes(known) + (f" + {unknown} of unknown size" if unknown else "")
         revision = files[0].revision[:10]
-        lines.append(
-            f"{system:24} {files[0].repo}@{revision}  {len(files)} file{'s' * (len(files) > 1)}, {size}"
-        )
+        count = f"{len(files)} file{'s' * (len(files) > 1)}"
+        lines.append(f"{system:24} {files[0].repo}@{revision}  {count}, {size}")
     return "\n".join(lines)
 
 
@@ -428,8 +453,9 @@ def main_list() -> int:
 
 
 def main_download(name: str, directory: str) -> int:
-    """`python -m minildm download NAME --dir DIRECTORY`. Returns the exit code: 0 when every file is
-    in place and verified (or reported unverifiable), 1 after an error, printed on stderr."""
+    """`python -m minildm download NAME --dir DIRECTORY`. Returns the exit code: 0 when every
+    file is in place and verified (or reported unverifiable), 1 after an error, printed on
+    stderr."""
     try:
         paths = download(name, directory)
     except (DownloadError, ValueError, OSError) as e:
@@ -437,7 +463,8 @@ def main_download(name: str, directory: str) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "\ninterrupted: what was received is kept in .part files; run the same command again to resume",
+            "\ninterrupted: what was received is kept in .part files; "
+            "run the same command again to resume",
             file=sys.stderr,
         )
         return 130

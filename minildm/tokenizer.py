@@ -1,16 +1,17 @@
-"""Tokenizers: CLIP's byte-level BPE (Stable Diffusion, VQ-Diffusion) and BERT's uncased WordPiece (LDM).
+"""Tokenizers: CLIP's byte-level BPE (SD, VQ-Diffusion) and BERT's uncased WordPiece (LDM).
 
 Both are assembled from the `tokenizers` library's parts and the raw vocabulary files shipped in
 `minildm/assets/`, so they work offline; both can also read a hub `tokenizer/` folder.
 
-- CLIP (Radford et al. 2021, github.com/openai/CLIP `simple_tokenizer.py`): the vocabulary is derived
-  from the BPE merges file exactly as the original does (256 byte symbols, the same with `</w>`,
-  one token per merge, then `<|startoftext|>` and `<|endoftext|>`). Text is NFC-normalised, runs
-  of whitespace become one space, and it is lower-cased; this matches transformers' `CLIPTokenizer`
-  (our oracle). The original OpenAI tokenizer also runs `ftfy` and `html.unescape`, so it turns
-  "&amp;" into "&" where transformers (and we) keep the entity as typed.
-- BERT (Devlin et al. 2019, bert-base-uncased): lower-casing, accent stripping, CJK characters
-  split apart, then greedy longest-match WordPiece with `##` continuations.
+- CLIP (Radford et al. 2021, arXiv:2103.00020; openai/CLIP clip/simple_tokenizer.py): the
+  vocabulary is derived from the BPE merges file exactly as the original does (256 byte symbols,
+  the same with `</w>`, one token per merge, then `<|startoftext|>` and `<|endoftext|>`). Text is
+  NFC-normalised, runs of whitespace become one space, and it is lower-cased; this matches
+  transformers' `CLIPTokenizer` (our oracle). The original OpenAI tokenizer also runs `ftfy` and
+  `html.unescape`, so it turns "&amp;" into "&" where transformers (and we) keep the entity as
+  typed.
+- BERT (Devlin et al. 2019, arXiv:1810.04805; bert-base-uncased): lower-casing, accent stripping,
+  CJK characters split apart, then greedy longest-match WordPiece with `##` continuations.
 
 Calling a tokenizer on prompts gives the fixed-length id tensor the text encoders take:
 [start] tokens [end] [pad]..., 77 ids per prompt. Longer prompts are truncated with a warning that
@@ -49,7 +50,8 @@ def _pad_and_truncate(encodings, prompts, max_length: int, pad_id: int) -> torch
         if len(ids) > max_length:
             first_dropped = encoding.offsets[max_length - 1][0]  # character offset in the prompt
             warnings.warn(
-                f"prompt is longer than {max_length} tokens ({len(ids)}); this text was dropped: {prompt[first_dropped:]!r}",
+                f"prompt is longer than {max_length} tokens ({len(ids)}); "
+                f"this text was dropped: {prompt[first_dropped:]!r}",
                 stacklevel=3,
             )
             ids = ids[: max_length - 1] + ids[-1:]
@@ -91,11 +93,15 @@ def bytes_to_unicode() -> dict:
 class CLIPTokenizer:
     """CLIP's byte-level BPE tokenizer.
 
-    pad_token: "<|endoftext|>" (id 49407) for Stable Diffusion; "!" (id 0) for VQ-Diffusion, whose
-    original code pads token ids with 0 (facts 4.2, 6.6).
+    pad_token: "<|endoftext|>" (id 49407) for Stable Diffusion, as the hub's tokenizer/ folder of
+    CompVis/stable-diffusion-v1-4 says; "!" (id 0) for VQ-Diffusion, whose original code pads token
+    ids with 0 (microsoft/VQ-Diffusion configs/ithq.yaml, `pad_value: 0`; diffusers'
+    scripts/convert_vq_diffusion_to_diffusers.py builds the hub tokenizer with `pad_token="!"`).
+    What the "!" pad does to a typed "!": docs/parity/tokenizers.md, "VQ-Diffusion pads with !".
     """
 
-    START, END = "<|startoftext|>", "<|endoftext|>"
+    START = "<|startoftext|>"
+    END = "<|endoftext|>"
     NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the 262,144 in the file
 
     def __init__(
@@ -114,9 +120,12 @@ class CLIPTokenizer:
         for token in (self.START, self.END, pad_token):
             if token not in vocab:
                 raise ValueError(f"token {token!r} is not in the vocabulary ({len(vocab)} entries)")
-        self.vocab, self.max_length = vocab, max_length
-        self.pad_token, self.pad_id = pad_token, vocab[pad_token]
-        self.start_id, self.end_id = vocab[self.START], vocab[self.END]
+        self.vocab = vocab
+        self.max_length = max_length
+        self.pad_token = pad_token
+        self.pad_id = vocab[pad_token]
+        self.start_id = vocab[self.START]
+        self.end_id = vocab[self.END]
 
         tok = Tokenizer(
             BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=self.END)
@@ -124,9 +133,13 @@ class CLIPTokenizer:
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
         )
-        # CLIP's word pattern (simple_tokenizer.py): special tokens, English contractions, letter runs,
-        # single digits, runs of other non-space symbols. Everything else (spaces) is dropped.
-        words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+        # CLIP's word pattern (openai/CLIP clip/simple_tokenizer.py, SimpleTokenizer.pat).
+        # Everything it does not match (spaces) is dropped.
+        words = (
+            r"<\|startoftext\|>|<\|endoftext\|>"  # special tokens
+            r"|'s|'t|'re|'ve|'m|'ll|'d"  # English contractions
+            r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"  # letter runs, single digits, other symbols
+        )
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
@@ -138,18 +151,18 @@ class CLIPTokenizer:
             special_tokens=[(self.START, self.start_id), (self.END, self.end_id)],
         )
         tok.decoder = decoders.ByteLevel()
-        # Special tokens typed in a prompt stay one token each, as in the original and in transformers.
-        # transformers also treats the pad token as special, so with VQ-Diffusion's pad "!" every typed
-        # "!" becomes id 0 instead of a BPE token ("!!!" -> 0 0 0): a quirk of the reference we keep.
+        # Special tokens typed in a prompt stay one token each, as in the original and in
+        # transformers. transformers also treats the pad token as special, so with VQ-Diffusion's
+        # pad "!" every typed "!" becomes id 0 instead of a BPE token ("!!!" -> 0 0 0): a quirk of
+        # the reference we keep (docs/parity/tokenizers.md, "VQ-Diffusion pads with !").
         tok.add_special_tokens(list(dict.fromkeys([self.START, self.END, pad_token])))
         self._tokenizer = tok
 
     @staticmethod
     def _vocab_from_bpe_file(path: Path):
         lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
-        merges = [
-            tuple(line.split()) for line in lines[1 : 1 + CLIPTokenizer.NUM_MERGES]
-        ]  # line 0 is "#version"
+        # line 0 is "#version"
+        merges = [tuple(line.split()) for line in lines[1 : 1 + CLIPTokenizer.NUM_MERGES]]
         symbols = list(bytes_to_unicode().values())
         tokens = (
             symbols
@@ -161,13 +174,14 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder, max_length: int | None = None) -> "CLIPTokenizer":
-        """Read a hub `tokenizer/` folder: vocab.json, merges.txt, the pad token if one is named, and
-        the padded length (`model_max_length` of tokenizer_config.json, 77 when absent)."""
+        """Read a hub `tokenizer/` folder: vocab.json, merges.txt, the pad token if one is named,
+        and the padded length (`model_max_length` of tokenizer_config.json, 77 when absent)."""
         folder = Path(folder)
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(
-                    f"{folder} has no {name}: expected a CLIP tokenizer folder (vocab.json + merges.txt)"
+                    f"{folder} has no {name}: "
+                    "expected a CLIP tokenizer folder (vocab.json + merges.txt)"
                 )
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         merge_lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
@@ -197,9 +211,16 @@ class CLIPTokenizer:
 
 
 class BertTokenizer:
-    """bert-base-uncased WordPiece tokenizer (the LDM text-to-image model's, facts 2.2-2.3)."""
+    """bert-base-uncased WordPiece tokenizer, the LDM text-to-image model's: the model_index.json
+    of CompVis/ldm-text2im-large-256 names a transformers BertTokenizer, its tokenizer/vocab.txt is
+    bert-base-uncased's, and the original code loads `BertTokenizerFast.from_pretrained(
+    "bert-base-uncased")` (CompVis/latent-diffusion ldm/modules/encoders/modules.py,
+    BERTTokenizer)."""
 
-    CLS, SEP, PAD, UNK = "[CLS]", "[SEP]", "[PAD]", "[UNK]"
+    CLS = "[CLS]"
+    SEP = "[SEP]"
+    PAD = "[PAD]"
+    UNK = "[UNK]"
 
     def __init__(self, vocab_file=BERT_VOCAB_FILE, max_length: int = MAX_LENGTH):
         tokens = Path(vocab_file).read_text(encoding="utf-8").split("\n")
@@ -209,12 +230,11 @@ class BertTokenizer:
         for token in (self.CLS, self.SEP, self.PAD, self.UNK):
             if token not in vocab:
                 raise ValueError(f"{vocab_file} lacks {token}: expected a BERT vocab.txt")
-        self.vocab, self.max_length = vocab, max_length
+        self.vocab = vocab
+        self.max_length = max_length
         self.pad_id = vocab[self.PAD]
 
-        tok = Tokenizer(
-            WordPiece(vocab, unk_token=self.UNK)
-        )  # words over 100 characters become [UNK]
+        tok = Tokenizer(WordPiece(vocab, unk_token=self.UNK))  # words over 100 characters: [UNK]
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True
         )
@@ -234,12 +254,11 @@ class BertTokenizer:
         if not (folder / "vocab.txt").is_file():
             raise FileNotFoundError(f"{folder} has no vocab.txt: expected a BERT tokenizer folder")
         config_file = folder / "tokenizer_config.json"
-        if (
-            config_file.is_file()
-            and json.loads(config_file.read_text()).get("do_lower_case", True) is False
-        ):
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if config.get("do_lower_case", True) is False:
             raise ValueError(
-                f"{config_file} asks for a cased tokenizer; minildm's BertTokenizer is the uncased one LDM uses"
+                f"{config_file} asks for a cased tokenizer; "
+                "minildm's BertTokenizer is the uncased one LDM uses"
             )
         return cls(folder / "vocab.txt", max_length=max_length)
 
@@ -258,7 +277,8 @@ class BertTokenizer:
 
 
 def _special_token(folder: Path, name: str) -> str | None:
-    """A special token named in special_tokens_map.json or tokenizer_config.json (a string or {"content": ...})."""
+    """A special token named in special_tokens_map.json or tokenizer_config.json (a string or
+    {"content": ...})."""
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / file
         if path.is_file():
@@ -271,14 +291,13 @@ def _special_token(folder: Path, name: str) -> str | None:
 
 
 def _model_max_length(folder: Path) -> int:
-    """The padded length a tokenizer folder asks for. Official folders say 77; the embedded teaching
-    models use shorter contexts (their captions are at most 13 tokens), as transformers would read."""
+    """The padded length a tokenizer folder asks for. Official folders say 77; the embedded
+    teaching models use shorter contexts (their captions are at most 13 tokens), as transformers
+    would read."""
     path = folder / "tokenizer_config.json"
-    value = (
-        json.loads(path.read_text(encoding="utf-8")).get("model_max_length")
-        if path.is_file()
-        else None
-    )
+    value = None
+    if path.is_file():
+        value = json.loads(path.read_text(encoding="utf-8")).get("model_max_length")
     if value is None or value > 10**6:  # transformers writes a huge sentinel for "no limit"
         return MAX_LENGTH
     if not isinstance(value, int) or value < 2:

@@ -68,7 +68,6 @@ from minildm.clip import CLIPTextConfig, CLIPTextModel, transformers_name
 from minildm.ldm_bert import LDMBert, LDMBertConfig
 from minildm.ldm_bert import diffusers_name as bert_file_name
 from minildm.load import load_component, load_tokenizer
-from minildm.weights import read_config
 from minildm.pipelines import (
     LDMPipeline,
     LDMTextToImagePipeline,
@@ -85,6 +84,7 @@ from minildm.vq_transformer import (
     VQTransformerConfig,
 )
 from minildm.vq_transformer import diffusers_name as transformer_file_name
+from minildm.weights import read_config
 
 SYSTEMS = ("sd", "ldm", "ldm-uncond", "vq-diffusion")
 FOLDER_NAMES = {system: f"tiny-{system}" for system in SYSTEMS}  # minildm/assets/tiny-sd, ...
@@ -105,8 +105,8 @@ UNET = UNetConfig(
     heads=4,
     sample_size=8,
 )
-# CLIP's full 49,408-token vocabulary (the shipped BPE), 64 wide: the token embedding is 3.2 M of its
-# 3.3 M parameters. 16 positions: the longest caption is 13 tokens with start and end.
+# CLIP's full 49,408-token vocabulary (the shipped BPE), 64 wide: the token embedding is 3.2 M of
+# its 3.3 M parameters. 16 positions: the longest caption is 13 tokens with start and end.
 TEXT = CLIPTextConfig(max_length=16, width=64, layers=2, heads=4, mlp_width=256)
 
 # ldm: LDMBert over BERT's full 30,522-word vocabulary, 77 positions (diffusers' LDM pipeline pads
@@ -175,7 +175,8 @@ SCHEDULE = dict(
 UNCOND_SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear"
 )
-# the shipped sampler: DDIM with SD's settings (diffusers' scheduler_config.json of stable-diffusion-v1-4)
+# the shipped sampler: DDIM with SD's settings (the hub's scheduler_config.json of
+# CompVis/stable-diffusion-v1-4)
 DDIM_SETTINGS = {
     "clip_sample": False,
     "set_alpha_to_one": False,
@@ -264,7 +265,8 @@ MARKER = "training.json"
 
 
 def check_output_folder(out: Path, settings: Settings) -> dict | None:
-    """-> the checkpoint to resume from, or None for a fresh start. Errors before any work is done."""
+    """-> the checkpoint to resume from, or None for a fresh start. Errors before any work is
+    done."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (new, or one this trainer wrote)")
     if not out.exists() or not any(out.iterdir()):
@@ -322,7 +324,8 @@ def learning_rate(peak: float, fraction: float, step: int, warmup_steps: int = 1
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], channels_last (faster convolutions on CPU)."""
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], channels_last (faster convolutions on
+    CPU)."""
     x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -397,14 +400,16 @@ def train_stage(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     ema = [p.detach().clone() for p in params] if ema_decay else None
-    step, elapsed_s = 0, 0.0
+    step = 0
+    elapsed_s = 0.0
     if saved:
         for name, module in models.items():
             module.load_state_dict(saved["models"][name])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["rng"])
         ema = [t.clone() for t in saved["ema"]] if ema_decay else None
-        step, elapsed_s = saved["step"], saved["seconds"]
+        step = saved["step"]
+        elapsed_s = saved["seconds"]
     history.setdefault(f"{stage}_loss", [])
 
     def snapshot(done: bool) -> dict:
@@ -466,7 +471,8 @@ def train_stage(
 
 
 def random_images(images: torch.Tensor, batch: int, generator) -> torch.Tensor:
-    """A batch of training drawings, half of them mirrored left-right (still scenes of the world)."""
+    """A batch of training drawings, half of them mirrored left-right (still scenes of the
+    world)."""
     index = torch.randint(len(images), (batch,), generator=generator)
     x = to_model_input(images[index])  # (B, 3, 64, 64)
     if torch.rand((), generator=generator) < 0.5:
@@ -761,7 +767,8 @@ def image_grid(images: list, columns: int, scale: int = 2):
 
 
 def held_out_grid(pipe, seed: int = 0, steps: int = 25, guidance: float = 4.0):
-    """A picture of the held-out triples: one column per triple, rows left / center / right, 2x size."""
+    """A picture of the held-out triples: one column per triple, rows left / center / right, at
+    twice the size."""
     scenes = prompt_scenes(list(shapes.HELD_OUT))
     prompts = [
         shapes.caption(s["colour"], s["shape"], s["background"], s["position"]) for s in scenes
@@ -852,20 +859,24 @@ def save_component(folder: Path, module):
     """One model in its diffusers / transformers folder layout: config.json + fp16 safetensors."""
     if isinstance(module, (AutoencoderKL, VQModel)):
         config = module.config.to_diffusers(sample_size=shapes.SIZE)
-        weights, file = _half(module.state_dict(), vae_file_name), "diffusion_pytorch_model"
+        weights = _half(module.state_dict(), vae_file_name)
+        file = "diffusion_pytorch_model"
     elif isinstance(module, UNet):
         config = module.config.to_diffusers()
         weights = _half(module.state_dict(), lambda n: unet_file_name(n, module.config))
         file = "diffusion_pytorch_model"
     elif isinstance(module, CLIPTextModel):
         config = module.config.to_diffusers()
-        weights, file = _half(module.state_dict(), transformers_name), "model"
+        weights = _half(module.state_dict(), transformers_name)
+        file = "model"
     elif isinstance(module, LDMBert):
-        config, weights = module.config.to_diffusers(), _half(module.state_dict(), bert_file_name)
+        config = module.config.to_diffusers()
+        weights = _half(module.state_dict(), bert_file_name)
         file = "model"
     elif isinstance(module, VQTransformer):
         config = module.config.to_diffusers()
-        weights, file = _half(module.state_dict(), transformer_file_name), "diffusion_pytorch_model"
+        weights = _half(module.state_dict(), transformer_file_name)
+        file = "diffusion_pytorch_model"
     else:  # the learned classifier-free embeddings
         length, hidden_size = module.embeddings.shape
         config = {
@@ -875,7 +886,8 @@ def save_component(folder: Path, module):
             "hidden_size": hidden_size,
             "length": length,
         }
-        weights, file = _half(module.state_dict(), lambda n: n), "diffusion_pytorch_model"
+        weights = _half(module.state_dict(), lambda n: n)
+        file = "diffusion_pytorch_model"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(weights, folder / f"{file}.safetensors", metadata={"format": "pt"})
@@ -912,7 +924,8 @@ def save_pipeline_folder(out: Path, system: str, components: dict, tokenizer):
 
 
 def save_tokenizer_folder(folder: Path, tokenizer: CLIPTokenizer):
-    """vocab.json + merges.txt made from the shipped BPE file, and SD's padding at the short length."""
+    """vocab.json + merges.txt made from the shipped BPE file, and SD's padding at the short
+    length."""
     folder.mkdir(exist_ok=True)
     vocab, merges = CLIPTokenizer._vocab_from_bpe_file(ASSETS / "clip_bpe_simple_vocab_16e6.txt.gz")
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -1021,7 +1034,8 @@ def train(
     quick: bool = False,
     autoencoder_from=None,
 ) -> dict:
-    """Train the tiny `system` into `out` (see the module docstring). Returns training.json's content."""
+    """Train the tiny `system` into `out` (see the module docstring). Returns training.json's
+    content."""
     if system not in SYSTEMS:
         raise ValueError(f"train {system!r}: expected one of {', '.join(SYSTEMS)}")
     if minutes is None:
@@ -1094,7 +1108,8 @@ def train(
         latents = encode_dataset(autoencoder, images)
         if system == "sd":
             # SD's scale_factor: 1 / std of the latents, so the diffusion model sees unit variance
-            # (Rombach et al. 2022, appendix D.1: 0.18215 for SD's autoencoder, measured the same way)
+            # (Rombach et al. 2022, arXiv:2112.10752, appendix D.1: 0.18215 for SD's autoencoder,
+            # measured the same way)
             sampled = latents["means"] + latents["stds"] * torch.randn(
                 latents["means"].shape, generator=torch.Generator().manual_seed(seed)
             )
@@ -1102,7 +1117,8 @@ def train(
         else:  # the reused autoencoder's own factor (1.0 for the VQ latents, as the original LDM)
             scale = autoencoder.config.scaling_factor
         state.update(latents=latents, scaling_factor=scale)
-    latents, scale = state["latents"], state["scaling_factor"]
+    latents = state["latents"]
+    scale = state["scaling_factor"]
     if system == "sd":
         autoencoder.config = replace(autoencoder.config, scaling_factor=scale)
     if stage == "vqvae":  # written now: vq-diffusion can start from it while the UNet trains
@@ -1132,7 +1148,8 @@ def train(
             settings,
         )
     elif system == "ldm-uncond":
-        tokenizer, unet = None, UNet(settings.models["unet"])
+        tokenizer = None
+        unet = UNet(settings.models["unet"])
         models = {"unet": unet}
         loss = epsilon_loss(
             unet, None, (latents["means"], latents["stds"], scale), None, UNCOND_SCHEDULE, settings
@@ -1236,7 +1253,10 @@ def evaluate(out: Path, system: str, settings: Settings, state: dict, reused: di
         )
         print(shapes.format_scores("autoencoder (all triples)", report["autoencoder_scores"]))
     if system == "ldm-uncond":
-        count, steps = (8, 5) if quick else (64, 25)
+        if quick:
+            count, steps = 8, 5
+        else:
+            count, steps = 64, 25
         scores, images = unconditional_scores(pipe, count=count, steps=steps)
         report.update(evaluation_steps=steps, unconditional_scores=scores)
         from PIL import Image
@@ -1247,7 +1267,12 @@ def evaluate(out: Path, system: str, settings: Settings, state: dict, reused: di
         print(f"unconditional samples: {scores}", flush=True)
         return report
     # VQ-Diffusion samples its whole chain (50 steps); the UNets are scored at 25 DDIM steps
-    steps = TRANSFORMER.num_timesteps if system == "vq-diffusion" else (5 if quick else 25)
+    if system == "vq-diffusion":
+        steps = TRANSFORMER.num_timesteps
+    elif quick:
+        steps = 5
+    else:
+        steps = 25
     seeds = (0,) if quick else (0, 1)
     held_out = list(shapes.HELD_OUT[:2]) if quick else list(shapes.HELD_OUT)
     seen = SEEN_TRIPLES[:2] if quick else SEEN_TRIPLES
@@ -1283,7 +1308,8 @@ def _score_row(scores: dict) -> str:
 
 
 def _display(path: Path) -> str:
-    """A path as a reader of the folder's README can follow it: relative to the repository if inside."""
+    """A path as a reader of the folder's README can follow it: relative to the repository if
+    inside."""
     try:
         return str(Path(path).resolve().relative_to(ASSETS.parent.parent))
     except ValueError:
@@ -1320,7 +1346,8 @@ def describe_model(name: str, module, reused_from: Path | None) -> str:
             f"{config.width} code grid, {config.num_timesteps} diffusion steps"
         )
     else:
-        kind, detail = "LearnedClassifierFreeSamplingEmbeddings", "the learned empty caption"
+        kind = "LearnedClassifierFreeSamplingEmbeddings"
+        detail = "the learned empty caption"
     count = sum(p.numel() for p in module.parameters())
     reused = f", reused unchanged from {_display(reused_from)}" if reused_from is not None else ""
     return f"- {name}: `{kind}`, {detail}, {count:,} parameters{reused}"
@@ -1332,6 +1359,7 @@ def folder_readme(report: dict) -> str:
     million = sum(report["parameters"].values()) / 1e6
     steps = ", ".join(f"{count} {name} steps" for name, count in report["steps"].items())
     title = f"tiny-{system}: {SYSTEM_TITLES[system]} at {million:.1f} M parameters"
+    scheduler = SCHEDULER_CONFIGS[system]["_class_name"]
     text = f"""# {title}, trained by minildm on the shapes world
 
 Made by `{report["command"]}` (minildm/train.py), seed {report["seed"]},
@@ -1340,7 +1368,7 @@ on {report["host"]}: {report["training_minutes"]} min of training ({steps}),
 
 Models, in diffusers' layout, fp16 weights:
 {chr(10).join(report["models"])}
-- scheduler: {SCHEDULER_CONFIGS[system]["_class_name"]}; latent scaling factor {report["scaling_factor"]:.5f}
+- scheduler: {scheduler}; latent scaling factor {report["scaling_factor"]:.5f}
 
 """
     if "autoencoder_scores" in report:
@@ -1353,7 +1381,8 @@ Models, in diffusers' layout, fp16 weights:
 """
     if system == "ldm-uncond":
         s = report["unconditional_scores"]
-        text += f"""Unconditional samples ({s["samples"]}, {report["evaluation_steps"]} DDIM steps, seed 0):
+        sampling = f"{s['samples']}, {report['evaluation_steps']} DDIM steps, seed 0"
+        text += f"""Unconditional samples ({sampling}):
 {s["recognisable"]:.3f} show one recognisable shape whose colour differs from its background
 (`minildm.shapes.read_scene`); colours among them: {", ".join(s["colours"])}; shapes:
 {", ".join(s["shapes"])}; backgrounds: {", ".join(s["backgrounds"])}.
@@ -1363,11 +1392,15 @@ Models, in diffusers' layout, fp16 weights:
         return text
     sampler = "steps of its 50-step chain" if system == "vq-diffusion" else "DDIM steps"
     seeds = len(report["evaluation_seeds"])
-    text += f"""Scores ({report["evaluation_steps"]} {sampler}, guidance 4.0, 3 positions x {seeds} seeds):
+    evaluation = (
+        f"{report['evaluation_steps']} {sampler}, guidance 4.0, 3 positions x {seeds} seeds"
+    )
+    held_out = f"{report['held_out_triples']} held-out triples (never seen in training)"
+    text += f"""Scores ({evaluation}):
 
 | images | colour | shape | background | position | all four |
 |---|---|---|---|---|---|
-| {report["held_out_triples"]} held-out triples (never seen in training) | {_score_row(report["held_out_scores"])}
+| {held_out} | {_score_row(report["held_out_scores"])}
 | {report["seen_triples"]} training triples | {_score_row(report["seen_scores"])}
 
 ![the 12 held-out triples, left / center / right, seed 0](samples.png)

@@ -59,9 +59,9 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         ratio = measure(Path(sys.argv[2]))
         sys.exit(0 if ratio <= LIMIT else 1)
+    from conftest import clip_hub_layout
     from safetensors.torch import save_file
 
-    from conftest import clip_hub_layout
     from minildm.clip import CLIP_VIT_L_14, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,9 +84,8 @@ def main():
         )
         del model, state
         result = subprocess.run([sys.executable, __file__, "--measure", str(folder)])
-        print(
-            f"peak memory growth {'within' if result.returncode == 0 else 'ABOVE'} {LIMIT}x the weights' bytes"
-        )
+        verdict = "within" if result.returncode == 0 else "ABOVE"
+        print(f"peak memory growth {verdict} {LIMIT}x the weights' bytes")
         sys.exit(result.returncode)
 
 

@@ -2,11 +2,11 @@
 minildm and diffusers on the same folder in one run, fp32 and bf16 on the CPU, and the peak memory
 of loading minildm's pipeline.
 
-Not a test: `python tests/benchmark_pipeline.py [--steps 20] [--size 512]`. It writes a random-weight
-SD v1 folder to a temporary directory, then for each dtype times minildm's and diffusers' pipelines
-(same prompt, seed, PNDM scheduler) and prints seconds and the images' max abs difference. Loading
-memory is measured in a fresh process (VmHWM growth over the post-import size, divided by the
-weights' bytes).
+Not a test: `python tests/benchmark_pipeline.py [--steps 20] [--size 512]`. It writes a
+random-weight SD v1 folder to a temporary directory, then for each dtype times minildm's and
+diffusers' pipelines (same prompt, seed, PNDM scheduler) and prints seconds and the images' max abs
+difference. Loading memory is measured in a fresh process (VmHWM growth over the post-import size,
+divided by the weights' bytes).
 """
 
 import argparse
@@ -93,9 +93,10 @@ def measure_loading(folder: Path):
     StableDiffusionPipeline.from_pretrained(folder)
     seconds = time.perf_counter() - start
     weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    growth_kb = peak_kb() - before
     print(
-        f"loading minildm's pipeline: {seconds:.1f} s, peak memory growth {(peak_kb() - before) / 1e6:.2f} GB "
-        f"for {weights / 1e9:.2f} GB of weights ({(peak_kb() - before) * 1e3 / weights:.2f}x)"
+        f"loading minildm's pipeline: {seconds:.1f} s, peak memory growth {growth_kb / 1e6:.2f} GB "
+        f"for {weights / 1e9:.2f} GB of weights ({growth_kb * 1e3 / weights:.2f}x)"
     )
 
 
@@ -110,7 +111,6 @@ def main():
         return measure_loading(Path(args.measure_loading))
 
     import diffusers
-    import transformers
 
     from minildm.pipelines import StableDiffusionPipeline
 
@@ -119,7 +119,8 @@ def main():
         write_folder(folder)
         subprocess.run([sys.executable, __file__, "--measure-loading", str(folder)], check=True)
         print(
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} PNDM steps at {args.size}x{args.size}, guidance 7.5"
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"{args.steps} PNDM steps at {args.size}x{args.size}, guidance 7.5"
         )
         call = dict(
             prompt="a photograph of an astronaut riding a horse",
@@ -144,7 +145,8 @@ def main():
             theirs_seconds = time.perf_counter() - start
             difference = float(abs(ours_image.astype("float64") - theirs_image).max())
             print(
-                f"{str(dtype).removeprefix('torch.')}: minildm {ours_seconds:.1f} s, diffusers {theirs_seconds:.1f} s, images max abs difference {difference:.1e}"
+                f"{str(dtype).removeprefix('torch.')}: minildm {ours_seconds:.1f} s, "
+                f"diffusers {theirs_seconds:.1f} s, images max abs difference {difference:.1e}"
             )
             del ours, theirs
 

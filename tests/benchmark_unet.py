@@ -30,7 +30,7 @@ def main():
     args = parser.parse_args()
     import diffusers
 
-    from minildm.unet import SD_V1, file_names, load_unet, UNet
+    from minildm.unet import SD_V1, load_unet
 
     config = dict(
         attention_head_dim=8,
@@ -47,34 +47,31 @@ def main():
     reference = diffusers.UNet2DConditionModel(**config).eval()
     state = reference.state_dict()
     generator = torch.Generator().manual_seed(0)
-    sample, context, t = (
-        torch.randn(2, 4, 64, 64, generator=generator),
-        torch.randn(2, 77, 768, generator=generator),
-        torch.tensor([981, 981]),
-    )
+    sample = torch.randn(2, 4, 64, 64, generator=generator)
+    context = torch.randn(2, 77, 768, generator=generator)
+    t = torch.tensor([981, 981])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, diffusers {diffusers.__version__}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"diffusers {diffusers.__version__}"
     )
     for dtype in (torch.float32, torch.bfloat16):
         ours = load_unet(SD_V1, state, dtype=dtype)
-        theirs = reference.to(dtype)
-        x, c = sample.to(dtype), context.to(dtype)
-        with torch.no_grad():
-            ours_s = seconds_per_call(lambda: ours(x, t, c), args.repeats)
-            theirs_s = seconds_per_call(
-                lambda: theirs(x, t, encoder_hidden_states=c).sample, args.repeats
-            )
-            difference = (
-                (ours(x, t, c).float() - theirs(x, t, encoder_hidden_states=c).sample.float())
-                .abs()
-                .max()
-                / theirs(x, t, encoder_hidden_states=c).sample.float().abs().max()
-            ).item()
-        print(
-            f"SD UNet step, 64x64 latents, batch 2, {str(dtype).removeprefix('torch.')}: minildm {ours_s:.2f} s, diffusers {theirs_s:.2f} s, "
-            f"max relative difference {difference:.1e}"
-        )
+        compare(ours, reference.to(dtype), sample.to(dtype), t, context.to(dtype), args.repeats)
         del ours
+
+
+def compare(ours, theirs, x, t, c, repeats: int) -> None:
+    """Time one step of each UNet on the same inputs and print how far their outputs differ."""
+    with torch.no_grad():
+        ours_s = seconds_per_call(lambda: ours(x, t, c), repeats)
+        theirs_s = seconds_per_call(lambda: theirs(x, t, encoder_hidden_states=c).sample, repeats)
+        expected = theirs(x, t, encoder_hidden_states=c).sample.float()
+        difference = ((ours(x, t, c).float() - expected).abs().max() / expected.abs().max()).item()
+    print(
+        f"SD UNet step, 64x64 latents, batch 2, {str(x.dtype).removeprefix('torch.')}: "
+        f"minildm {ours_s:.2f} s, diffusers {theirs_s:.2f} s, "
+        f"max relative difference {difference:.1e}"
+    )
 
 
 if __name__ == "__main__":

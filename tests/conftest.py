@@ -59,8 +59,9 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def write_clip_hub_folder(folder, pad_token=None):
-    """A CLIP tokenizer folder as on the hub (vocab.json + merges.txt), derived here from the shipped BPE
-    file by OpenAI's recipe, independently of minildm's own derivation, so the two check each other."""
+    """A CLIP tokenizer folder as on the hub (vocab.json + merges.txt), derived here from the
+    shipped BPE file by OpenAI's recipe, independently of minildm's own derivation, so the two
+    check each other."""
     import gzip
     import json
 
@@ -120,7 +121,10 @@ def clip_hub_layout(ours: dict) -> dict:
 
 # --- schedulers ---------------------------------------------------------------------------------
 
-# The three official scheduler configs, as the hub files hold them (facts 1.3, 2.2, 3.2)
+# The three official scheduler configs as the hub holds them: scheduler/scheduler_config.json of
+# CompVis/stable-diffusion-v1-4 (commit 133a221), CompVis/ldm-text2im-large-256 and
+# CompVis/ldm-celebahq-256. The last one's exact keys are inferred from its size (249 bytes) and the
+# DDIM keys diffusers had on its upload day (`timesteps`, a key today's diffusers ignores).
 SCHEDULER_CONFIGS = {
     "SD v1-4 (PNDM)": {
         "_class_name": "PNDMScheduler",
@@ -166,7 +170,8 @@ def fake_model(x: torch.Tensor, t) -> torch.Tensor:
 
 
 def reference_scheduler(class_name: str, config: dict):
-    """diffusers' scheduler of that class from a config, its warnings about other classes' keys silenced."""
+    """diffusers' scheduler of that class from a config, its warnings about other classes' keys
+    silenced."""
     import warnings
 
     diffusers = oracle("diffusers")
@@ -178,8 +183,8 @@ def reference_scheduler(class_name: str, config: dict):
 
 
 def scheduler_from_config(cls, config: dict):
-    """minildm's from_config; the only warning allowed is about keys of another scheduler (the blog post
-    builds every scheduler from SD's PNDM config, with its skip_prk_steps)."""
+    """minildm's from_config; the only warning allowed is about keys of another scheduler (the blog
+    post builds every scheduler from SD's PNDM config, with its skip_prk_steps)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -228,7 +233,8 @@ def compare_scheduler_steps(
         worst = max(worst, max_relative_error(got, expected))
         sample = expected
     print(
-        f"{label}, {num_inference_steps} steps: {len(theirs.timesteps)} timesteps equal, worst step relative error {worst:.1e} (tolerance {tolerance:.0e})"
+        f"{label}, {num_inference_steps} steps: {len(theirs.timesteps)} timesteps equal, "
+        f"worst step relative error {worst:.1e} (tolerance {tolerance:.0e})"
     )
     assert worst < tolerance, f"{label}: relative error {worst:.2e}"
     return worst

@@ -30,7 +30,8 @@ class FakeHub:
 
 
 def make_handler(hub: FakeHub):
-    """A request handler serving HUB's files: 206 with Content-Range for a Range request, 200 otherwise."""
+    """A request handler serving HUB's files: 206 with Content-Range for a Range request, 200
+    otherwise."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -104,7 +105,7 @@ def hub(tmp_path, monkeypatch):
     fake.manifest.write_text(
         "# system repo revision path bytes sha256\n" + "".join(" ".join(r[:6]) + "\n" for r in rows)
     )
-    for system, repo, revision, path, *_, data in rows:
+    for _system, repo, revision, path, *_, data in rows:
         fake.files[f"/{repo}/resolve/{revision}/{path}"] = data
     fake.dir = tmp_path / "weights"
     fake.log = []

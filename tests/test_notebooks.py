@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import oracle
 
 from minildm.__main__ import main

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import oracle
 from PIL import Image
 
 import minildm
@@ -34,7 +35,6 @@ from minildm.train import (
     train,
     unconditional_scores,
 )
-from conftest import oracle
 
 REPO = Path(__file__).parent.parent
 # the issue's targets for held-out triples: colour, shape, background, position, all four
@@ -48,7 +48,7 @@ STEPS = {"ldm": 25, "ldm-uncond": 25, "vq-diffusion": 50}  # what each is scored
 
 
 def reference_pipeline(system: str, folder):
-    """diffusers' pipeline on a folder, in float32 (transformers would keep the fp16 of the files)."""
+    """diffusers' pipeline on a folder, in float32 (transformers would keep the files' fp16)."""
     diffusers = oracle("diffusers")
     name = {
         "ldm": "LDMTextToImagePipeline",

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import oracle
 from PIL import Image
 
 import minildm
 from minildm import shapes
 from minildm.pipelines import StableDiffusionPipeline
 from minildm.train import SEEN_TRIPLES, autoencoder_scores, pipeline_scores, train_sd
-from conftest import oracle
 
 REPO = Path(__file__).parent.parent
 # the targets for held-out triples: colour, shape, background, position, all four
@@ -171,16 +171,17 @@ def test_quick_training_run(tmp_path):
     started = time.perf_counter()
     report = train_sd(tmp_path / "run", quick=True, seed=3)
     seconds = time.perf_counter() - started
+    steps = report["steps"]
     print(
-        f"train sd --quick: {seconds:.0f} s, {report['steps']['vae']} autoencoder and {report['steps']['unet']} UNet steps"
+        f"train sd --quick: {seconds:.0f} s, "
+        f"{steps['vae']} autoencoder and {steps['unet']} UNet steps"
     )
     assert seconds <= 90
     for name in ("vae_loss", "unet_loss"):
         losses = [loss for _, loss in report["history"][name]]
-        first, last = (
-            np.mean(losses[: max(len(losses) // 5, 1)]),
-            np.mean(losses[-max(len(losses) // 5, 1) :]),
-        )
+        fifth = max(len(losses) // 5, 1)
+        first = np.mean(losses[:fifth])
+        last = np.mean(losses[-fifth:])
         print(f"{name}: first fifth {first:.4f}, last fifth {last:.4f}")
         assert last < 0.8 * first
     folder = tmp_path / "run"

@@ -1,13 +1,13 @@
-"""Tokenizers: ids identical to transformers' CLIPTokenizer and BertTokenizer on a 300+ prompt corpus."""
+"""Tokenizers: ids identical to transformers' CLIPTokenizer and BertTokenizer on 300+ prompts."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import oracle, write_clip_hub_folder
 
 from minildm.tokenizer import BERT_VOCAB_FILE, BertTokenizer, CLIPTokenizer
-from conftest import oracle, write_clip_hub_folder
 
 PROMPTS = json.loads((Path(__file__).parent / "data" / "prompts.json").read_text(encoding="utf-8"))
 
@@ -36,9 +36,8 @@ def test_clip_ids_equal_transformers(tmp_path, pad_token):
     expected = reference_ids(reference, PROMPTS)
     got, got_shipped = ours(PROMPTS), shipped(PROMPTS)
     differing = [p for p, a, b in zip(PROMPTS, got, expected) if not torch.equal(a, b)]
-    print(
-        f"CLIP pad={pad_token or '<|endoftext|>'}: {len(PROMPTS) - len(differing)}/{len(PROMPTS)} prompts identical"
-    )
+    identical = len(PROMPTS) - len(differing)
+    print(f"CLIP pad={pad_token or '<|endoftext|>'}: {identical}/{len(PROMPTS)} prompts identical")
     assert not differing, f"{len(differing)} prompts differ, e.g. {differing[:3]}"
     assert torch.equal(got_shipped, expected), (
         "the shipped BPE file gives other ids than the hub-style folder"
@@ -61,31 +60,12 @@ def test_bert_ids_equal_transformers(tmp_path):
 
 
 def test_known_ids():
-    # sanity values from the reference tokenizers (shared/data/README.md)
-    assert CLIPTokenizer().encode("a photograph of an astronaut riding a horse") == [
-        49406,
-        320,
-        8853,
-        539,
-        550,
-        18376,
-        6765,
-        320,
-        4558,
-        49407,
-    ]
-    assert BertTokenizer().encode("A painting of a squirrel eating a burger") == [
-        101,
-        1037,
-        4169,
-        1997,
-        1037,
-        18197,
-        5983,
-        1037,
-        15890,
-        102,
-    ]
+    # the ids transformers' CLIPTokenizer (openai/clip-vit-large-patch14) and BertTokenizer
+    # (bert-base-uncased) give for the example prompts of the SD and LDM model cards
+    clip_ids = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+    assert CLIPTokenizer().encode("a photograph of an astronaut riding a horse") == clip_ids
+    bert_ids = [101, 1037, 4169, 1997, 1037, 18197, 5983, 1037, 15890, 102]
+    assert BertTokenizer().encode("A painting of a squirrel eating a burger") == bert_ids
 
 
 def test_padding_tokens():
