@@ -11,6 +11,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,16 +136,21 @@ def test_readme_first_command_runs_offline(tmp_path):
     first = readme.split("```bash\n")[1].splitlines()[
         0
     ]  # the README opens with install && generate
-    assert first.startswith("pip install") and "&& python -m minildm sd" in first
-    command = (
-        first.split("#")[0].split("&&")[-1].strip()
-    )  # the install step is what CI has already done
+    assert first.startswith("pip install") and "&& minildm sd" in first
+    # the install step is what CI has already done; from elsewhere than the checkout, only the
+    # installed `minildm` command can run it
+    command = first.split("#")[0].split("&&")[-1].strip()
     assert "--weights" not in command and '"a red circle on a blue background"' in command
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    if shutil.which("minildm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the minildm command is not on PATH after pip install .")
+        pytest.skip("the minildm command is not installed here (pip install -e .)")
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environment["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
-        command.replace("python", sys.executable, 1) + f" --out {tmp_path}",
+        command + f" --out {tmp_path}",
         shell=True,
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         env=environment,
