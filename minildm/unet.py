@@ -374,14 +374,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour repetition, then a 3x3 conv."""
+    """Nearest-neighbour upsampling to `size`, then a 3x3 conv. `size` is that of the skip connection
+    the next level concatenates: twice the input's when the latent size is divisible by the UNet's
+    factor, one less where a stride-2 conv had rounded an odd size up (65 -> 33 -> 65, not 66).
+    diffusers' UNet2DConditionModel does the same (its `upsample_size`), so SD takes any multiple
+    of 8 as image size; for a doubling, interpolating to the size equals scale_factor=2."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size):  # (B, C, h, w) -> (B, C, *size), size about (2h, 2w)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class UNetLevel(nn.Module):
@@ -492,7 +496,7 @@ class UNet(nn.Module):
                 if level.attentions:
                     x = self._attend(level.attentions[j], x, context)
             if level.resample is not None:
-                x = level.resample(x)  # (B, C, 2h, 2w)
+                x = level.resample(x, skips[-1].shape[2:])  # (B, C, 2h, 2w): the next skip's size
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
@@ -509,13 +513,8 @@ def check_sample(sample, config: UNetConfig):
             f"expected latents of shape (B, {config.in_channels}, h, w), "
             f"got {tuple(getattr(sample, 'shape', ()))}"
         )
-    f = config.downsampling_factor
-    if sample.shape[2] % f or sample.shape[3] % f:
-        raise ValueError(
-            f"latent size {sample.shape[2]}x{sample.shape[3]} is not divisible by {f} "
-            f"(the UNet halves it {len(config.channels) - 1} times): "
-            f"use an image size divisible by {f * 8} for an f8 autoencoder"
-        )
+    if sample.shape[2] < 1 or sample.shape[3] < 1:
+        raise ValueError(f"expected latents of at least 1x1, got {tuple(sample.shape)}")
 
 
 def check_context(context, config: UNetConfig, batch: int):

@@ -178,9 +178,11 @@ def test_stable_diffusion_bad_input(sd):
     pipe = StableDiffusionPipeline.from_pretrained(sd["folder"])
     with pytest.raises(
         ValueError,
-        match=r"positive multiples of 16 \(the autoencoder's and UNet's downsampling\), got 56x64",
+        match=r"positive multiples of 8 \(the autoencoder's downsampling factor\), got 60x64",
     ):
-        pipe("a cat", height=56, width=64)
+        pipe("a cat", height=60, width=64)
+    with pytest.raises(ValueError, match=r"positive multiples of 8 .*, got 0x64"):
+        pipe("a cat", height=0, width=64)  # not "the default size"
     with pytest.raises(ValueError, match="a list of 2 strings"):
         pipe(["a cat", "a dog"], negative_prompt=["blurry"])
     with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
@@ -457,8 +459,8 @@ def test_image_to_image_matches_diffusers(sd, name):
     )
     with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
         pipe("a cat", image=random_pil(64, 64, 1), strength=1.5)
-    with pytest.raises(ValueError, match="positive multiples of 16"):
-        pipe("a cat", image=random_pil(56, 64, 1))
+    with pytest.raises(ValueError, match="positive multiples of 8"):
+        pipe("a cat", image=random_pil(60, 64, 1))
 
 
 def rectangle_mask(height, width):

@@ -194,6 +194,17 @@ def test_ldm_diffusers_gives_the_same_images(tiny):
     assert error < 1e-4
 
 
+def test_ldm_any_multiple_of_8_matches_diffusers(tiny):
+    """264x200: latents 33x25, which the UNet rounds up on the way down and restores on the way up."""
+    reference = reference_pipeline("ldm", minildm.TINY_LDM)
+    call = dict(height=264, width=200, num_inference_steps=5, guidance_scale=4.0, output_type="np")
+    expected = reference(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **call).images
+    got = tiny["ldm"](PROMPTS[:1], generator=torch.Generator().manual_seed(0), **call).images
+    error = float(np.abs(got - expected).max())
+    print(f"tiny-ldm 264x200, minildm vs diffusers: image max abs difference {error:.1e}")
+    assert got.shape == (1, 264, 200, 3) and error < 1e-4
+
+
 def test_ldm_uncond_diffusers_gives_the_same_images(tiny):
     reference = reference_pipeline("ldm-uncond", minildm.TINY_LDM_UNCOND)
     assert reference.vqvae.config.scaling_factor == 1.0  # the folder's, read by diffusers too

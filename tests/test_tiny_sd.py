@@ -131,6 +131,38 @@ def test_diffusers_gives_the_same_images(tiny_sd):
     assert error < 1e-4
 
 
+def test_any_multiple_of_8_matches_diffusers_in_the_api_and_the_command_line(tiny_sd, tmp_path):
+    """520x776: latents 65x97, which the UNet's stride-2 convs round up (65 -> 33) and its upsamplers
+    bring back to each skip's size, as diffusers' UNet2DConditionModel does."""
+    diffusers = oracle("diffusers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = diffusers.StableDiffusionPipeline.from_pretrained(minildm.TINY_SD)
+    reference.set_progress_bar_config(disable=True)
+    prompt = "a green triangle on the left side of a black background"
+    call = dict(height=520, width=776, num_inference_steps=5, guidance_scale=4.0, output_type="np")
+    expected = reference(prompt, generator=torch.Generator().manual_seed(0), **call).images
+    got = tiny_sd(prompt, generator=torch.Generator().manual_seed(0), **call).images
+    error = float(np.abs(got - expected).max())
+    print(f"tiny-sd 520x776, minildm vs diffusers: image max abs difference {error:.1e}")
+    assert got.shape == (1, 520, 776, 3) and error < 1e-4
+    result = subprocess.run(
+        [sys.executable, "-m", "minildm", "sd", prompt, "--height", "520", "--width", "776"]
+        + ["--steps", "5", "--guidance", "4", "--seed", "0", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = np.asarray(Image.open(tmp_path / "sd_seed0_0.png").convert("RGB"), dtype=np.int16)
+    expected_png = (expected[0] * 255).round().astype(np.int16)  # as diffusers' numpy_to_pil
+    levels = int(np.abs(written - expected_png).max())
+    print(f"command line 520x776 PNG vs diffusers' image: max difference {levels} level(s)")
+    assert written.shape == (520, 776, 3) and levels <= 1
+
+
 def test_readme_first_command_runs_offline(tmp_path):
     readme = (REPO / "README.md").read_text()
     first = readme.split("```bash\n")[1].splitlines()[

@@ -154,6 +154,22 @@ def test_folder_saved_by_diffusers(reference):
     )
 
 
+# latents of images that are multiples of 8 but not of 64: SD 520x776, LDM 264x200 (f8)
+ODD_LATENTS = {"SD v1": (65, 97), "LDM text2im": (33, 25)}
+
+
+@pytest.mark.parametrize("reference", list(ODD_LATENTS), indirect=True)
+def test_latents_not_divisible_by_the_unet_factor_match_diffusers(reference):
+    """An odd size is rounded up by each stride-2 conv (65 -> 33 -> 17 -> 9); on the way up each
+    level upsamples to its skip's size, as diffusers' UNet2DConditionModel does (upsample_size)."""
+    name = reference["name"]
+    ours = minildm.load_component(reference["folder"])
+    size = ODD_LATENTS[name]
+    args = inputs(PRESETS[name], batch=1, size=size, seed=1)
+    expected = run_reference(reference["model"], *args)
+    check(f"{name} latents {size[0]}x{size[1]}, t=999", run_ours(ours, *args), expected)
+
+
 @pytest.mark.parametrize("reference", ["CelebA-HQ"], indirect=True)
 def test_celebahq_hub_file_with_2022_attention_names(reference, tmp_path):
     state = {}
@@ -342,8 +358,8 @@ def test_bad_input_is_refused():
         sd(sample, 10, torch.zeros(1, 77, 1280, device="meta"))
     with pytest.raises(ValueError, match="pass context of shape"):
         sd(sample, 10)
-    with pytest.raises(ValueError, match="latent size 16x20 is not divisible by 8"):
-        sd(torch.zeros(1, 4, 16, 20, device="meta"), 10, torch.zeros(1, 77, 768, device="meta"))
+    with pytest.raises(ValueError, match=r"expected latents of at least 1x1, got \(1, 4, 0, 16\)"):
+        sd(torch.zeros(1, 4, 0, 16, device="meta"), 10, torch.zeros(1, 77, 768, device="meta"))
     with pytest.raises(ValueError, match=r"expected latents of shape \(B, 4, h, w\)"):
         sd(torch.zeros(1, 3, 16, 16, device="meta"), 10, torch.zeros(1, 77, 768, device="meta"))
     with pytest.raises(ValueError, match=r"one timestep or one per sample \(1,\)"):

@@ -47,7 +47,7 @@ def check_image_size(height: int, width: int, factor: int = 8):
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise ValueError(
             f"height and width must be positive multiples of {factor} "
-            f"(the autoencoder's and UNet's downsampling), got {height}x{width}"
+            f"(the autoencoder's downsampling factor), got {height}x{width}"
         )
 
 

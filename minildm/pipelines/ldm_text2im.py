@@ -78,7 +78,7 @@ class LDMTextToImagePipeline:
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         prompts = prompt_list(prompt)
         f = self.vqvae.config.downsampling_factor
-        check_image_size(height, width, f * self.unet.config.downsampling_factor)
+        check_image_size(height, width, f)  # any multiple of f: see unet.Upsample
         check_output_type(output_type)
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         check_latents(latents, shape)

@@ -173,10 +173,12 @@ class StableDiffusionPipeline:
         check_output_type(output_type)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        factor = f * self.unet.config.downsampling_factor  # the UNet halves the latents too
-        check_image_size(height, width, factor)
+        if height is None:
+            height = self.unet.config.sample_size * f
+        if width is None:
+            width = self.unet.config.sample_size * f
+        # any multiple of f: the UNet upsamples to its skips' sizes (unet.Upsample)
+        check_image_size(height, width, f)
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height // f, width // f)
         check_latents(latents, shape)
@@ -222,7 +224,7 @@ class StableDiffusionPipeline:
 
     def image_batch(self, image, batch: int) -> torch.Tensor:
         """The input image(s) in [-1, 1], checked against the number of outputs."""
-        factor = self.vae.config.downsampling_factor * self.unet.config.downsampling_factor
+        factor = self.vae.config.downsampling_factor
         pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, factor)
         if batch % pixels.shape[0]:
             raise ValueError(
