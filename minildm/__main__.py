@@ -15,6 +15,7 @@ original single-file checkpoint. Images are written as PNGs, with a grid when th
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,7 +126,49 @@ def fill_defaults(args):
             setattr(args, name, value)
 
 
+def check_generation_arguments(args):
+    """What a generation command can check before loading any weights (which takes minutes with
+    the official ones): counts, the seed, the device and the output folder."""
+    if args.n < 1:
+        raise ValueError(f"-n is the number of images, at least 1; got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    check_device(args.device)
+    check_output_folder(Path(args.out))
+
+
+def check_device(name: str):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {name!r} is not a device: expected cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: minildm runs on cpu or cuda")
+
+
+def check_output_folder(out: Path):
+    """The folder must be one we can write the PNGs into: made now, so a bad --out fails at once."""
+    for path in [out, *out.parents]:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable; choose another --out")
+
+
 def generate(args):
+    check_generation_arguments(args)
     fill_defaults(args)
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
     pipe = load_pipeline(args)

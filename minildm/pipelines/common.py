@@ -1,6 +1,7 @@
 """What the pipelines share: their output (images as PIL, numpy or torch, rounded the way diffusers
 rounds them), the checks of their arguments, the starting noise and the scheduler's step options."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,18 @@ def check_image_size(height: int, width: int, factor: int = 8):
         raise ValueError(
             f"height and width must be positive multiples of {factor} "
             f"(the autoencoder's downsampling factor), got {height}x{width}"
+        )
+
+
+def check_guidance_scale(guidance_scale):
+    """One rule for the three systems: a finite number >= 0 (1 turns classifier-free guidance off in
+    SD and VQ-Diffusion, as in diffusers). NaN would run and give NaN images, and a negative or
+    string scale would fail deep inside torch, so all are refused here, before any work."""
+    is_number = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+    if not is_number or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(
+            f"guidance_scale must be a finite number >= 0 (1 turns guidance off), "
+            f"got {guidance_scale!r}"
         )
 
 

@@ -19,6 +19,7 @@ import torch
 from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
 from minildm.pipelines.common import (
     PipelineOutput,
+    check_guidance_scale,
     check_image_size,
     check_latents,
     check_output_type,
@@ -79,6 +80,7 @@ class LDMTextToImagePipeline:
         prompts = prompt_list(prompt)
         f = self.vqvae.config.downsampling_factor
         check_image_size(height, width, f)  # any multiple of f: see unet.Upsample
+        check_guidance_scale(guidance_scale)
         check_output_type(output_type)
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         check_latents(latents, shape)

@@ -32,6 +32,7 @@ from minildm.load import (
 )
 from minildm.pipelines.common import (
     check_count,
+    check_guidance_scale,
     check_image_size,
     check_latents,
     check_output_type,
@@ -171,6 +172,7 @@ class StableDiffusionPipeline:
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
+        check_guidance_scale(guidance_scale)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
         if height is None:
@@ -372,6 +374,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
+        check_guidance_scale(guidance_scale)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         batch = len(prompts) * num_images_per_prompt
         guided = guidance_scale > 1.0
@@ -449,6 +452,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
+        check_guidance_scale(guidance_scale)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         check_inpainting_unet(self.unet.config.in_channels)
         batch = len(prompts) * num_images_per_prompt

@@ -26,6 +26,7 @@ from minildm.load import load_component, load_scheduler, load_tokenizer, read_mo
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
+    check_guidance_scale,
     check_output_type,
     images_out,
     prompt_list,
@@ -114,6 +115,7 @@ class VQDiffusionPipeline:
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_truncation_rate(truncation_rate)
+        check_guidance_scale(guidance_scale)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         config = self.transformer.config
