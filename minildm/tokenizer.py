@@ -61,11 +61,19 @@ def _pad_and_truncate(encodings, prompts, max_length: int, pad_id: int) -> torch
 
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str):
-        return [prompts]
+        prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(
             f"expected a prompt string or a list of strings, got {type(prompts).__name__}"
         )
+    for i, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # only a lone surrogate (U+D800..U+DFFF) fails to encode
+            raise ValueError(
+                f"prompt {i} contains a lone surrogate U+{ord(prompt[e.start]):04X} at character "
+                f"{e.start}: pass valid Unicode text"
+            ) from None
     return list(prompts)
 
 
@@ -198,6 +206,7 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list:
         """Token ids of one text with the start and end tokens, neither padded nor truncated."""
+        _as_prompt_list(text)  # the same checks (a str, valid Unicode) as for a call
         return self._tokenizer.encode(text).ids
 
     def decode(self, ids) -> str:
@@ -264,6 +273,7 @@ class BertTokenizer:
 
     def encode(self, text: str) -> list:
         """Token ids of one text with [CLS] and [SEP], neither padded nor truncated."""
+        _as_prompt_list(text)
         return self._tokenizer.encode(text).ids
 
     def decode(self, ids) -> str:

@@ -23,7 +23,9 @@ import json
 import os
 import pickle
 import re
+import struct
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -62,13 +64,33 @@ def read_state_dict(path, container: str | None = None) -> dict:
     )
 
 
+# What torch, safetensors, zipfile and pickle raise underneath on damaged bytes (found by fuzzing,
+# tests/test_fuzz.py): all become one CheckpointError that names the file.
+_LIBRARY_ERRORS = (
+    RuntimeError,
+    AssertionError,  # torch.load checks some of a legacy pickle's structure with `assert`
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    struct.error,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+)
+
+
 def _read_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:  # memory-mapped: no bytes are copied here
             return {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError as e:
+    except (SafetensorError, *_LIBRARY_ERRORS) as e:
         raise CheckpointError(
             f"{path} ({path.stat().st_size} bytes) is not a complete safetensors file ({e}). "
             "It is probably truncated by an interrupted download: delete it and download it again."
@@ -140,12 +162,20 @@ def _read_pickle(path: Path):
                 "minildm never unpickles arbitrary objects (that can run code). "
                 "If you trust the file, convert it to .safetensors with the tool that made it."
             ) from None
-        raise _not_a_checkpoint(path) from None
-    except (RuntimeError, KeyError, EOFError, ValueError):  # what torch.load raises on other bytes
-        raise _not_a_checkpoint(path) from None
+        raise _not_a_checkpoint(path, e) from None
+    except CheckpointError:
+        raise
+    except _LIBRARY_ERRORS as e:  # what torch.load raises on other or damaged bytes
+        raise _not_a_checkpoint(path, e) from None
 
 
-def _not_a_checkpoint(path: Path) -> CheckpointError:
+def _not_a_checkpoint(path: Path, error: Exception) -> CheckpointError:
+    if _is_zip(path):  # a zip archive (torch.save's format) that torch cannot read
+        return CheckpointError(
+            f"{path} ({path.stat().st_size} bytes) is a damaged PyTorch checkpoint "
+            f"({type(error).__name__}: {str(error)[:200]}). It may be truncated by an interrupted "
+            "download: delete it and download it again."
+        )
     with open(path, "rb") as f:
         start = f.read(24)
     lfs = ""
