@@ -14,7 +14,6 @@ original single-file checkpoint. Images are written as PNGs, with a grid when th
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 from minildm import __version__
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
-from minildm.weights import resolve_folder
+from minildm.weights import read_json, resolve_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_WEIGHTS = {
@@ -71,7 +70,7 @@ def load_pipeline(args):
             config = SINGLE_FILE_SCHEDULER
         else:
             config_file = resolve_folder(args.weights) / "scheduler" / "scheduler_config.json"
-            config = json.loads(config_file.read_text())
+            config = read_json(config_file)
         pipe.scheduler = getattr(schedulers, args.scheduler).from_config(config)
     return pipe
 

@@ -6,7 +6,6 @@ that name picks the minildm model, its config is translated, and the weights are
 strictly through the model's key map.
 """
 
-import json
 from pathlib import Path
 
 from minildm import autoencoder, clip, ldm_bert, safety_checker, schedulers, unet, vq_transformer
@@ -15,6 +14,7 @@ from minildm.weights import (
     CheckpointError,
     find_weights_file,
     read_config,
+    read_json,
     read_state_dict,
     resolve_folder,
 )
@@ -92,7 +92,7 @@ def read_model_index(folder, expected_class: str) -> dict:
             f"{folder} has no model_index.json: "
             "expected a diffusers pipeline folder (or pass each component yourself)"
         )
-    index = json.loads(path.read_text())
+    index = read_json(path)
     if index.get("_class_name") != expected_class:
         raise CheckpointError(
             f"{folder} holds a {index.get('_class_name')!r}, not a {expected_class}: "
@@ -120,7 +120,7 @@ def load_scheduler(folder):
     path = Path(folder) / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no scheduler_config.json")
-    config = json.loads(path.read_text())
+    config = read_json(path)
     name = config.get("_class_name")
     if name not in schedulers.__all__:
         raise CheckpointError(

@@ -49,9 +49,13 @@ def _pad_and_truncate(encodings, prompts, max_length: int, pad_id: int) -> torch
         ids = encoding.ids
         if len(ids) > max_length:
             first_dropped = encoding.offsets[max_length - 1][0]  # character offset in the prompt
+            dropped = prompt[first_dropped:]
+            shown = repr(dropped)
+            if len(dropped) > 80:  # a megabyte-long prompt gets a line, not a megabyte
+                shown = f"{dropped[:80]!r}... ({len(dropped)} characters)"
             warnings.warn(
                 f"prompt is longer than {max_length} tokens ({len(ids)}); "
-                f"this text was dropped: {prompt[first_dropped:]!r}",
+                f"this text was dropped: {shown}",
                 stacklevel=3,
             )
             ids = ids[: max_length - 1] + ids[-1:]

@@ -275,10 +275,21 @@ def read_config(folder) -> dict:
         raise FileNotFoundError(
             f"{folder} has no config.json: expected a diffusers or transformers component folder"
         )
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict:
+    """A config file of a component or pipeline folder; broken JSON is reported with the file's name
+    (json's own error names only a line and column)."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}): fix the file, or download the folder again"
+        ) from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(content).__name__}, expected an object")
+    return content
 
 
 def hf_hub_cache() -> Path:

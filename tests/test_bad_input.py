@@ -85,3 +85,30 @@ def test_pipeline_image_size_zero_is_an_error_not_the_default():
         pipe("a cat", height=64, width=0, num_inference_steps=1)
     with pytest.raises(ValueError, match=r"positive multiples of 8 .*got 12x64"):
         pipe("a cat", height=12, width=64, generator=torch.Generator().manual_seed(0))
+
+
+def test_broken_json_names_the_file_before_the_models_load(tmp_path):
+    import shutil
+
+    folder = tmp_path / "tiny-sd"
+    shutil.copytree(minildm.TINY_SD, folder)
+    for name in ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json"):
+        original = (folder / name).read_text()
+        (folder / name).write_text(original[: len(original) // 2])  # cut short
+        with pytest.raises(minildm.CheckpointError) as raised:
+            minildm.StableDiffusionPipeline.from_pretrained(folder)
+        print(raised.value)
+        assert f"{folder / name} is not valid JSON" in str(raised.value)
+        assert "download the folder again" in str(raised.value)
+        (folder / name).write_text(original)
+
+
+def test_the_warning_for_a_long_prompt_shows_a_line_not_the_whole_text():
+    prompt = "a red circle " + "and a blue square " * 5000  # 90,013 characters
+    with pytest.warns(UserWarning, match=r"longer than 77 tokens") as caught:
+        ids = minildm.CLIPTokenizer()(prompt)
+    message = str(caught[0].message)
+    print(f"{len(message)} characters: {message[:120]}...")
+    assert ids.shape == (1, 77) and len(message) < 200
+    dropped = int(message.rsplit("(", 1)[1].split()[0])  # "... (N characters)"
+    assert 89_000 < dropped < len(prompt)  # nearly all of it, counted rather than printed
