@@ -14,14 +14,19 @@ original single-file checkpoint. Images are written as PNGs, with a grid when th
 """
 
 import argparse
-import os
+import inspect
+import math
+import re
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from minildm import __version__
+from minildm.load import missing_model_index_message
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import read_json, resolve_folder
 
@@ -34,58 +39,98 @@ DEFAULT_WEIGHTS = {
 }
 
 
-def load_pipeline(args):
-    from minildm import pipelines, schedulers
-    from minildm.pipelines.stable_diffusion import SINGLE_FILE_SCHEDULER
+def load_pipeline(args, scheduler):
+    """The pipeline the command runs, with `scheduler` (built and checked by plan_scheduler before
+    any weights load) in place of the folder's."""
+    from minildm import pipelines
 
     dtype = DTYPES[args.dtype]
-    if args.command == "sd":
-        weights = Path(args.weights)
-        single_file = weights.suffix in (".ckpt", ".safetensors") and weights.is_file()
-        if single_file:
-            ema = None if args.ema is None else args.ema == "true"
-            pipe = pipelines.StableDiffusionPipeline.from_single_file(
-                weights, device=args.device, dtype=dtype, ema=ema
-            )
-        else:
-            pipe = pipelines.StableDiffusionPipeline.from_pretrained(
-                args.weights, device=args.device, dtype=dtype
-            )
+    if args.command == "sd" and is_single_file(args.weights):
+        ema = None if args.ema is None else args.ema == "true"
+        pipe = pipelines.StableDiffusionPipeline.from_single_file(
+            args.weights, device=args.device, dtype=dtype, ema=ema
+        )
     else:
-        single_file = False
         cls = {
+            "sd": pipelines.StableDiffusionPipeline,
             "ldm": pipelines.LDMTextToImagePipeline,
             "ldm-uncond": pipelines.LDMPipeline,
             "vq-diffusion": pipelines.VQDiffusionPipeline,
         }[args.command]
         pipe = cls.from_pretrained(args.weights, device=args.device, dtype=dtype)
-    if getattr(args, "scheduler", None):
-        if args.scheduler not in schedulers.__all__:
-            raise ValueError(
-                f"unknown scheduler {args.scheduler!r}; choose one of {schedulers.__all__}"
-            )
-        # the new scheduler takes the folder's training schedule, as diffusers'
-        # from_config(pipe.scheduler.config) does
-        if single_file:
-            config = SINGLE_FILE_SCHEDULER
-        else:
-            config_file = resolve_folder(args.weights) / "scheduler" / "scheduler_config.json"
-            config = read_json(config_file)
-        pipe.scheduler = getattr(schedulers, args.scheduler).from_config(config)
+    pipe.scheduler = scheduler
     return pipe
 
 
-def progress_printer(count_steps):
-    """A callback printing the step rate and time left; count_steps() gives the number of model
-    calls."""
+def is_single_file(weights: str) -> bool:
+    path = Path(weights)
+    return path.suffix in (".ckpt", ".safetensors") and path.is_file()
+
+
+def check_weights_argument(command: str, weights: str) -> Path:
+    """--weights names something this command can load: a pipeline folder (or a cached repo id) for
+    every system, an original single file for sd. Checked before anything loads; -> the folder or
+    file."""
+    path = Path(weights).expanduser()
+    if path.is_file():
+        if command == "sd" and is_single_file(weights):
+            return path
+        takes = (
+            "a pipeline folder, a repo id in the Hugging Face cache, or an original "
+            ".ckpt/.safetensors file"
+            if command == "sd"
+            else "a pipeline folder or a repo id in the Hugging Face cache"
+        )
+        raise ValueError(
+            f"--weights {weights} is a {path.suffix or 'plain'} file: {command} takes {takes}"
+        )
+    folder = resolve_folder(weights)  # a missing folder or repo: FileNotFoundError with a hint
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(missing_model_index_message(folder))
+    return folder
+
+
+def plan_scheduler(args):
+    """The scheduler the run will use, built from the folder's scheduler_config.json (or, for a
+    single file, the values diffusers gives it) and set to --steps now, so that a bad --scheduler,
+    a broken config or a step count the scheduler refuses is reported before the weights load."""
+    from minildm import schedulers
+    from minildm.pipelines.stable_diffusion import SINGLE_FILE_SCHEDULER
+
+    if args.command == "sd" and is_single_file(args.weights):
+        config = {"_class_name": "PNDMScheduler", **SINGLE_FILE_SCHEDULER}
+    else:
+        config = read_json(resolve_folder(args.weights) / "scheduler" / "scheduler_config.json")
+    name = getattr(args, "scheduler", None) or config.get("_class_name")
+    if name not in schedulers.__all__:
+        option = "--scheduler" if getattr(args, "scheduler", None) else "the folder's scheduler"
+        raise ValueError(
+            f"{option}: unknown scheduler {name!r}; choose one of {schedulers.__all__}"
+        )
+    cls = getattr(schedulers, name)
+    if getattr(args, "scheduler", None):
+        # the new scheduler takes the folder's training schedule, as diffusers'
+        # from_config(pipe.scheduler.config) does; the options of the folder's own scheduler (DDIM's
+        # set_alpha_to_one, PNDM's skip_prk_steps) do not carry over, and are left out silently:
+        # swapping the scheduler is what the user asked for
+        accepted = inspect.signature(cls).parameters
+        config = {key: value for key, value in config.items() if key in accepted}
+    scheduler = cls.from_config(config)
+    scheduler.set_timesteps(args.steps)  # refuses what the scheduler cannot do, e.g. PNDM's 2 steps
+    return scheduler
+
+
+def progress_printer(steps: int, model_calls: int):
+    """A callback printing the step rate and time left. The pipelines call it once per model call,
+    which is not always once per step: PNDM's warm-up makes 51 calls for 50 steps, Heun two a step.
+    The line counts steps, as --steps does."""
     start = time.perf_counter()
 
     def report(i, t, sample):
-        done = i + 1
-        total = count_steps()
-        rate = done / (time.perf_counter() - start)
-        left = (total - done) / rate
-        print(f"\rstep {done}/{total}  {rate:.2f} steps/s  {left:.0f} s left ", end="", flush=True)
+        done = math.ceil((i + 1) * steps / model_calls)  # the steps these calls have completed
+        rate = (i + 1) / (time.perf_counter() - start)
+        left = (model_calls - i - 1) / rate
+        print(f"\rstep {done}/{steps}  {left:.0f} s left ", end="", flush=True)
 
     return report
 
@@ -127,15 +172,32 @@ def fill_defaults(args):
 
 def check_generation_arguments(args):
     """What a generation command can check before loading any weights (which takes minutes with
-    the official ones): counts, the seed, the device and the output folder."""
+    the official ones): counts, the seed, the text, the device and the output folder."""
     if args.n < 1:
         raise ValueError(f"-n is the number of images, at least 1; got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    for option in ("prompt", "negative"):
+        check_utf8(getattr(args, option, None), option)
     check_device(args.device)
     check_output_folder(Path(args.out))
+
+
+def check_utf8(text: str | None, option: str):
+    """Python hands a command-line byte that is not UTF-8 over as a lone surrogate U+DC80-U+DCFF
+    (PEP 383); the tokenizer could only refuse it later, as a surrogate the user never typed."""
+    if text is None:
+        return
+    for i, character in enumerate(text):
+        if "\udc80" <= character <= "\udcff":
+            byte = ord(character) - 0xDC00
+            name = "the prompt" if option == "prompt" else f"--{option}"
+            raise ValueError(
+                f"{name} holds the byte 0x{byte:02X} at character {i + 1}, which is not UTF-8: "
+                "pass the text in UTF-8 (check the terminal's or the script's encoding)"
+            )
 
 
 def check_device(name: str):
@@ -162,23 +224,38 @@ def check_output_folder(out: Path):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"--out {out}: the folder is not writable; choose another --out")
+    # a file made and removed: os.access alone says yes to root, even on a read-only file system
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out {out}: cannot write into the folder ({e.strerror}); choose another --out"
+        ) from None
 
 
 def generate(args):
     check_generation_arguments(args)
     fill_defaults(args)
+    check_weights_argument(args.command, args.weights)
+    scheduler = plan_scheduler(args)
+    files = output_files(args)
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, scheduler)
     generator = torch.Generator().manual_seed(args.seed)
+    model_calls = len(scheduler.timesteps)
+    if model_calls != args.steps:
+        print(
+            f"{type(scheduler).__name__} calls the model {model_calls} times for {args.steps} steps"
+        )
+    progress = progress_printer(args.steps, model_calls)
     if args.command == "ldm-uncond":
         images = pipe(
             batch_size=args.n,
             generator=generator,
             num_inference_steps=args.steps,
             eta=args.eta,
-            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+            callback=progress,
         ).images
     elif args.command == "vq-diffusion":
         images = pipe(
@@ -187,7 +264,7 @@ def generate(args):
             guidance_scale=args.guidance,
             truncation_rate=args.truncation,
             generator=generator,
-            callback=progress_printer(lambda: args.steps),
+            callback=progress,
         ).images
     elif args.command == "ldm":
         images = pipe(
@@ -198,7 +275,7 @@ def generate(args):
             guidance_scale=args.guidance,
             eta=args.eta,
             generator=generator,
-            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+            callback=progress,
         ).images
     else:
         images = pipe(
@@ -211,7 +288,7 @@ def generate(args):
             num_images_per_prompt=args.n,
             eta=args.eta,
             generator=generator,
-            callback=progress_printer(lambda: len(pipe.scheduler.timesteps)),
+            callback=progress,
         )
         flags = images.nsfw_content_detected
         if flags and any(flags):
@@ -219,16 +296,53 @@ def generate(args):
             print(f"\nthe safety checker flagged images {flagged} (kept as generated)")
         images = images.images
     print()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.command}_seed{args.seed}"
-    for i, image in enumerate(images):
-        image.save(out / f"{stem}_{i}.png")
-        print(f"wrote {out / f'{stem}_{i}.png'}")
     if len(images) > 1:
-        grid = image_grid(images)
-        grid.save(out / f"{stem}_grid.png")
-        print(f"wrote {out / f'{stem}_grid.png'}")
+        images = [*images, image_grid(images)]
+    for image, path in zip(images, files):
+        image.save(path)
+    print(f"wrote {len(files)} file(s):")
+    for path in files:
+        print(f"  {path}")
+
+
+def slug(text: str, most: int = 40) -> str:
+    """A file-name piece from a prompt: lower-case letters and digits, words joined by '-'."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    name = ""
+    for word in words:
+        if len(name) + len(word) + 1 > most:
+            break
+        name = f"{name}-{word}" if name else word
+    return name or "prompt"
+
+
+def output_files(args) -> list:
+    """The PNGs this run will write, chosen before it runs: COMMAND_PROMPT_seedSEED_I.png, and a
+    _grid.png for several images. A run never overwrites another's: when any of the names is taken,
+    the run gets the first free _runK suffix. With --overwrite the names are reused, and the files
+    an earlier run of the same names wrote beyond this run's count (its _3.png, its grid) are
+    removed, so that the folder does not mix two runs."""
+    out = Path(args.out)
+    stem = args.command if args.command == "ldm-uncond" else f"{args.command}_{slug(args.prompt)}"
+    stem = f"{stem}_seed{args.seed}"
+
+    def names(stem):
+        count = args.n + (args.n > 1)  # the images and, for several, their grid
+        return [out / f"{stem}_{i}.png" for i in range(args.n)] + [out / f"{stem}_grid.png"][
+            : count - args.n
+        ]
+
+    if args.overwrite:
+        ours = set(names(stem))
+        for old in sorted(out.glob(f"{stem}_*.png")):
+            if old not in ours and re.fullmatch(rf"{re.escape(stem)}_(\d+|grid)\.png", old.name):
+                old.unlink()
+                print(f"--overwrite: removed {old} (an earlier run's)")
+        return names(stem)
+    run = 1
+    while any(path.exists() for path in names(stem if run == 1 else f"{stem}_run{run}")):
+        run += 1
+    return names(stem if run == 1 else f"{stem}_run{run}")
 
 
 def image_grid(images):
@@ -280,6 +394,11 @@ def add_generation_arguments(parser, command: str):
         "--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations"
     )
     parser.add_argument("--out", default="outputs", help="folder for the PNG files")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse the file names of an earlier run with the same settings (default: a new _runK)",
+    )
 
 
 def main(argv=None):
@@ -392,14 +511,29 @@ def main(argv=None):
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif args.command == "tokenize":
-        tokenizer = BertTokenizer() if args.bert else CLIPTokenizer()
-        ids = tokenizer.encode(args.prompt)
-        print(f"{len(ids)} tokens (with start/end): {ids}")
-        print("row given to the text encoder:", tokenizer([args.prompt])[0].tolist())
+        try:
+            check_utf8(args.prompt, "prompt")
+            print_tokens(args.prompt, args.bert)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     else:
         from minildm import schedulers
 
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
+
+
+def print_tokens(prompt: str, bert: bool):
+    """Print the ids of `prompt` and the fixed-length row the text encoder gets. A long prompt's ids
+    are shown up to the row's length, and the rest counted: the encoder never sees them."""
+    tokenizer = BertTokenizer() if bert else CLIPTokenizer()
+    ids = tokenizer.encode(prompt)
+    row = tokenizer.max_length
+    shown = ids if len(ids) <= row else ids[:row]
+    more = f" ... and {len(ids) - row} more, dropped" if len(ids) > row else ""
+    print(f"{len(ids)} tokens (with start/end): {shown}{more}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the line above already said what is dropped
+        print("row given to the text encoder:", tokenizer([prompt])[0].tolist())
 
 
 STATUS = """\

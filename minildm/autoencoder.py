@@ -462,6 +462,12 @@ def check_latent(z, channels: int, what: str):
     if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != channels:
         found = tuple(getattr(z, "shape", ()))
         raise ValueError(f"expected {what} of shape (B, {channels}, h, w), got {found}")
+    if not torch.isfinite(z).all():
+        bad = int((~torch.isfinite(z)).sum())
+        raise FloatingPointError(
+            f"the {what} given to decode hold {bad} inf/nan value(s) before decoding: they came "
+            "from the caller or from the denoising loop, not from the autoencoder"
+        )
 
 
 def check_indices(indices, h: int, w: int, codebook_size: int):
@@ -483,12 +489,19 @@ def check_indices(indices, h: int, w: int, codebook_size: int):
 
 
 def check_finite(x):
-    """Raises on inf/nan, else returns x."""
+    """Raises on inf/nan in the decoded images, naming the cause, else returns x. The latents were
+    checked finite on the way in (check_latent), so the decoder itself made them."""
     if not torch.isfinite(x).all():
+        if x.dtype == torch.float16:
+            raise FloatingPointError(
+                "the autoencoder's decode produced inf/nan in float16: activations overflowed the "
+                "half-precision range (65504). Run the autoencoder in float32 (load it with "
+                "dtype=torch.float32); the rest of the pipeline may stay in half precision."
+            )
         raise FloatingPointError(
-            f"the autoencoder's decode produced inf/nan in {x.dtype}: activations overflowed the "
-            "half-precision range. Run the autoencoder in float32 (load it with "
-            "dtype=torch.float32); the rest of the pipeline may stay in half precision."
+            f"the autoencoder's decode produced inf/nan in {x.dtype} from finite latents: its "
+            "weights may be damaged (download them again), or the latents far outside the "
+            "trained range (were they divided by the scaling factor?)"
         )
     return x
 

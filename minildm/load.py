@@ -12,6 +12,7 @@ from minildm import autoencoder, clip, ldm_bert, safety_checker, schedulers, une
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import (
     CheckpointError,
+    download_hint,
     find_weights_file,
     read_config,
     read_json,
@@ -83,15 +84,28 @@ def _resolve_component_folder(folder) -> Path:
 # --- whole pipelines: model_index.json, tokenizers, schedulers -----------------------------------
 
 
+def missing_model_index_message(folder) -> str:
+    """What to say of a folder without model_index.json: an empty one (or one holding only the
+    .part files of an unfinished download) is a download to finish; anything else is not a
+    pipeline folder."""
+    folder = Path(folder)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if all(p.suffix == ".part" for p in files):
+        held = f"holds only {len(files)} unfinished .part file(s)" if files else "is empty"
+        return f"{folder} {held}: a download that did not finish? " + download_hint(folder)
+    return (
+        f"{folder} has no model_index.json: expected a diffusers pipeline folder (model_index.json "
+        "and one subfolder per model, as `python -m minildm download` writes it); a single "
+        "model's folder loads with minildm.load_component"
+    )
+
+
 def read_model_index(folder, expected_class: str) -> dict:
     """A pipeline folder's model_index.json: {component: [library, class]}; refuses another
     system's folder."""
     path = Path(folder) / "model_index.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no model_index.json: "
-            "expected a diffusers pipeline folder (or pass each component yourself)"
-        )
+        raise FileNotFoundError(missing_model_index_message(folder))
     index = read_json(path)
     if index.get("_class_name") != expected_class:
         raise CheckpointError(

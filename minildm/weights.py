@@ -303,6 +303,35 @@ def hf_hub_cache() -> Path:
     return Path(cache_home).expanduser() / "huggingface" / "hub"
 
 
+def download_hint(name_or_path) -> str:
+    """How to fetch what `name_or_path` names with minildm's own `download` command: a folder named
+    after a system of weights_manifest.txt ("weights/stable-diffusion-v1-4"), or a repo id listed
+    there ("CompVis/stable-diffusion-v1-4")."""
+    from minildm.download import read_manifest
+
+    path = Path(str(name_or_path).rstrip("/"))
+    systems = {}  # system -> its repo, in manifest order
+    for entry in read_manifest():
+        systems.setdefault(entry.system, entry.repo)
+    for system, repo in systems.items():
+        if str(path) == repo:  # a repo id: its files go to weights/SYSTEM
+            return (
+                f"Fetch it with `python -m minildm download {system} --dir weights`, then pass "
+                f"--weights weights/{system}."
+            )
+    for system in systems:
+        if path.name == system:  # a folder named after the system: fetch it there
+            into = path.parent
+            return (
+                f"Fetch it with `python -m minildm download {system} --dir {into}`, then pass "
+                f"--weights {path}."
+            )
+    return (
+        "`python -m minildm download --list` lists the official systems minildm can fetch; pass the "
+        "folder it writes."
+    )
+
+
 def resolve_repo(repo_id: str, revision: str = "main") -> Path:
     """The snapshot folder of `org/name` in the local Hugging Face cache (read only, never
     downloads).
@@ -315,9 +344,7 @@ def resolve_repo(repo_id: str, revision: str = "main") -> Path:
     if not repo_folder.is_dir():
         raise FileNotFoundError(
             f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({cache}). "
-            "Fetch the official files with `python -m minildm download SYSTEM --dir weights` "
-            "(systems: weights_manifest.txt) and pass that folder, "
-            f"or download {repo_id} with `huggingface-cli download {repo_id}`."
+            + download_hint(repo_id)
         )
     ref = repo_folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
@@ -342,7 +369,8 @@ def resolve_folder(name_or_path) -> Path:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
         return resolve_repo(str(name_or_path))
     raise FileNotFoundError(
-        f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name')"
+        f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name'). "
+        + download_hint(name_or_path)
     )
 
 

@@ -112,3 +112,289 @@ def test_the_warning_for_a_long_prompt_shows_a_line_not_the_whole_text():
     assert ids.shape == (1, 77) and len(message) < 200
     dropped = int(message.rsplit("(", 1)[1].split()[0])  # "... (N characters)"
     assert 89_000 < dropped < len(prompt)  # nearly all of it, counted rather than printed
+
+
+# --- the command line, continued: what is checked before any weights load --------------------
+
+EARLY_CASES = [
+    (
+        ["sd", "a cat", "--scheduler", "Fast"],
+        "--scheduler: unknown scheduler 'Fast'; choose one of",
+    ),
+    # PNDM's Runge-Kutta warm-up needs 4 steps: refused by the scheduler, before the models load
+    (["sd", "a cat", "--scheduler", "PNDMScheduler", "--steps", "2"], "must be at least 4"),
+    # a byte that is not UTF-8 reaches Python as a lone surrogate (PEP 383's surrogateescape)
+    (["sd", "a \udcff cat"], "the prompt holds the byte 0xFF at character 3, which is not UTF-8"),
+    (["sd", "a cat", "--negative", "\udcfe"], "--negative holds the byte 0xFE at character 1"),
+    (["ldm-uncond", "--out", "/proc"], "cannot write into the folder"),
+    (["ldm-uncond", "--out", "/proc/a-new-folder"], "cannot create the folder"),
+]
+
+
+@pytest.mark.parametrize("arguments, words", EARLY_CASES, ids=lambda v: " ".join(map(str, v)))
+def test_checked_before_the_weights_load(arguments, words, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    out = [] if "--out" in arguments else ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as raised:
+        main(arguments + out)
+    message = str(raised.value.code)
+    print(f"{' '.join(arguments)!a}: {message}")
+    assert message.startswith("error: ") and words in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_weights_of_the_wrong_kind_are_named_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)
+    a_pt = tmp_path / "model.pt"
+    a_pt.write_bytes(b"\x80\x02}q\x00.")  # a pickle: never opened
+    empty = tmp_path / "unfinished"
+    empty.mkdir()
+    parts = tmp_path / "parts"
+    (parts / "unet").mkdir(parents=True)
+    (parts / "unet" / "model.safetensors.part").write_bytes(b"1234")
+    not_a_pipeline = tmp_path / "unet-only"
+    not_a_pipeline.mkdir()
+    (not_a_pipeline / "config.json").write_text("{}")
+    cases = [
+        (["sd", "--weights", str(a_pt)], "is a .pt file: sd takes a pipeline folder, a repo id"),
+        (["ldm", "--weights", str(a_pt)], "ldm takes a pipeline folder or a repo id"),
+        (["sd", "--weights", str(empty)], "is empty: a download that did not finish?"),
+        (["sd", "--weights", str(parts)], "holds only 1 unfinished .part file(s)"),
+        (["sd", "--weights", str(not_a_pipeline)], "has no model_index.json: expected a diffusers"),
+        (
+            ["sd", "--weights", "weights/stable-diffusion-v1-4"],
+            "`python -m minildm download stable-diffusion-v1-4 --dir weights`, then pass "
+            "--weights weights/stable-diffusion-v1-4",
+        ),
+        (
+            ["vq-diffusion", "--weights", "microsoft/vq-diffusion-ithq"],
+            "`python -m minildm download vq-diffusion-ithq --dir weights`",
+        ),
+        (["ldm", "--weights", "someone/else"], "`python -m minildm download --list` lists"),
+    ]
+    for arguments, words in cases:
+        prompt = [] if arguments[0] == "ldm-uncond" else ["a cat"]
+        with pytest.raises(SystemExit) as raised:
+            main([arguments[0], *prompt, *arguments[1:], "--out", str(tmp_path / "out")])
+        message = str(raised.value.code)
+        print(f"{' '.join(arguments)}: {message}")
+        assert words in message
+        assert "huggingface-cli" not in message and "pass each component" not in message
+
+
+def run_uncond(tmp_path, *extra):
+    main(["ldm-uncond", "--steps", "1", "--out", str(tmp_path), *extra])
+
+
+def test_a_second_run_never_overwrites_the_first(tmp_path, capsys):
+    run_uncond(tmp_path, "-n", "2")
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert first == [
+        "ldm-uncond_seed0_0.png",
+        "ldm-uncond_seed0_1.png",
+        "ldm-uncond_seed0_grid.png",
+    ]
+    (tmp_path / first[0]).write_bytes(b"the first run's image")  # to see whether it survives
+    capsys.readouterr()
+    run_uncond(tmp_path, "-n", "2")
+    output = capsys.readouterr().out
+    print(output)
+    assert (tmp_path / first[0]).read_bytes() == b"the first run's image"
+    second = sorted(p.name for p in tmp_path.iterdir() if p.name not in first)
+    assert second == [
+        "ldm-uncond_seed0_run2_0.png",
+        "ldm-uncond_seed0_run2_1.png",
+        "ldm-uncond_seed0_run2_grid.png",
+    ]
+    listed = output.split("wrote 3 file(s):\n")[1].split()
+    assert listed == [str(tmp_path / name) for name in second]  # every file, at the end
+
+
+def test_overwrite_reuses_the_names_and_removes_the_earlier_runs_extra_files(tmp_path, capsys):
+    run_uncond(tmp_path, "-n", "3")
+    (tmp_path / "ldm-uncond_seed0_0.png").write_bytes(b"old")
+    (tmp_path / "keep-me.png").write_bytes(b"not this command's")
+    run_uncond(tmp_path, "-n", "1", "--overwrite")
+    output = capsys.readouterr().out
+    print(output)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["keep-me.png", "ldm-uncond_seed0_0.png"]  # not the old _1, _2 and grid
+    assert (tmp_path / "ldm-uncond_seed0_0.png").read_bytes().startswith(b"\x89PNG")
+    assert output.count("--overwrite: removed") == 3
+
+
+def test_the_prompt_names_the_files(tmp_path, capsys):
+    paths = cli.output_files(
+        cli.argparse.Namespace(
+            command="sd",
+            prompt="A red circle, on a BLUE background!",
+            seed=7,
+            n=1,
+            out=tmp_path,
+            overwrite=False,
+        )
+    )
+    assert [p.name for p in paths] == ["sd_a-red-circle-on-a-blue-background_seed7_0.png"]
+
+
+def test_progress_counts_steps_not_model_calls(tmp_path, capsys):
+    """PNDM's Runge-Kutta warm-up calls the model 13 times for 4 steps (diffusers' 50 steps: 51
+    calls with PLMS only); the progress line used to show 'step 13/13' for --steps 4."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_uncond(tmp_path, "--steps", "4", "--scheduler", "PNDMScheduler")
+    output = capsys.readouterr().out
+    print(output.replace("\r", "\n")[-400:])
+    assert "PNDMScheduler calls the model 13 times for 4 steps" in output
+    assert "step 4/4" in output and "/13" not in output
+    # the folder's DDIM options (set_alpha_to_one, ...) do not apply to PNDM: no warning for that
+    assert not [w for w in caught if "ignores config keys" in str(w.message)]
+
+
+def test_tokenize_shows_the_row_not_every_id(capsys):
+    main(["tokenize", "cat " * 10_000])
+    output = capsys.readouterr().out
+    print(f"{len(output)} characters: {output[:160]}...")
+    assert "10002 tokens (with start/end)" in output and "and 9925 more, dropped" in output
+    assert len(output) < 1200
+    with pytest.raises(SystemExit, match="holds the byte 0xE9 at character 4, which is not UTF-8"):
+        main(["tokenize", "caf\udce9"])
+
+
+# --- the pipelines: arguments of the wrong type, before any work ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return minildm.StableDiffusionPipeline.from_pretrained(minildm.TINY_SD)
+
+
+def count_text_encoder_calls(pipe, monkeypatch):
+    calls = []
+    original = pipe.text_encoder.forward
+    monkeypatch.setattr(pipe.text_encoder, "forward", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+SD_ARGUMENT_CASES = [
+    ({"height": 64.0}, TypeError, "height and width must be integers"),
+    ({"height": "64"}, TypeError, "height and width must be integers"),
+    ({"width": True}, TypeError, "height and width must be integers"),
+    ({"num_images_per_prompt": True}, ValueError, "num_images_per_prompt must be a positive"),
+    ({"num_images_per_prompt": 1.0}, ValueError, "num_images_per_prompt must be a positive"),
+    ({"num_inference_steps": True}, ValueError, "num_inference_steps must be an integer from 1"),
+    ({"num_inference_steps": 2.5}, ValueError, "num_inference_steps must be an integer from 1"),
+    ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be an integer from 1"),
+    ({"num_inference_steps": 1001}, ValueError, "num_inference_steps must be an integer from 1"),
+    ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, ValueError, "latents hold 256 inf/nan"),
+    ({"latents": [[0.0]]}, TypeError, "latents must be a torch.Tensor of shape (1, 4, 8, 8)"),
+]
+
+
+@pytest.mark.parametrize("argument, error, words", SD_ARGUMENT_CASES, ids=lambda v: repr(v)[:40])
+def test_pipeline_arguments_are_checked_before_any_work(
+    tiny_sd, argument, error, words, monkeypatch
+):
+    encoded = count_text_encoder_calls(tiny_sd, monkeypatch)
+    steps = []
+    with pytest.raises(error) as raised:
+        tiny_sd("a cat", callback=lambda *a: steps.append(a), **argument)
+    print(f"{argument}: {raised.value}")
+    assert words in str(raised.value) and not steps and not encoded
+
+
+def test_the_other_pipelines_check_their_arguments_the_same_way():
+    ldm = minildm.LDMTextToImagePipeline.from_pretrained(minildm.TINY_LDM)
+    uncond = minildm.LDMPipeline.from_pretrained(minildm.TINY_LDM_UNCOND)
+    vq = minildm.VQDiffusionPipeline.from_pretrained(minildm.TINY_VQ_DIFFUSION)
+    cases = [
+        (lambda: ldm("a cat", height=64.0), TypeError, "height and width must be integers"),
+        (lambda: ldm("a cat", num_inference_steps=True), ValueError, "num_inference_steps must"),
+        (lambda: uncond(batch_size=True), ValueError, "batch_size must be a positive integer"),
+        (lambda: uncond(num_inference_steps=0), ValueError, "num_inference_steps must"),
+        (lambda: vq("a cat", num_images_per_prompt=True), ValueError, "num_images_per_prompt"),
+        (lambda: vq("a cat", num_inference_steps=2.0), ValueError, "num_inference_steps must"),
+    ]
+    for call, error, words in cases:
+        with pytest.raises(error) as raised:
+            call()
+        print(raised.value)
+        assert words in str(raised.value)
+
+
+# --- a non-finite result names its cause --------------------------------------------------------
+
+
+def fake_unet_output(pipe, monkeypatch, make):
+    """Replace the UNet's output by make(real output): an overflow the tiny model cannot produce."""
+    original = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a: make(original(*a)))
+
+
+def test_a_float16_overflow_in_the_unet_is_named(tiny_sd, monkeypatch):
+    fake_unet_output(tiny_sd, monkeypatch, lambda out: (out * 1e6).half())  # past 65504: inf
+    with pytest.raises(FloatingPointError) as raised:
+        tiny_sd("a cat", num_inference_steps=3)
+    print(raised.value)
+    assert "at step 1 (timestep" in str(raised.value)
+    assert "the UNet's output overflowed float16" in str(raised.value)
+
+
+def test_inf_from_a_float32_unet_is_not_blamed_on_half_precision(tiny_sd, monkeypatch):
+    fake_unet_output(
+        tiny_sd, monkeypatch, lambda out: out.index_fill(0, torch.tensor([0]), float("inf"))
+    )
+    with pytest.raises(FloatingPointError) as raised:
+        tiny_sd("a cat", num_inference_steps=3)
+    print(raised.value)
+    assert "returned inf/nan in torch.float32 from finite input" in str(raised.value)
+    assert "float16" not in str(raised.value)
+
+
+def test_a_guidance_scale_that_overflows_is_named(tiny_sd, monkeypatch):
+    # conditional - unconditional = 10 everywhere, times 3.4e38: past float32's range
+    fake_unet_output(tiny_sd, monkeypatch, lambda out: torch.cat([out[:1], out[:1] + 10]))
+    largest = float(torch.finfo(torch.float32).max)
+    with pytest.raises(FloatingPointError) as raised:
+        tiny_sd("a cat", num_inference_steps=3, guidance_scale=largest)
+    print(raised.value)
+    assert "the UNet's predictions are finite, but guidance_scale=3.40282e+38" in str(raised.value)
+
+
+def test_the_autoencoder_names_non_finite_latents_and_its_own_overflow():
+    from minildm.autoencoder import check_finite
+
+    vae = minildm.StableDiffusionPipeline.from_pretrained(minildm.TINY_SD).vae
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"hold 1 inf/nan value\(s\) before decoding"):
+        vae.decode(latents)
+    with pytest.raises(FloatingPointError) as raised:
+        check_finite(torch.tensor([float("inf")]))  # a float32 decode
+    print(raised.value)
+    assert "in torch.float32 from finite latents" in str(raised.value)
+    assert "half" not in str(raised.value)
+    with pytest.raises(FloatingPointError, match="overflowed the half-precision range"):
+        check_finite(torch.tensor([float("inf")], dtype=torch.float16))
+
+
+def test_nan_log_probabilities_in_vq_diffusion_are_named(monkeypatch):
+    vq = minildm.VQDiffusionPipeline.from_pretrained(minildm.TINY_VQ_DIFFUSION)
+    original = vq.transformer.forward
+    monkeypatch.setattr(vq.transformer, "forward", lambda *a: original(*a) * float("nan"))
+    with pytest.raises(FloatingPointError) as raised:
+        vq("a cat", num_inference_steps=2)
+    print(raised.value)
+    assert "log-probabilities are NaN at step 1" in str(raised.value)
+
+
+def test_a_non_finite_input_image_is_refused():
+    pipe = minildm.StableDiffusionImg2ImgPipeline.from_pretrained(minildm.TINY_SD)
+    image = torch.full((1, 3, 64, 64), 0.5)
+    image[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="image holds inf/nan values"):
+        pipe("a cat", image=image, num_inference_steps=2)

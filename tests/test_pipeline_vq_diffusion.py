@@ -227,11 +227,11 @@ def test_command_line_writes_a_png(hub_folder, tmp_path, capsys):
     written = sorted(tmp_path.glob("*.png"))
     output = capsys.readouterr().out
     assert [p.name for p in written] == [
-        "vq-diffusion_seed0_0.png",
-        "vq-diffusion_seed0_1.png",
-        "vq-diffusion_seed0_grid.png",
+        "vq-diffusion_a-teddy-bear-playing-in-the-pool_seed0_0.png",
+        "vq-diffusion_a-teddy-bear-playing-in-the-pool_seed0_1.png",
+        "vq-diffusion_a-teddy-bear-playing-in-the-pool_seed0_grid.png",
     ]
-    assert f"wrote {written[0]}" in output and Image.open(written[2]).size == (32, 16)
+    assert f"wrote 3 file(s):\n  {written[0]}" in output and Image.open(written[2]).size == (32, 16)
     assert Image.open(written[0]).size == (16, 16) and "step 100/100" in output
     with pytest.raises(SystemExit, match="neither a local folder nor in the Hugging Face cache"):
         main(["vq-diffusion", "a cat", "--weights", "someone/not-downloaded"])

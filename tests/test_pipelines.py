@@ -608,18 +608,18 @@ def test_command_line_writes_pngs(sd, ldm, celeba, tmp_path, capsys):
         "ldm-uncond_seed0_1.png",
         "ldm-uncond_seed0_2.png",
         "ldm-uncond_seed0_grid.png",
-        "ldm_seed0_0.png",
-        "sd_seed0_0.png",
-        "sd_seed0_1.png",
-        "sd_seed0_grid.png",
+        "ldm_a-squirrel_seed0_0.png",
+        "sd_a-cat_seed0_0.png",
+        "sd_a-cat_seed0_1.png",
+        "sd_a-cat_seed0_grid.png",
     ]
-    assert Image.open(tmp_path / "sd_seed0_0.png").size == (96, 64) and Image.open(
-        tmp_path / "sd_seed0_grid.png"
+    assert Image.open(tmp_path / "sd_a-cat_seed0_0.png").size == (96, 64) and Image.open(
+        tmp_path / "sd_a-cat_seed0_grid.png"
     ).size == (192, 64)
     assert (
         "step 3/3" in output
         and output.count("step 2/2") == 2
-        and f"wrote {tmp_path / 'sd_seed0_grid.png'}" in output
+        and f"wrote 3 file(s):\n  {tmp_path / 'sd_a-cat_seed0_0.png'}" in output
     )
     with pytest.raises(SystemExit, match="unknown scheduler 'Fast'"):
         main(

@@ -359,7 +359,8 @@ def test_command_line_uses_the_embedded_model(tmp_path, system):
     )
     print(result.stdout[-300:], result.stderr[-300:])
     assert result.returncode == 0 and f"embedded tiny-{system}" in result.stdout
-    image = np.asarray(Image.open(tmp_path / f"{system}_seed0_0.png").convert("RGB"))
+    (written,) = tmp_path.glob(f"{system}_*seed0_0.png")  # sd_a-green-square-..._seed0_0.png
+    image = np.asarray(Image.open(written).convert("RGB"))
     assert image.shape == (64, 64, 3)
     read = shapes.read_image(image)
     print("the scorer reads:", read)

@@ -156,7 +156,8 @@ def test_any_multiple_of_8_matches_diffusers_in_the_api_and_the_command_line(tin
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    written = np.asarray(Image.open(tmp_path / "sd_seed0_0.png").convert("RGB"), dtype=np.int16)
+    (png,) = tmp_path.glob("sd_*_seed0_0.png")
+    written = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
     expected_png = (expected[0] * 255).round().astype(np.int16)  # as diffusers' numpy_to_pil
     levels = int(np.abs(written - expected_png).max())
     print(f"command line 520x776 PNG vs diffusers' image: max difference {levels} level(s)")

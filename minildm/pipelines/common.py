@@ -44,7 +44,17 @@ def prompt_list(prompt) -> list:
     return prompts
 
 
+def is_integer(value) -> bool:
+    """An int, and not a bool (True is an int to Python, but never a count or a size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_image_size(height: int, width: int, factor: int = 8):
+    if not (is_integer(height) and is_integer(width)):
+        raise TypeError(
+            f"height and width must be integers (positive multiples of {factor}), got "
+            f"{height!r} ({type(height).__name__}) and {width!r} ({type(width).__name__})"
+        )
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise ValueError(
             f"height and width must be positive multiples of {factor} "
@@ -65,14 +75,55 @@ def check_guidance_scale(guidance_scale):
 
 
 def check_count(name: str, value):
-    if not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_latents(latents: torch.Tensor | None, shape: tuple):
-    """The caller's starting latents, if any, must have the shape the call will produce."""
-    if latents is not None and tuple(latents.shape) != shape:
+    """The caller's starting latents, if any, must have the shape the call will produce, and be
+    finite: a NaN there would come out as a black image, or as a NaN error blamed on a later step."""
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(
+            f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}"
+        )
+    if tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        bad = int((~torch.isfinite(latents)).sum())
+        raise ValueError(f"latents hold {bad} inf/nan value(s): pass finite starting latents")
+
+
+def check_finite_step(latents, model_output, guidance_scale, step: int, t, scheduler):
+    """After each step: latents that turned inf/nan are reported at the step they appeared, with
+    their cause, rather than surfacing at decode as a black image or an error about the
+    autoencoder. The input was checked finite before the loop, so the cause is the UNet's output
+    (in float16, an overflow past 65504), the guidance (a scale so large that
+    u + s * (c - u) overflows), or the scheduler's arithmetic. model_output is the UNet's raw
+    output; guidance_scale is None when the run is unguided."""
+    if torch.isfinite(latents).all():
+        return
+    where = f"the latents became inf/nan at step {step + 1} (timestep {int(t)})"
+    if not torch.isfinite(model_output).all():
+        if model_output.dtype == torch.float16:
+            raise FloatingPointError(
+                f"{where}: the UNet's output overflowed float16 (largest value 65504). Run the "
+                "UNet in float32 or bfloat16 (dtype=torch.float32, or --dtype bfloat16)."
+            )
+        raise FloatingPointError(
+            f"{where}: the UNet returned inf/nan in {model_output.dtype} from finite input; "
+            "its weights may be damaged (download them again) or not the model's"
+        )
+    if guidance_scale is not None:
+        raise FloatingPointError(
+            f"{where}: the UNet's predictions are finite, but guidance_scale={guidance_scale:g} "
+            f"pushed their combination past {model_output.dtype}'s range; use a smaller scale "
+            "(7.5 is SD's usual)"
+        )
+    raise FloatingPointError(
+        f"{where}: the UNet's prediction is finite; {type(scheduler).__name__}.step produced them"
+    )
 
 
 def initial_noise(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
 from minildm.pipelines.common import (
     PipelineOutput,
+    check_finite_step,
     check_guidance_scale,
     check_image_size,
     check_latents,
@@ -87,6 +88,8 @@ class LDMTextToImagePipeline:
         dtype = next(self.unet.parameters()).dtype
         guided = guidance_scale != 1.0  # as in diffusers: any scale but 1 runs the empty prompt too
 
+        # the schedule first: it checks num_inference_steps before any work
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         context = self.bert(self.tokenizer(prompts).to(self.device))  # (B, 77, 1280)
         if guided:
             no_text = self.tokenizer([""] * len(prompts)).to(self.device)
@@ -94,7 +97,6 @@ class LDMTextToImagePipeline:
             context = torch.cat([empty, context])  # (2B, 77, 1280)
         context = context.to(dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         if latents is None:
             latents = initial_noise(shape, generator, self.device, dtype)
         latents = latents.to(self.device, dtype) * self.scheduler.init_noise_sigma
@@ -102,11 +104,14 @@ class LDMTextToImagePipeline:
         for i, t in enumerate(self.scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_prediction = self.unet(model_input, t, context)
+            model_output = self.unet(model_input, t, context)  # (B or 2B, C, h, w)
+            noise_prediction = model_output
             if guided:
-                unconditional, conditional = noise_prediction.chunk(2)
+                unconditional, conditional = model_output.chunk(2)
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
+            scale = guidance_scale if guided else None
+            check_finite_step(latents, model_output, scale, i, t, self.scheduler)
             if callback is not None:
                 callback(i, t, latents)
 

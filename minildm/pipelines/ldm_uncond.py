@@ -18,6 +18,7 @@ from minildm.load import load_component, load_scheduler, read_model_index
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
+    check_finite_step,
     check_output_type,
     images_out,
     initial_noise,
@@ -74,6 +75,7 @@ class LDMPipeline:
             model_input = self.scheduler.scale_model_input(latents, t)
             noise_prediction = self.unet(model_input, t)  # no text: self-attention only
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
+            check_finite_step(latents, noise_prediction, None, i, t, self.scheduler)
             if callback is not None:
                 callback(i, t, latents)
 

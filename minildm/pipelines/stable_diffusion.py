@@ -32,6 +32,7 @@ from minildm.load import (
 )
 from minildm.pipelines.common import (
     check_count,
+    check_finite_step,
     check_guidance_scale,
     check_image_size,
     check_latents,
@@ -186,10 +187,10 @@ class StableDiffusionPipeline:
         check_latents(latents, shape)
         guided = guidance_scale > 1.0  # classifier-free guidance; 1.0: the conditional prediction
 
-        # 1. the text condition
-        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
-        # 2. the noise schedule and the starting noise
+        # 1. the noise schedule (first: it checks num_inference_steps before any work)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # 2. the text condition and the starting noise
+        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
         if latents is None:
             latents = initial_noise(shape, generator, self.device, self.dtype)
         latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
@@ -269,11 +270,14 @@ class StableDiffusionPipeline:
             model_input = self.scheduler.scale_model_input(model_input, t)
             if extra_input is not None:
                 model_input = torch.cat([model_input, extra_input], dim=1)  # (B or 2B, 4 + 5, h, w)
-            noise_prediction = self.unet(model_input, t, context)  # (B or 2B, 4, h, w)
+            model_output = self.unet(model_input, t, context)  # (B or 2B, 4, h, w)
+            noise_prediction = model_output
             if guided:
-                unconditional, conditional = noise_prediction.chunk(2)
+                unconditional, conditional = model_output.chunk(2)
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
+            scale = guidance_scale if guided else None
+            check_finite_step(latents, model_output, scale, i, t, self.scheduler)
             if after_step is not None:
                 latents = after_step(i, latents)
             if callback is not None and i % callback_steps == 0:
@@ -339,6 +343,8 @@ def image_tensor(image, device, dtype, factor: int = 8) -> torch.Tensor:
             "image must be a PIL image, a list of them, or a (B, 3, H, W) tensor in [0, 1]; "
             f"got {type(image).__name__} {tuple(getattr(image, 'shape', ()))}"
         )
+    if not torch.isfinite(image).all():
+        raise ValueError("image holds inf/nan values: pass a finite image tensor in [0, 1]")
     if image.min() < 0 or image.max() > 1:
         raise ValueError(
             "image tensor values must lie in [0, 1], "

@@ -129,12 +129,14 @@ class VQDiffusionPipeline:
             sample = torch.full(shape, config.mask_index, device=self.device)
         else:
             sample = latents.to(self.device)
+        # the schedule first: it checks num_inference_steps before any work
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         context = self.encode_prompt(prompts, num_images_per_prompt, guided)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         for i, t in enumerate(self.scheduler.timesteps):
             model_input = torch.cat([sample] * 2) if guided else sample
             log_p_x_0 = self.transformer(model_input, context, t)  # (B or 2B, K, N), float32
+            check_log_probabilities(log_p_x_0, i, t)
             if guided:  # classifier-free guidance on log-probabilities, then renormalise
                 unconditional, conditional = log_p_x_0.chunk(2)
                 log_p_x_0 = unconditional + guidance_scale * (conditional - unconditional)
@@ -166,6 +168,17 @@ class VQDiffusionPipeline:
             empty = self.text_encoder(self.tokenizer([""]).to(self.device))
             empty = empty / empty.norm(dim=-1, keepdim=True)
         return torch.cat([empty.expand_as(text).to(text.dtype), text]).to(dtype)  # (2B, 77, D)
+
+
+def check_log_probabilities(log_p_x_0: torch.Tensor, step: int, t):
+    """A NaN in the transformer's log-probabilities would be sampled from without a word (the codes
+    drawn from NaN weights are arbitrary); name it at the step it appears."""
+    if torch.isnan(log_p_x_0).any():
+        raise FloatingPointError(
+            f"the transformer's log-probabilities are NaN at step {step + 1} (timestep {int(t)}): "
+            "its activations overflowed (if it runs in float16, run it in float32) or its weights "
+            "are damaged (download them again)"
+        )
 
 
 def check_truncation_rate(truncation_rate: float):

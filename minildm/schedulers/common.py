@@ -66,7 +66,8 @@ def check_choice(name: str, value, choices: tuple, why: str = ""):
 
 
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int):
-    valid = isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= num_train_timesteps
+    is_integer = isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
+    valid = is_integer and 1 <= num_inference_steps <= num_train_timesteps
     if not valid:
         raise ValueError(
             "num_inference_steps must be an integer from 1 to num_train_timesteps "
