@@ -19,6 +19,9 @@ much later, deep inside loading, with an error that says nothing about the downl
   corrupt); a file that is only short is kept, so that a rerun resumes it.
 - Nothing is overwritten: a file already in place is checked and skipped, or, if it differs from the
   manifest, the command stops and asks you to delete it.
+- A server that stays silent for TIMEOUT seconds ends the transfer (the .part is kept, a rerun
+  resumes); one that sends more bytes than the manifest's size is cut off there; an HTTP error
+  stops the command with what it means and what to do.
 - Revisions are pinned commits (all but ldm-text2im-large-256, read at `main`), and sizes and
   hashes pin the bytes: what you get is the file minildm was checked against, not whatever the
   repository holds today.
@@ -45,7 +48,9 @@ from pathlib import Path
 MANIFEST = importlib.resources.files("minildm") / "weights_manifest.txt"
 HUB_URL = "https://huggingface.co"
 CHUNK = 1 << 20  # bytes read, hashed and written at a time
-TIMEOUT = 60  # seconds the server may stay silent before we give up (the .part file is kept)
+# Seconds the server may stay silent (before answering, or in the middle of the file) before we give
+# up, keeping the .part file. Read at each request, so tests set it lower to see a stall end.
+TIMEOUT = 60
 REPORT_EVERY = 2.0  # seconds between two progress lines of one file
 USER_AGENT = "minildm-download (Python urllib)"
 
@@ -226,7 +231,13 @@ def fetch(entry: ManifestEntry, target: Path, base_url: str, progress) -> None:
     only then give it its real name."""
     url = entry.url(base_url)
     part = target.with_name(target.name + ".part")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise DownloadError(
+            f"cannot create the folder {target.parent}: {e}. "
+            "Choose a folder you can write to with --dir, or remove what is in the way."
+        ) from e
     have = part.stat().st_size if part.exists() else 0
     if entry.size is not None and have > entry.size:
         progress(
@@ -273,16 +284,23 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
     headers = {"User-Agent": USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"  # "send from byte HAVE to the end"
+    kept = f" The {have} bytes received before are kept in {part}." if have else ""
     try:
         response = urllib.request.urlopen(
             urllib.request.Request(url, headers=headers), timeout=TIMEOUT
         )
     except urllib.error.HTTPError as e:
-        raise DownloadError(http_error_message(e, url, part, have)) from e
+        e.close()
+        raise DownloadError(http_error_message(e, url, part, have, size)) from e
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        # no answer, or not HTTP
+        # no answer, or not HTTP. urllib wraps errors of the connection and the request in
+        # URLError, but lets a timeout while waiting for the answer's headers through as it is.
         reason = getattr(e, "reason", e)
-        kept = f" The {have} bytes received before are kept in {part}." if have else ""
+        if isinstance(reason, TimeoutError):
+            raise DownloadError(
+                f"{url} did not answer within {TIMEOUT} s: the server is overloaded or "
+                f"unreachable. Check the network connection and run again.{kept}"
+            ) from e
         raise DownloadError(
             f"could not reach {url}: {reason}. Check the network connection and run again.{kept}"
         ) from e
@@ -325,10 +343,28 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
         if mode == "ab":
             hash_file(part, hasher)  # the sha256 covers the whole file, the kept bytes included
         received = have
+        stopped = None  # the error that ended the transfer early, if one did
+        too_long = False  # the server sent more than the manifest's size
         started = last_report = time.monotonic()
-        with open(part, mode) as f:
-            try:
-                while chunk := response.read(CHUNK):
+        try:
+            with open(part, mode) as f:
+                while True:
+                    try:
+                        # read1 returns what has arrived (up to CHUNK), so every byte received
+                        # is written at once; read(CHUNK) waits for a full chunk, and a server
+                        # going silent meanwhile would take the bytes already received with it.
+                        chunk = response.read1(CHUNK)
+                    except (OSError, http.client.HTTPException) as e:  # a timeout, a reset
+                        stopped = e
+                        break
+                    if not chunk:
+                        break
+                    if size is not None and received + len(chunk) > size:
+                        # Only a body without Content-Length gets here (with one, the length
+                        # was checked above and the reads stop there): stop reading, or a
+                        # server that never ends would fill the disk.
+                        too_long = True
+                        break
                     f.write(chunk)
                     hasher.update(chunk)
                     received += len(chunk)
@@ -337,45 +373,82 @@ def receive(url: str, part: Path, have: int, size: int | None, progress) -> tupl
                         progress(
                             progress_line(received, total, received - have, last_report - started)
                         )
-            except (OSError, http.client.HTTPException) as e:
-                # a timeout, a reset connection, a full disk
-                raise DownloadError(
-                    f"the transfer of {url} stopped after {received} bytes "
-                    f"({type(e).__name__}: {e}). "
-                    f"The bytes received are kept in {part}: run the same command again to resume."
-                ) from e
+        except OSError as e:  # from open, write or close: the disk, not the network
+            # a failed write may have stored part of its chunk: the file itself says how much
+            on_disk = part.stat().st_size if part.exists() else 0
+            raise DownloadError(
+                f"could not write {part} (it holds {on_disk} bytes now): {e}. "
+                "Free some space (or choose another folder with --dir), then run the same "
+                f"command again to resume from the bytes kept in {part}."
+            ) from e
         progress(progress_line(received, total, received - have, time.monotonic() - started))
-    if total is not None and received < total:
+    if too_long:
+        part.unlink()
         raise DownloadError(
-            f"the connection to {url} ended after {received} of {total} bytes. "
-            f"The {received} bytes are kept in {part}: run the same command again to resume."
+            f"{url} sent more than the {size} bytes the manifest expects (it announced no "
+            "length): the server holds another file than the manifest describes. "
+            "The download was deleted."
+        )
+    if stopped is not None or (total is not None and received < total):
+        if stopped is None:
+            why = f"the connection to {url} ended after {received} of {total} bytes."
+        elif isinstance(stopped, TimeoutError):
+            why = f"{url} sent nothing for {TIMEOUT} s after {received} bytes."
+        else:
+            why = (
+                f"the transfer of {url} stopped after {received} bytes "
+                f"({type(stopped).__name__}: {stopped})."
+            )
+        if received == 0:  # an empty .part helps no resume
+            part.unlink()
+            raise DownloadError(f"{why} Nothing was received: run the same command again.")
+        raise DownloadError(
+            f"{why} The {received} bytes are kept in {part}: run the same command again to resume."
         )
     return received, hasher.hexdigest()
 
 
-def http_error_message(e: urllib.error.HTTPError, url: str, part: Path, have: int) -> str:
+def http_error_message(
+    e: urllib.error.HTTPError, url: str, part: Path, have: int, size: int | None
+) -> str:
     """What an HTTP error answer means for a download, and what to do about it."""
+    target = part.with_name(part.name.removesuffix(".part"))
+    kept = (
+        f"The {have} bytes received before are kept in {part}." if have else "Nothing was written."
+    )
     if e.code in (401, 403):
         return (
             f"{url} answered HTTP {e.code} ({e.reason}): the repository may be gated "
             "(it asks you to log in and accept its license), and minildm sends no credentials. "
-            f"Download the file in a browser and put it at {part.with_suffix('')}; "
-            "a rerun then verifies it."
+            f"Download the file in a browser and put it at {target}; a rerun then verifies it."
         )
     if e.code == 404:
         return (
             f"{url} answered HTTP 404 (not found): "
             "the repository, revision or path in the manifest is wrong, "
-            "or the file was removed from the hub."
+            f"or the file was removed from the hub. {kept} Compare the manifest's row for "
+            "this file with the repository's files on the hub."
         )
     if e.code == 416:  # Range Not Satisfiable: there is nothing after byte HAVE
+        if size is not None and have < size:
+            return (
+                f"{url} has no bytes after byte {have}, but the manifest expects {size}: "
+                "the server holds another file than the manifest describes. "
+                f"{part} was left unchanged. Compare the manifest's row for this file with "
+                "the repository's files on the hub."
+            )
         return (
-            f"{url} has no bytes after byte {have}: {part} is as long as the file, or longer. "
-            "Delete it and run again."
+            f"{url} has no bytes after byte {have}: {part} may already hold the whole file, "
+            "but the manifest has no size to check that. Delete it and run again."
+        )
+    if 500 <= e.code < 600:
+        return (
+            f"{url} answered HTTP {e.code} ({e.reason}), a fault on the server's side that "
+            f"often passes: run again later. {kept}"
         )
     return (
-        f"{url} answered HTTP {e.code} ({e.reason}). "
-        f"Run again later; a partial download, if any, is kept in {part}."
+        f"{url} answered HTTP {e.code} ({e.reason}), which minildm cannot act on. {kept} "
+        f"If a browser can fetch the file, put it at {target}; a rerun then verifies it."
     )
 
 
@@ -457,7 +530,9 @@ def main_download(name: str, directory: str) -> int:
     file is in place and verified (or reported unverifiable), 1 after an error, printed on
     stderr."""
     try:
-        paths = download(name, directory)
+        # HUB_URL is read here, not bound as download's default when the module was imported,
+        # so that a test pointing it at a local server reaches the command's code path too.
+        paths = download(name, directory, base_url=HUB_URL)
     except (DownloadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
