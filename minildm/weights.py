@@ -169,6 +169,11 @@ def _read_pickle(path: Path):
         raise _not_a_checkpoint(path, e) from None
 
 
+# torch.save's legacy (non-zip) files open with the pickled magic number 0x1950a86a20f9469cfc6c
+# (torch/serialization.py, MAGIC_NUMBER): protocol 2, then a 10-byte long
+LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
 def _not_a_checkpoint(path: Path, error: Exception) -> CheckpointError:
     if _is_zip(path):  # a zip archive (torch.save's format) that torch cannot read
         return CheckpointError(
@@ -178,6 +183,12 @@ def _not_a_checkpoint(path: Path, error: Exception) -> CheckpointError:
         )
     with open(path, "rb") as f:
         start = f.read(24)
+    if start.startswith(LEGACY_MAGIC):  # torch.save's pre-1.6 format, damaged after its header
+        return CheckpointError(
+            f"{path} ({path.stat().st_size} bytes) is a damaged PyTorch checkpoint in the legacy "
+            f"format ({type(error).__name__}: {str(error)[:200]}). It may be truncated by an "
+            "interrupted download: delete it and download it again."
+        )
     lfs = ""
     if start.startswith(b"version https://git-lfs"):
         lfs = " It is a Git LFS pointer: fetch the real file (git lfs pull)."

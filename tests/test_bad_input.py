@@ -398,3 +398,19 @@ def test_a_non_finite_input_image_is_refused():
     image[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="image holds inf/nan values"):
         pipe("a cat", image=image, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_truncated_checkpoint_is_called_truncated(legacy, tmp_path):
+    """A cut .ckpt used to be "not a PyTorch checkpoint (it starts with b'PK...')"; the legacy
+    format's, which starts with torch's pickled magic number, was called the same."""
+    path = tmp_path / "model.ckpt"
+    torch.save({"weight": torch.randn(64, 64)}, path, _use_new_zipfile_serialization=not legacy)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(minildm.CheckpointError) as raised:
+        minildm.read_state_dict(path)
+    print(raised.value)
+    assert "is a damaged PyTorch checkpoint" in str(raised.value)
+    assert "truncated by an interrupted download: delete it and download it again" in str(
+        raised.value
+    )
