@@ -320,8 +320,8 @@ def test_repo_id_found_in_the_hub_cache_without_writing_to_it(tmp_path, monkeypa
         resolve_repo("CompVis/stable-diffusion-v1-4", "fp16")
     with pytest.raises(
         FileNotFoundError,
-        match=r"python -m minildm download SYSTEM "
-        r".*huggingface-cli download CompVis/ldm-celebahq-256",
+        match=r"neither a local folder nor in the Hugging Face cache .*Fetch it with "
+        r"`python -m minildm download ldm-celebahq-256 --dir weights`",
     ):
         minildm.load_component("CompVis/ldm-celebahq-256/unet")
 
