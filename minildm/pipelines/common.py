@@ -74,6 +74,29 @@ def check_guidance_scale(guidance_scale):
         )
 
 
+def is_number(value) -> bool:
+    """A real int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_generator(generator):
+    """None (the global RNG) or one torch.Generator: a seed number given here by mistake would
+    otherwise fail deep in the noise draw."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            "generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
+            f"got {type(generator).__name__} {generator!r}"
+        )
+
+
+def check_eta(eta):
+    """DDIM's eta (Song et al. 2021, eq. 16) scales the noise of each step: 0 is deterministic,
+    1 DDPM's variance. Above 1 the step's noise variance exceeds 1 - alpha_bar_prev, and the
+    direction term's square root (eq. 12) turns NaN, so [0, 1] is the range."""
+    if not is_number(eta) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
+
+
 def check_count(name: str, value):
     if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -95,13 +118,16 @@ def check_latents(latents: torch.Tensor | None, shape: tuple):
         raise ValueError(f"latents hold {bad} inf/nan value(s): pass finite starting latents")
 
 
-def check_finite_step(latents, model_output, guidance_scale, step: int, t, scheduler):
+def check_finite_step(
+    latents, model_output, noise_prediction, guidance_scale, step: int, t, scheduler
+):
     """After each step: latents that turned inf/nan are reported at the step they appeared, with
     their cause, rather than surfacing at decode as a black image or an error about the
     autoencoder. The input was checked finite before the loop, so the cause is the UNet's output
     (in float16, an overflow past 65504), the guidance (a scale so large that
     u + s * (c - u) overflows), or the scheduler's arithmetic. model_output is the UNet's raw
-    output; guidance_scale is None when the run is unguided."""
+    output, noise_prediction what the scheduler was given; guidance_scale is None when the run
+    is unguided."""
     if torch.isfinite(latents).all():
         return
     where = f"the latents became inf/nan at step {step + 1} (timestep {int(t)})"
@@ -115,7 +141,7 @@ def check_finite_step(latents, model_output, guidance_scale, step: int, t, sched
             f"{where}: the UNet returned inf/nan in {model_output.dtype} from finite input; "
             "its weights may be damaged (download them again) or not the model's"
         )
-    if guidance_scale is not None:
+    if guidance_scale is not None and not torch.isfinite(noise_prediction).all():
         raise FloatingPointError(
             f"{where}: the UNet's predictions are finite, but guidance_scale={guidance_scale:g} "
             f"pushed their combination past {model_output.dtype}'s range; use a smaller scale "

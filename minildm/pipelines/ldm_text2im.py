@@ -19,7 +19,9 @@ import torch
 from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
 from minildm.pipelines.common import (
     PipelineOutput,
+    check_eta,
     check_finite_step,
+    check_generator,
     check_guidance_scale,
     check_image_size,
     check_latents,
@@ -83,6 +85,8 @@ class LDMTextToImagePipeline:
         check_image_size(height, width, f)  # any multiple of f: see unet.Upsample
         check_guidance_scale(guidance_scale)
         check_output_type(output_type)
+        check_eta(eta)
+        check_generator(generator)
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         check_latents(latents, shape)
         dtype = next(self.unet.parameters()).dtype
@@ -111,7 +115,7 @@ class LDMTextToImagePipeline:
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
             scale = guidance_scale if guided else None
-            check_finite_step(latents, model_output, scale, i, t, self.scheduler)
+            check_finite_step(latents, model_output, noise_prediction, scale, i, t, self.scheduler)
             if callback is not None:
                 callback(i, t, latents)
 

@@ -18,7 +18,9 @@ from minildm.load import load_component, load_scheduler, read_model_index
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
+    check_eta,
     check_finite_step,
+    check_generator,
     check_output_type,
     images_out,
     initial_noise,
@@ -64,6 +66,8 @@ class LDMPipeline:
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
         check_count("batch_size", batch_size)
         check_output_type(output_type)
+        check_eta(eta)
+        check_generator(generator)
         dtype = next(self.unet.parameters()).dtype
         size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, size, size)
@@ -75,7 +79,9 @@ class LDMPipeline:
             model_input = self.scheduler.scale_model_input(latents, t)
             noise_prediction = self.unet(model_input, t)  # no text: self-attention only
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
-            check_finite_step(latents, noise_prediction, None, i, t, self.scheduler)
+            check_finite_step(
+                latents, noise_prediction, noise_prediction, None, i, t, self.scheduler
+            )
             if callback is not None:
                 callback(i, t, latents)
 

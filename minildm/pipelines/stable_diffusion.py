@@ -32,13 +32,16 @@ from minildm.load import (
 )
 from minildm.pipelines.common import (
     check_count,
+    check_eta,
     check_finite_step,
+    check_generator,
     check_guidance_scale,
     check_image_size,
     check_latents,
     check_output_type,
     images_out,
     initial_noise,
+    is_number,
     prompt_list,
     step_options,
 )
@@ -174,6 +177,8 @@ class StableDiffusionPipeline:
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         check_guidance_scale(guidance_scale)
+        check_eta(eta)
+        check_generator(generator)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
         if height is None:
@@ -239,7 +244,7 @@ class StableDiffusionPipeline:
     def timesteps_from_strength(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """Start `strength` of the way up the schedule: set it, then skip its first
         (1 - strength) share."""
-        if not 0 <= strength <= 1:
+        if not is_number(strength) or not 0 <= strength <= 1:
             raise ValueError(
                 f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}"
             )
@@ -277,7 +282,7 @@ class StableDiffusionPipeline:
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
             scale = guidance_scale if guided else None
-            check_finite_step(latents, model_output, scale, i, t, self.scheduler)
+            check_finite_step(latents, model_output, noise_prediction, scale, i, t, self.scheduler)
             if after_step is not None:
                 latents = after_step(i, latents)
             if callback is not None and i % callback_steps == 0:
@@ -335,7 +340,7 @@ def image_tensor(image, device, dtype, factor: int = 8) -> torch.Tensor:
 
     if isinstance(image, Image.Image):
         image = [image]
-    if isinstance(image, list) and all(isinstance(i, Image.Image) for i in image):
+    if isinstance(image, list) and image and all(isinstance(i, Image.Image) for i in image):
         arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255 for i in image]
         image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
@@ -381,6 +386,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         check_guidance_scale(guidance_scale)
+        check_eta(eta)
+        check_generator(generator)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         batch = len(prompts) * num_images_per_prompt
         guided = guidance_scale > 1.0
@@ -410,7 +417,8 @@ def mask_tensor(mask_image, image_shape, device, dtype) -> torch.Tensor:
 
     if isinstance(mask_image, Image.Image):
         mask_image = [mask_image]
-    if isinstance(mask_image, list) and all(isinstance(m, Image.Image) for m in mask_image):
+    is_list = isinstance(mask_image, list) and mask_image
+    if is_list and all(isinstance(m, Image.Image) for m in mask_image):
         arrays = [np.asarray(m.convert("L"), dtype=np.float32) / 255 for m in mask_image]
         mask_image = torch.from_numpy(np.stack(arrays))[:, None]  # (B, 1, H, W)
     if not isinstance(mask_image, torch.Tensor) or mask_image.ndim != 4 or mask_image.shape[1] != 1:
@@ -418,6 +426,8 @@ def mask_tensor(mask_image, image_shape, device, dtype) -> torch.Tensor:
             "mask_image must be a PIL image, a list of them, or a (B, 1, H, W) tensor in [0, 1]; "
             f"got {tuple(getattr(mask_image, 'shape', ()))}"
         )
+    if not torch.isfinite(mask_image).all() or mask_image.min() < 0 or mask_image.max() > 1:
+        raise ValueError("mask_image values must be finite and lie in [0, 1] (1: repaint)")
     if mask_image.shape[2:] != image_shape[2:] or mask_image.shape[0] not in (1, image_shape[0]):
         raise ValueError(
             f"the mask is {tuple(mask_image.shape)}, the image {tuple(image_shape)}: "
@@ -459,6 +469,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         check_guidance_scale(guidance_scale)
+        check_eta(eta)
+        check_generator(generator)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         check_inpainting_unet(self.unet.config.in_channels)
         batch = len(prompts) * num_images_per_prompt

@@ -26,9 +26,11 @@ from minildm.load import load_component, load_scheduler, load_tokenizer, read_mo
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
+    check_generator,
     check_guidance_scale,
     check_output_type,
     images_out,
+    is_number,
     prompt_list,
 )
 from minildm.weights import read_config, resolve_folder
@@ -118,6 +120,7 @@ class VQDiffusionPipeline:
         check_guidance_scale(guidance_scale)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
+        check_generator(generator)
         config = self.transformer.config
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, config.height * config.width)  # (B, N): one code per latent position
@@ -182,7 +185,7 @@ def check_log_probabilities(log_p_x_0: torch.Tensor, step: int, t):
 
 
 def check_truncation_rate(truncation_rate: float):
-    if not 0 < truncation_rate <= 1:
+    if not is_number(truncation_rate) or not 0 < truncation_rate <= 1:
         raise ValueError(
             "truncation_rate must lie in (0, 1] (a cumulative probability), "
             f"got {truncation_rate!r}"
