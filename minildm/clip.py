@@ -310,8 +310,9 @@ def transformers_name(name: str) -> str:
 
 
 def _mismatch_hint(missing, unexpected, mismatched):
-    if "token_embedding.weight" in mismatched:
-        (_, got_width), (_, want_width) = mismatched["token_embedding.weight"]
+    got_shape, want_shape = mismatched.get("token_embedding.weight", ((), ()))
+    if len(got_shape) == 2:  # (vocabulary, width); other shapes are named by load_into alone
+        got_width, want_width = got_shape[1], want_shape[1]
         if got_width == 1024:
             return (
                 "a 1024-wide text encoder: this looks like an SD 2.x (OpenCLIP ViT-H/14) "
@@ -366,8 +367,8 @@ VISION_DROPPED_KEYS = [r"(vision_model\.)?embeddings\.position_ids"]
 def _vision_mismatch_hint(missing, unexpected, mismatched):
     if any("text_model" in k or "token_embedding" in k for k in unexpected):
         return "a whole CLIPModel (both towers): load its text and image towers separately"
-    if "patch_embedding.weight" in mismatched:
-        got, want = mismatched["patch_embedding.weight"]  # (width, channels, patch, patch) each
+    got, want = mismatched.get("patch_embedding.weight", ((), ()))
+    if len(got) == 4 and len(want) == 4:  # (width, channels, patch, patch) each
         return (
             f"the checkpoint's tower is {got[0]} wide with {got[2]}-pixel patches, "
             f"the config's {want[0]} with {want[2]}: config.json belongs to another model"

@@ -112,7 +112,8 @@ def squeeze_attention_weights(weights: dict) -> dict:
     [C, C, 1, 1]; ours are Linear [C, C]. `weights` is keyed by our names."""
     squeezed = {}
     for name, value in weights.items():
-        if value.ndim == 4 and _ATTENTION_WEIGHT.fullmatch(name):
+        # only a true 1x1 kernel; any other shape is left for the strict load to report
+        if value.ndim == 4 and value.shape[2:] == (1, 1) and _ATTENTION_WEIGHT.fullmatch(name):
             value = value[:, :, 0, 0]
         squeezed[name] = value
     return squeezed

@@ -679,6 +679,7 @@ def split_fused_qkv(state_dict: dict, head_channels: int) -> dict:
     out = {}
     for key, value in state_dict.items():
         if key.endswith((".qkv.weight", ".qkv.bias")):
+            _check_fused_qkv(state_dict, key, head_channels)
             C3 = value.shape[0]
             heads = C3 // 3 // head_channels
             per_head = value.reshape(
@@ -686,14 +687,32 @@ def split_fused_qkv(state_dict: dict, head_channels: int) -> dict:
             )  # (heads, 3 Dh, C[, 1])
             for part, tensor in zip("qkv", per_head.split(head_channels, dim=1), strict=True):
                 tensor = tensor.reshape(C3 // 3, *value.shape[1:])
-                if tensor.ndim == 3:  # a Conv1d weight [C, C, 1]
+                if tensor.ndim == 3 and tensor.shape[2] == 1:  # a Conv1d weight [C, C, 1]
                     tensor = tensor[..., 0]
                 out[key.replace(".qkv.", f".{part}.")] = tensor
-        elif key.endswith(".proj_out.weight") and value.ndim == 3:
+        elif key.endswith(".proj_out.weight") and value.ndim == 3 and value.shape[2] == 1:
             out[key] = value[..., 0]
         else:
             out[key] = value
     return out
+
+
+def _check_fused_qkv(state_dict: dict, key: str, head_channels: int):
+    """A fused qkv that cannot be cut head by head is refused with its shape (a reshape would fail
+    with torch's bare 'shape is invalid for input of size')."""
+    weight = state_dict.get(key.rsplit(".", 1)[0] + ".weight")
+    channels = weight.shape[1] if weight is not None and weight.ndim > 1 else None
+    rows = state_dict[key].shape[0] if state_dict[key].ndim else 0
+    if rows % (3 * head_channels) == 0 and (channels is None or rows == 3 * channels):
+        return
+    expected = "(3 C, C, 1) or (3 C,)" if channels is None else None
+    if expected is None:
+        expected = str((3 * channels, channels, 1) if key.endswith("weight") else (3 * channels,))
+    raise CheckpointError(
+        f"{key} is {tuple(state_dict[key].shape)} in the checkpoint, expected {expected}: "
+        f"openaimodel's fused q, k, v, {head_channels} rows per head for each of q, k and v; "
+        "the weights belong to another configuration"
+    )
 
 
 def select_ema(state_dict: dict, ema: bool | None) -> dict:
@@ -711,7 +730,8 @@ def select_ema(state_dict: dict, ema: bool | None) -> dict:
                 "such as sd-v1-4.ckpt already stores its EMA weights as model.diffusion_model.*): "
                 "pass ema=False"
             )
-        return {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
+        # only the two counters are dropped (by load_unet): any other model_ema.* key is reported
+        return state_dict
     if ema is None:
         raise CheckpointError(
             f"the checkpoint holds both the trained and the EMA UNet ({len(ema_keys)} model_ema.* "
@@ -731,7 +751,7 @@ def select_ema(state_dict: dict, ema: bool | None) -> dict:
 def _mismatch_hint(missing, unexpected, mismatched):
     if any(k.startswith(("first_stage_model.", "cond_stage_model.")) for k in unexpected):
         return "a whole LDM / Stable Diffusion checkpoint: split it into components first"
-    if any("attn2" in k and shapes[0][-1] == 1024 for k, shapes in mismatched.items()):
+    if any("attn2" in k and shapes[0][-1:] == (1024,) for k, shapes in mismatched.items()):
         return (
             "cross-attention from a 1024-wide context: an SD 2.x UNet, "
             "which minildm does not implement"

@@ -474,10 +474,11 @@ def load_into(
             names_in_file = ((file_names or {}).get(k, k) for k in unexpected)
             lines.append(f"  not used by the {what} ({_listing(names_in_file)})")
         if mismatched:
-            shown = [
-                f"{k} is {got} in the checkpoint, {want} in the {what}"
-                for k, (got, want) in sorted(mismatched.items())[:3]
-            ]
+            shown = []
+            for k, (got, want) in sorted(mismatched.items())[:3]:
+                in_file = (file_names or {}).get(k, k)
+                called = k if in_file == k else f"{k} ({in_file} in the file)"
+                shown.append(f"{called} is {got} in the checkpoint, {want} in the {what}")
             lines.append(f"  shapes differ ({len(mismatched)}): " + "; ".join(shown))
         cause = hint(missing, unexpected, mismatched) if hint else None
         if not cause:
