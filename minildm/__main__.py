@@ -504,6 +504,8 @@ def main(argv=None):
         from minildm.train import main_train
 
         try:
+            if not 0 <= args.seed < 2**63:
+                raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
             status = main_train(
                 args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder
             )

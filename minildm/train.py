@@ -267,8 +267,11 @@ MARKER = "training.json"
 def check_output_folder(out: Path, settings: Settings) -> dict | None:
     """-> the checkpoint to resume from, or None for a fresh start. Errors before any work is
     done."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder (new, or one this trainer wrote)")
+    for path in [out, *out.parents]:
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"--out {out}: {path} is a file; give a folder (new, or one this trainer wrote)"
+            )
     if not out.exists() or not any(out.iterdir()):
         return None
     if not (out / MARKER).is_file():

@@ -292,6 +292,15 @@ SD_ARGUMENT_CASES = [
     ({"num_inference_steps": 1001}, ValueError, "num_inference_steps must be an integer from 1"),
     ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, ValueError, "latents hold 256 inf/nan"),
     ({"latents": [[0.0]]}, TypeError, "latents must be a torch.Tensor of shape (1, 4, 8, 8)"),
+    ({"eta": float("nan")}, ValueError, "eta must be a number in [0, 1]"),
+    ({"eta": -1}, ValueError, "eta must be a number in [0, 1]"),
+    ({"eta": 1e30}, ValueError, "eta must be a number in [0, 1]"),  # used to become NaN latents
+    ({"eta": "0"}, ValueError, "eta must be a number in [0, 1]"),
+    ({"generator": 0}, TypeError, "generator must be a torch.Generator"),  # a seed, by mistake
+    ({"output_type": "png"}, ValueError, "output_type must be 'pil', 'np' or 'pt'"),
+    ({"prompt": []}, TypeError, "prompt must be a string or a non-empty list of strings"),
+    ({"prompt": None}, TypeError, "prompt must be a string or a non-empty list of strings"),
+    ({"callback_steps": 0}, ValueError, "callback_steps must be a positive integer"),
 ]
 
 
@@ -302,7 +311,7 @@ def test_pipeline_arguments_are_checked_before_any_work(
     encoded = count_text_encoder_calls(tiny_sd, monkeypatch)
     steps = []
     with pytest.raises(error) as raised:
-        tiny_sd("a cat", callback=lambda *a: steps.append(a), **argument)
+        tiny_sd(**{"prompt": "a cat", "callback": lambda *a: steps.append(a), **argument})
     print(f"{argument}: {raised.value}")
     assert words in str(raised.value) and not steps and not encoded
 
@@ -318,6 +327,11 @@ def test_the_other_pipelines_check_their_arguments_the_same_way():
         (lambda: uncond(num_inference_steps=0), ValueError, "num_inference_steps must"),
         (lambda: vq("a cat", num_images_per_prompt=True), ValueError, "num_images_per_prompt"),
         (lambda: vq("a cat", num_inference_steps=2.0), ValueError, "num_inference_steps must"),
+        (lambda: vq("a cat", truncation_rate=True), ValueError, "truncation_rate must lie in"),
+        (lambda: vq("a cat", generator=1), TypeError, "generator must be a torch.Generator"),
+        (lambda: ldm("a cat", eta=float("nan")), ValueError, "eta must be a number in [0, 1]"),
+        (lambda: uncond(eta=2), ValueError, "eta must be a number in [0, 1]"),
+        (lambda: uncond(generator="0"), TypeError, "generator must be a torch.Generator"),
     ]
     for call, error, words in cases:
         with pytest.raises(error) as raised:
@@ -387,7 +401,7 @@ def test_nan_log_probabilities_in_vq_diffusion_are_named(monkeypatch):
     original = vq.transformer.forward
     monkeypatch.setattr(vq.transformer, "forward", lambda *a: original(*a) * float("nan"))
     with pytest.raises(FloatingPointError) as raised:
-        vq("a cat", num_inference_steps=2)
+        vq("a cat", num_inference_steps=50)  # the NaN stops it at step 1
     print(raised.value)
     assert "log-probabilities are NaN at step 1" in str(raised.value)
 
@@ -414,3 +428,58 @@ def test_a_truncated_checkpoint_is_called_truncated(legacy, tmp_path):
     assert "truncated by an interrupted download: delete it and download it again" in str(
         raised.value
     )
+
+
+def test_image_to_image_and_inpainting_arguments():
+    img2img = minildm.StableDiffusionImg2ImgPipeline.from_pretrained(minildm.TINY_SD)
+    inpaint = minildm.StableDiffusionInpaintPipeline.from_pretrained(minildm.TINY_SD)
+    image, mask = torch.full((1, 3, 64, 64), 0.5), torch.zeros(1, 1, 64, 64)
+    cases = [
+        (lambda: img2img("a cat", image=image, strength=True), "strength must lie in [0, 1]"),
+        (lambda: img2img("a cat", image=image, strength=float("nan")), "strength must lie in"),
+        (lambda: img2img("a cat", image=[]), "image must be a PIL image, a list of them"),
+        (lambda: inpaint("a cat", image=image, mask_image=[]), "mask_image must be a PIL image"),
+        (
+            lambda: inpaint("a cat", image=image, mask_image=mask * float("nan")),
+            "mask_image values must be finite and lie in [0, 1]",
+        ),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError) as raised:
+            call()
+        print(raised.value)
+        assert words in str(raised.value)
+
+
+TRAIN_CASES = [
+    (["train", "sd", "--out", "{tmp}/run", "--minutes", "-1"], "--minutes must be a positive"),
+    (["train", "sd", "--out", "{tmp}/run", "--minutes", "nan"], "--minutes must be a positive"),
+    (["train", "sd", "--out", "{tmp}/run", "--seed", "-5"], "--seed must lie in [0, 2**63)"),
+    (["train", "sd", "--out", "{tmp}/a-file"], "a-file is a file; give a folder"),
+    (["train", "sd", "--out", "{tmp}/a-file/run"], "a-file is a file; give a folder"),
+]
+
+
+@pytest.mark.parametrize("arguments, words", TRAIN_CASES, ids=lambda v: " ".join(map(str, v)))
+def test_train_refuses_before_any_work(arguments, words, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("taken")
+    with pytest.raises(SystemExit) as raised:
+        main([a.format(tmp=tmp_path) for a in arguments])
+    message = str(raised.value.code)
+    print(f"{' '.join(arguments)}: {message}")
+    assert message.startswith("error: ") and words in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing made
+
+
+def test_download_names_the_systems_for_an_unknown_or_empty_name(capsys, tmp_path):
+    for name in ("", "stable-diffusion", "stable-diffusion-v1-4/nope"):
+        assert main_download_status(name, tmp_path) == 1
+        error = capsys.readouterr().err
+        print(f"download {name!r}: {error[:160]}")
+        assert "stable-diffusion-v1-4" in error and not list(tmp_path.iterdir())
+
+
+def main_download_status(name, folder):
+    with pytest.raises(SystemExit) as raised:
+        main(["download", name, "--dir", str(folder)])
+    return raised.value.code
