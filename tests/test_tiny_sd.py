@@ -192,7 +192,8 @@ def test_readme_first_command_runs_offline(tmp_path):
     print(result.stdout[-500:], result.stderr[-500:])
     assert result.returncode == 0
     assert "embedded tiny-sd" in result.stdout
-    image = np.asarray(Image.open(tmp_path / "sd_seed0_0.png").convert("RGB"))
+    promised = first.split("# -> outputs/")[1].split()[0]  # the file the README says it writes
+    image = np.asarray(Image.open(tmp_path / promised).convert("RGB"))
     read = shapes.read_image(image)
     print("the scorer reads:", read)
     assert (read["colour"], read["shape"], read["background"], read["position"]) == (
