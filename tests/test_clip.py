@@ -173,7 +173,8 @@ def test_checkpoint_of_another_size_is_refused(reference, tmp_path):
         model = CLIPTextModel(PRESETS[other])
     with pytest.raises(
         minildm.CheckpointError,
-        match=r"(?s)shapes differ \(196\): final_norm.bias is \(\d+,\) in the checkpoint.*encoder is \d+ wide",
+        match=r"(?s)shapes differ \(196\): final_norm.bias \(text_model.final_layer_norm.bias "
+        r"in the file\) is \(\d+,\) in the checkpoint.*encoder is \d+ wide",
     ):
         load_clip_text_model(PRESETS[other], hub_layout(reference["model"]))
     # a 1024-wide encoder is named as the SD 2.x one
