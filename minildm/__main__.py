@@ -101,14 +101,15 @@ def plan_scheduler(args):
         config = {"_class_name": "PNDMScheduler", **SINGLE_FILE_SCHEDULER}
     else:
         config = read_json(resolve_folder(args.weights) / "scheduler" / "scheduler_config.json")
-    name = getattr(args, "scheduler", None) or config.get("_class_name")
+    chosen = getattr(args, "scheduler", None)  # --scheduler (sd, ldm, ldm-uncond only)
+    name = chosen or config.get("_class_name")
     if name not in schedulers.__all__:
-        option = "--scheduler" if getattr(args, "scheduler", None) else "the folder's scheduler"
+        option = "--scheduler" if chosen else "the folder's scheduler"
         raise ValueError(
             f"{option}: unknown scheduler {name!r}; choose one of {schedulers.__all__}"
         )
     cls = getattr(schedulers, name)
-    if getattr(args, "scheduler", None):
+    if chosen:
         # the new scheduler takes the folder's training schedule, as diffusers'
         # from_config(pipe.scheduler.config) does; the options of the folder's own scheduler (DDIM's
         # set_alpha_to_one, PNDM's skip_prk_steps) do not carry over, and are left out silently:
@@ -121,7 +122,8 @@ def plan_scheduler(args):
 
 
 def progress_printer(steps: int, model_calls: int):
-    """A callback printing the step rate and time left. The pipelines call it once per model call,
+    """A callback printing the step reached and the time left. The pipelines call it once per model
+    call,
     which is not always once per step: PNDM's warm-up makes 51 calls for 50 steps, Heun two a step.
     The line counts steps, as --steps does."""
     start = time.perf_counter()
@@ -327,10 +329,8 @@ def output_files(args) -> list:
     stem = f"{stem}_seed{args.seed}"
 
     def names(stem):
-        count = args.n + (args.n > 1)  # the images and, for several, their grid
-        return [out / f"{stem}_{i}.png" for i in range(args.n)] + [out / f"{stem}_grid.png"][
-            : count - args.n
-        ]
+        paths = [out / f"{stem}_{i}.png" for i in range(args.n)]
+        return paths + [out / f"{stem}_grid.png"] if args.n > 1 else paths
 
     if args.overwrite:
         ours = set(names(stem))
@@ -339,10 +339,11 @@ def output_files(args) -> list:
                 old.unlink()
                 print(f"--overwrite: removed {old} (an earlier run's)")
         return names(stem)
-    run = 1
-    while any(path.exists() for path in names(stem if run == 1 else f"{stem}_run{run}")):
+    run, run_stem = 1, stem
+    while any(path.exists() for path in names(run_stem)):
         run += 1
-    return names(stem if run == 1 else f"{stem}_run{run}")
+        run_stem = f"{stem}_run{run}"
+    return names(run_stem)
 
 
 def image_grid(images):
@@ -530,9 +531,8 @@ def print_tokens(prompt: str, bert: bool):
     tokenizer = BertTokenizer() if bert else CLIPTokenizer()
     ids = tokenizer.encode(prompt)
     row = tokenizer.max_length
-    shown = ids if len(ids) <= row else ids[:row]
     more = f" ... and {len(ids) - row} more, dropped" if len(ids) > row else ""
-    print(f"{len(ids)} tokens (with start/end): {shown}{more}")
+    print(f"{len(ids)} tokens (with start/end): {ids[:row]}{more}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the line above already said what is dropped
         print("row given to the text encoder:", tokenizer([prompt])[0].tolist())

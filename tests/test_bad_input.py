@@ -236,6 +236,7 @@ def test_the_prompt_names_the_files(tmp_path, capsys):
             overwrite=False,
         )
     )
+    print([p.name for p in paths])
     assert [p.name for p in paths] == ["sd_a-red-circle-on-a-blue-background_seed7_0.png"]
 
 

@@ -430,9 +430,10 @@ def test_http_416_on_a_resume_says_the_server_file_is_shorter_than_the_manifest(
     assert not (hub.dir / "toy" / "weights.bin").exists()
 
 
-def test_a_server_that_never_answers_times_out(hub, monkeypatch):
-    monkeypatch.setattr(minildm.download, "TIMEOUT", 0.5)  # the real one is 60 s
-    hub.never_answer = True
+def stalled_download_error(hub, monkeypatch) -> str:
+    """Download from a server set up to stall, with the timeout cut from 60 s to 0.5 s: it must
+    end in a DownloadError within seconds, not hang. -> the error's message."""
+    monkeypatch.setattr(minildm.download, "TIMEOUT", 0.5)
     started = time.monotonic()
     with pytest.raises(DownloadError) as error:
         hub.download("toy/weights.bin")
@@ -440,21 +441,20 @@ def test_a_server_that_never_answers_times_out(hub, monkeypatch):
     message = str(error.value)
     print(f"{seconds:.2f} s: {message}")
     assert seconds < 5
+    return message
+
+
+def test_a_server_that_never_answers_times_out(hub, monkeypatch):
+    hub.never_answer = True
+    message = stalled_download_error(hub, monkeypatch)
     assert "did not answer within 0.5 s" in message and "run again" in message
     assert not (hub.dir / "toy" / "weights.bin").exists()
     assert not (hub.dir / "toy" / "weights.bin.part").exists()
 
 
 def test_a_server_that_goes_silent_after_the_headers_times_out(hub, monkeypatch):
-    monkeypatch.setattr(minildm.download, "TIMEOUT", 0.5)
     hub.stall_after = 0
-    started = time.monotonic()
-    with pytest.raises(DownloadError) as error:
-        hub.download("toy/weights.bin")
-    seconds = time.monotonic() - started
-    message = str(error.value)
-    print(f"{seconds:.2f} s: {message}")
-    assert seconds < 5
+    message = stalled_download_error(hub, monkeypatch)
     assert "sent nothing for 0.5 s after 0 bytes" in message
     assert not (hub.dir / "toy" / "weights.bin").exists()
     assert not (hub.dir / "toy" / "weights.bin.part").exists()  # an empty .part helps nobody
@@ -463,15 +463,8 @@ def test_a_server_that_goes_silent_after_the_headers_times_out(hub, monkeypatch)
 def test_a_server_that_goes_silent_mid_file_keeps_what_arrived_and_a_rerun_resumes(
     hub, monkeypatch
 ):
-    monkeypatch.setattr(minildm.download, "TIMEOUT", 0.5)
     hub.stall_after = 100_000
-    started = time.monotonic()
-    with pytest.raises(DownloadError) as error:
-        hub.download("toy/weights.bin")
-    seconds = time.monotonic() - started
-    message = str(error.value)
-    print(f"{seconds:.2f} s: {message}")
-    assert seconds < 5
+    message = stalled_download_error(hub, monkeypatch)
     assert "sent nothing for 0.5 s after 100000 bytes" in message
     assert "run the same command again to resume" in message
     part = hub.dir / "toy" / "weights.bin.part"

@@ -2,6 +2,7 @@
 rounds them), the checks of their arguments, the starting noise and the scheduler's step options."""
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,9 @@ def prompt_list(prompt) -> list:
 
 
 def is_integer(value) -> bool:
-    """An int, and not a bool (True is an int to Python, but never a count or a size)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int (numpy's too), and not a bool: True is an int to Python, but never a count or a
+    size."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_image_size(height: int, width: int, factor: int = 8):
@@ -66,8 +68,7 @@ def check_guidance_scale(guidance_scale):
     """One rule for the three systems: a finite number >= 0 (1 turns classifier-free guidance off in
     SD and VQ-Diffusion, as in diffusers). NaN would run and give NaN images, and a negative or
     string scale would fail deep inside torch, so all are refused here, before any work."""
-    is_number = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
-    if not is_number or not math.isfinite(guidance_scale) or guidance_scale < 0:
+    if not is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(
             f"guidance_scale must be a finite number >= 0 (1 turns guidance off), "
             f"got {guidance_scale!r}"
@@ -75,8 +76,8 @@ def check_guidance_scale(guidance_scale):
 
 
 def is_number(value) -> bool:
-    """A real int or float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real int or float (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_generator(generator):
