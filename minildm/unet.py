@@ -698,12 +698,20 @@ def split_fused_qkv(state_dict: dict, head_channels: int) -> dict:
 
 
 def _check_fused_qkv(state_dict: dict, key: str, head_channels: int):
-    """A fused qkv that cannot be cut head by head is refused with its shape (a reshape would fail
-    with torch's bare 'shape is invalid for input of size')."""
+    """A fused qkv that cannot be cut head by head, or has another rank, is refused with its shape:
+    a reshape would fail with torch's bare 'shape is invalid for input of size', and a (3 C, 1)
+    bias would be cut into (C, 1) pieces, whose error no longer shows the file's shape."""
     weight = state_dict.get(key.rsplit(".", 1)[0] + ".weight")
     channels = weight.shape[1] if weight is not None and weight.ndim > 1 else None
-    rows = state_dict[key].shape[0] if state_dict[key].ndim else 0
-    if rows % (3 * head_channels) == 0 and (channels is None or rows == 3 * channels):
+    value = state_dict[key]
+    rows = value.shape[0] if value.ndim else 0
+    # a bias is one row each (3 C,); a weight is Conv1d's (3 C, C, 1) or a linear's (3 C, C)
+    is_weight = key.endswith("weight")
+    ranks_fit = (
+        value.ndim in (2, 3) and value.shape[2:] in ((), (1,)) if is_weight else value.ndim == 1
+    )
+    fits = rows % (3 * head_channels) == 0 and (channels is None or rows == 3 * channels)
+    if fits and ranks_fit:
         return
     expected = "(3 C, C, 1) or (3 C,)" if channels is None else None
     if expected is None:
