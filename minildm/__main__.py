@@ -144,13 +144,14 @@ EMBEDDED_DEFAULTS = {
     "sd": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
     "ldm": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
     "ldm-uncond": {"steps": 25},
-    "vq-diffusion": {"steps": 50, "guidance": 4.0},
+    # VQ-Diffusion's best measured settings (minildm/train.py, SAMPLING, says how they were found)
+    "vq-diffusion": {"steps": 50, "guidance": 2.0, "truncation": 0.9},
 }
 OFFICIAL_DEFAULTS = {
     "sd": {"steps": 50, "guidance": 7.5, "height": 512, "width": 512},
     "ldm": {"steps": 50, "guidance": 1.0, "height": 256, "width": 256},
     "ldm-uncond": {"steps": 50},
-    "vq-diffusion": {"steps": 100, "guidance": 5.0},
+    "vq-diffusion": {"steps": 100, "guidance": 5.0, "truncation": 1.0},
 }
 
 
@@ -361,8 +362,8 @@ def image_grid(images):
 def add_generation_arguments(parser, command: str):
     if command != "ldm-uncond":
         parser.add_argument("prompt", help="what the image should show")
-    # --steps, --guidance, --height and --width default to None: their values depend on the
-    # weights and are filled in by fill_defaults
+    # --steps, --guidance, --height, --width and --truncation default to None: their values depend
+    # on the weights and are filled in by fill_defaults
     embedded = EMBEDDED_DEFAULTS[command]
     official = OFFICIAL_DEFAULTS[command]
     settings = ", ".join(f"{name} {value}" for name, value in embedded.items())
@@ -426,8 +427,8 @@ def main(argv=None):
     vq.add_argument(
         "--truncation",
         type=float,
-        default=1.0,
-        help="keep the most likely codes up to this cumulative probability",
+        help="keep the most likely codes up to this cumulative probability (default: 0.9 for the "
+        "embedded model, 1.0 with --weights)",
     )
 
     download = commands.add_parser(

@@ -203,6 +203,11 @@ def _read(image: np.ndarray):
     shape's median colour to the nearest shape colour)."""
     if image.shape != (SIZE, SIZE, 3):
         raise ValueError(f"expected a (64, 64, 3) image, got {image.shape}")
+    if image.dtype != np.uint8:  # floats in [0, 1] would all read as a black background
+        raise TypeError(
+            f"expected a uint8 image (0-255), got {image.dtype}; a pipeline's output_type='np' "
+            "images are floats in [0, 1]: pass (images * 255).round().astype(np.uint8)"
+        )
     pixels = image.astype(np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (252, 3)
     background_rgb = np.median(border, axis=0)

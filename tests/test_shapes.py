@@ -53,6 +53,11 @@ def test_bad_scenes_are_refused():
         shapes.draw("white", "circle", "red", 32, 32, 12)
     with pytest.raises(ValueError, match=r"expected a \(64, 64, 3\) image"):
         shapes.read_image(np.zeros((32, 32, 3), np.uint8))
+    # a pipeline's output_type="np" image, floats in [0, 1]: it used to read as "black, no shape"
+    drawn = shapes.draw("red", "circle", "blue", 18, 32, 12)
+    assert shapes.read_image(drawn)["shape"] == "circle"
+    with pytest.raises(TypeError, match=r"expected a uint8 image \(0-255\), got float32"):
+        shapes.read_image(drawn.astype(np.float32) / 255)
 
 
 def test_scorer_reads_every_combination():

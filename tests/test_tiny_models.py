@@ -3,7 +3,8 @@ and the trainer's paths that made them.
 
 - Each draws what it is asked for, read back by the shapes scorer at the settings it ships with
   (held-out triples x 3 positions x 2 seeds; 25 DDIM steps for ldm, the whole 50-step chain for
-  VQ-Diffusion, guidance 4.0); the unconditional one draws clean scenes of every colour and shape.
+  VQ-Diffusion; guidance 4.0, VQ-Diffusion 2.0 with truncation 0.9); the unconditional one draws
+  clean scenes of every colour and shape.
 - diffusers' matching pipeline loads the same folder and gives the same images (VQ-Diffusion: the
   same codes at every step).
 - `python -m minildm ldm|ldm-uncond|vq-diffusion` with no --weights runs them offline.
@@ -26,9 +27,11 @@ from PIL import Image
 
 import minildm
 from minildm import shapes
+from minildm.__main__ import EMBEDDED_DEFAULTS
 from minildm.pipelines import LDMPipeline, LDMTextToImagePipeline, VQDiffusionPipeline
 from minildm.schedulers import VQDiffusionScheduler
 from minildm.train import (
+    SAMPLING,
     SEEN_TRIPLES,
     autoencoder_scores,
     pipeline_scores,
@@ -100,27 +103,28 @@ def test_folders_are_small_and_complete():
         assert report["wall_minutes"] <= 90 and report["quick"] is False and report["seed"] == 0
 
 
-# VQ-Diffusion did not reach TARGETS in two full trainings (shipped: colour 0.764, shape 0.667,
-# background 1.000, position 0.722, all four 0.472; the folder's README records both runs). These
-# floors guard what was shipped; the targets are printed beside the scores.
-VQ_DIFFUSION_SHIPPED_FLOORS = {
-    "colour": 0.70,
-    "shape": 0.60,
-    "background": 0.95,
-    "position": 0.65,
-    "all": 0.40,
-}
+# VQ-Diffusion at the guidance 4.0 it was first scored at missed TARGETS (all four 0.472); at the
+# settings a sweep found, SAMPLING's guidance 2.0 and truncation 0.9, it meets them (0.986).
+
+
+def test_the_command_line_samples_the_embedded_models_as_they_are_scored():
+    for system, sampling in SAMPLING.items():
+        embedded = EMBEDDED_DEFAULTS[system]
+        print(system, sampling, embedded)
+        assert all(embedded[name] == value for name, value in sampling.items())
 
 
 @pytest.mark.parametrize("system", ["ldm", "vq-diffusion"])
 def test_held_out_and_seen_scores(tiny, system):
     started = time.perf_counter()
     pipe = tiny[system]
+    sampling = SAMPLING[system]  # VQ-Diffusion: guidance 2.0, truncation 0.9
     held_out = pipeline_scores(
-        pipe, list(shapes.HELD_OUT), seeds=(0, 1), steps=STEPS[system], guidance=4.0
+        pipe, list(shapes.HELD_OUT), seeds=(0, 1), steps=STEPS[system], **sampling
     )
-    seen = pipeline_scores(pipe, SEEN_TRIPLES, seeds=(0, 1), steps=STEPS[system], guidance=4.0)
-    print(f"\n{system:28} " + "  ".join(f"{name:>10}" for name in TARGETS))
+    seen = pipeline_scores(pipe, SEEN_TRIPLES, seeds=(0, 1), steps=STEPS[system], **sampling)
+    print(f"\n{system} at {sampling}")
+    print(f"{'':28} " + "  ".join(f"{name:>10}" for name in TARGETS))
     for title, scores in [
         ("12 held-out x 3 x 2 seeds", held_out),
         ("6 seen x 3 x 2 seeds", seen),
@@ -128,8 +132,7 @@ def test_held_out_and_seen_scores(tiny, system):
     ]:
         print(f"{title:28} " + "  ".join(f"{scores[name]:10.3f}" for name in TARGETS))
     print(f"108 images in {time.perf_counter() - started:.1f} s")
-    required = TARGETS if system == "ldm" else VQ_DIFFUSION_SHIPPED_FLOORS
-    for name, floor in required.items():
+    for name, floor in TARGETS.items():
         assert held_out[name] >= floor, f"{system} held-out {name} {held_out[name]:.3f} < {floor}"
 
 

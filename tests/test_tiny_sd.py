@@ -253,6 +253,22 @@ def test_quick_training_run(tmp_path):
         train_sd(folder, quick=True, seed=4)
 
 
+def test_the_autoencoder_loss_leaves_the_model_it_scores_alone(tiny_sd):
+    """Evaluating a trained autoencoder with the trainer's loss used to reset its log-variance
+    bias (the fresh-model start, now start_nearly_deterministic, applied by the loss itself)."""
+    from minildm.train import Settings, kl_autoencoder_loss
+
+    before = {k: v.clone() for k, v in tiny_sd.vae.state_dict().items()}
+    images = torch.from_numpy(shapes.make_dataset(8, seed=0)[0])
+    settings = Settings("sd", minutes=1.0, seed=0, quick=True)
+    loss = kl_autoencoder_loss(tiny_sd.vae, images, settings)
+    with torch.no_grad():
+        value = loss(torch.Generator().manual_seed(0)).item()
+    changed = [k for k, v in tiny_sd.vae.state_dict().items() if not torch.equal(v, before[k])]
+    print(f"trained tiny-SD autoencoder loss {value:.4f}; parameters changed: {changed}")
+    assert not changed and value < 0.1
+
+
 def test_training_bad_input(tmp_path):
     somebody_elses = tmp_path / "photos"
     somebody_elses.mkdir()
