@@ -27,6 +27,7 @@ import torch
 
 from minildm import __version__
 from minildm.load import missing_model_index_message
+from minildm.pipelines.common import warn_if_slow_precision
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import read_json, resolve_folder
 
@@ -184,6 +185,7 @@ def check_generation_arguments(args):
     for option in ("prompt", "negative"):
         check_utf8(getattr(args, option, None), option)
     check_device(args.device)
+    warn_if_slow_precision(DTYPES[args.dtype], args.device)
     check_output_folder(Path(args.out))
 
 
