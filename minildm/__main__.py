@@ -27,6 +27,7 @@ import torch
 
 from minildm import __version__
 from minildm.load import missing_model_index_message
+from minildm.pipelines.common import warn_if_slow_precision
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 from minildm.weights import read_json, resolve_folder
 
@@ -185,6 +186,7 @@ def check_generation_arguments(args):
     for option in ("prompt", "negative"):
         check_utf8(getattr(args, option, None), option)
     check_device(args.device)
+    warn_if_slow_precision(DTYPES[args.dtype], args.device)
     check_output_folder(Path(args.out))
 
 
@@ -480,6 +482,25 @@ def main(argv=None):
         help="toy sizes and 250 steps a stage: the whole path in a minute",
     )
 
+    bench = commands.add_parser(
+        "bench",
+        help="time minildm (and diffusers) on the same work at SD v1's official sizes",
+        formatter_class=defaults,
+    )
+    bench.add_argument(
+        "--part", choices=["unet", "vae", "text", "pipeline", "load"], default="unet"
+    )
+    bench.add_argument("--size", type=int, default=512, help="image size (latents: size / 8)")
+    bench.add_argument("--steps", type=int, default=20, help="--part pipeline: sampling steps")
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
+    bench.add_argument(
+        "--compare-diffusers",
+        action="store_true",
+        help="also time diffusers on the same weights and inputs (needs diffusers, transformers)",
+    )
+
     tokenize = commands.add_parser(
         "tokenize", help="print the 77 token ids a text encoder would see"
     )
@@ -514,6 +535,22 @@ def main(argv=None):
             sys.exit(status)
         except ValueError as e:
             sys.exit(f"error: {e}")
+    elif args.command == "bench":
+        try:
+            check_bench_arguments(args)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        from minildm.bench import bench
+
+        bench(
+            args.part,
+            args.size,
+            DTYPES[args.dtype],
+            args.device,
+            args.steps,
+            args.repeats,
+            args.compare_diffusers,
+        )
     elif args.command == "tokenize":
         try:
             check_utf8(args.prompt, "prompt")
@@ -524,6 +561,26 @@ def main(argv=None):
         from minildm import schedulers
 
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
+
+
+def check_bench_arguments(args):
+    """Before the official-size models are built (a minute, gigabytes)."""
+    if args.size < 8 or args.size % 8:
+        raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.steps < 1 or args.repeats < 1:
+        raise ValueError(
+            f"--steps and --repeats must be at least 1, got {args.steps}, {args.repeats}"
+        )
+    check_device(args.device)
+    if args.compare_diffusers:
+        try:
+            import diffusers  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                f'--compare-diffusers needs diffusers and transformers ({e}): pip install ".[test]"'
+            ) from e
+    warn_if_slow_precision(DTYPES[args.dtype], args.device)
 
 
 def print_tokens(prompt: str, bert: bool):

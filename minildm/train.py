@@ -888,35 +888,36 @@ SCHEDULER_CONFIGS = {
 }
 
 
-def _half(state: dict, rename) -> dict:
-    """fp16, contiguous, renamed to the official layout: what the shipped files hold."""
-    return {
-        rename(name): tensor.detach().to(torch.float16).contiguous()
-        for name, tensor in state.items()
-    }
+def _file_tensors(state: dict, rename, dtype: torch.dtype) -> dict:
+    """Contiguous, in `dtype` (fp16: what the shipped files hold), renamed to the official
+    layout."""
+    return {rename(name): tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
 
 
-def save_component(folder: Path, module):
-    """One model in its diffusers / transformers folder layout: config.json + fp16 safetensors."""
+def save_component(folder: Path, module, dtype: torch.dtype = torch.float16):
+    """One model in its diffusers / transformers folder layout: config.json + safetensors (fp16
+    as shipped; `python -m minildm bench` writes fp32)."""
     if isinstance(module, (AutoencoderKL, VQModel)):
         config = module.config.to_diffusers(sample_size=shapes.SIZE)
-        weights = _half(module.state_dict(), vae_file_name)
+        weights = _file_tensors(module.state_dict(), vae_file_name, dtype)
         file = "diffusion_pytorch_model"
     elif isinstance(module, UNet):
         config = module.config.to_diffusers()
-        weights = _half(module.state_dict(), lambda n: unet_file_name(n, module.config))
+        weights = _file_tensors(
+            module.state_dict(), lambda n: unet_file_name(n, module.config), dtype
+        )
         file = "diffusion_pytorch_model"
     elif isinstance(module, CLIPTextModel):
         config = module.config.to_diffusers()
-        weights = _half(module.state_dict(), transformers_name)
+        weights = _file_tensors(module.state_dict(), transformers_name, dtype)
         file = "model"
     elif isinstance(module, LDMBert):
         config = module.config.to_diffusers()
-        weights = _half(module.state_dict(), bert_file_name)
+        weights = _file_tensors(module.state_dict(), bert_file_name, dtype)
         file = "model"
     elif isinstance(module, VQTransformer):
         config = module.config.to_diffusers()
-        weights = _half(module.state_dict(), transformer_file_name)
+        weights = _file_tensors(module.state_dict(), transformer_file_name, dtype)
         file = "diffusion_pytorch_model"
     else:  # the learned classifier-free embeddings
         length, hidden_size = module.embeddings.shape
@@ -927,14 +928,16 @@ def save_component(folder: Path, module):
             "hidden_size": hidden_size,
             "length": length,
         }
-        weights = _half(module.state_dict(), lambda n: n)
+        weights = _file_tensors(module.state_dict(), lambda n: n, dtype)
         file = "diffusion_pytorch_model"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(weights, folder / f"{file}.safetensors", metadata={"format": "pt"})
 
 
-def save_pipeline_folder(out: Path, system: str, components: dict, tokenizer):
+def save_pipeline_folder(
+    out: Path, system: str, components: dict, tokenizer, dtype: torch.dtype = torch.float16
+):
     """model_index.json, the scheduler, the tokenizer and every model of `components`
     ({folder name: module}, or a path to an existing folder to copy unchanged)."""
     import shutil
@@ -950,7 +953,7 @@ def save_pipeline_folder(out: Path, system: str, components: dict, tokenizer):
             shutil.rmtree(out / name, ignore_errors=True)
             shutil.copytree(part, out / name)
         else:
-            save_component(out / name, part)
+            save_component(out / name, part, dtype)
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(SCHEDULER_CONFIGS[system], indent=2) + "\n"

@@ -30,6 +30,7 @@ from minildm.pipelines.common import (
     initial_noise,
     prompt_list,
     step_options,
+    warn_if_models_slow,
 )
 from minildm.weights import resolve_folder
 
@@ -80,6 +81,7 @@ class LDMTextToImagePipeline:
         callback=None,
     ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
+        warn_if_models_slow(self.unet, self.vqvae, self.bert)
         prompts = prompt_list(prompt)
         f = self.vqvae.config.downsampling_factor
         check_image_size(height, width, f)  # any multiple of f: see unet.Upsample

@@ -25,6 +25,7 @@ from minildm.pipelines.common import (
     images_out,
     initial_noise,
     step_options,
+    warn_if_models_slow,
 )
 from minildm.weights import resolve_folder
 
@@ -64,6 +65,7 @@ class LDMPipeline:
         callback=None,
     ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
+        warn_if_models_slow(self.unet, self.vqvae)
         check_count("batch_size", batch_size)
         check_output_type(output_type)
         check_eta(eta)

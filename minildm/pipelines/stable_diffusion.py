@@ -44,6 +44,7 @@ from minildm.pipelines.common import (
     is_number,
     prompt_list,
     step_options,
+    warn_if_models_slow,
 )
 from minildm.schedulers import PNDMScheduler
 from minildm.tokenizer import CLIPTokenizer
@@ -172,6 +173,7 @@ class StableDiffusionPipeline:
         callback=None,
         callback_steps: int = 1,
     ):
+        warn_if_models_slow(self.unet, self.vae, self.text_encoder)
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
@@ -381,6 +383,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         callback=None,
         callback_steps: int = 1,
     ):
+        warn_if_models_slow(self.unet, self.vae, self.text_encoder)
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
@@ -464,6 +467,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         callback=None,
         callback_steps: int = 1,
     ):
+        warn_if_models_slow(self.unet, self.vae, self.text_encoder)
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)

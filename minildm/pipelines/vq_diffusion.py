@@ -32,6 +32,7 @@ from minildm.pipelines.common import (
     images_out,
     is_number,
     prompt_list,
+    warn_if_models_slow,
 )
 from minildm.weights import read_config, resolve_folder
 
@@ -114,6 +115,7 @@ class VQDiffusionPipeline:
         callback=None,
         callback_steps: int = 1,
     ):
+        warn_if_models_slow(self.transformer, self.vqvae, self.text_encoder)
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_truncation_rate(truncation_rate)

@@ -1,0 +1,52 @@
+"""`python -m minildm bench`: the timing is interleaved, the two implementations compute the same
+function on the same weights, and bad arguments are refused before the models are built."""
+
+import pytest
+import torch
+from conftest import oracle
+
+from minildm import bench
+from minildm.__main__ import main
+
+
+def test_runs_are_timed_in_turn_after_one_warm_up_each():
+    calls = []
+    runs = {"minildm": lambda: calls.append("A"), "diffusers": lambda: calls.append("B")}
+    times = bench.interleaved_seconds(runs, repeats=3, device="cpu")
+    assert calls == ["A", "B"] + ["A", "B"] * 3
+    assert [len(t) for t in times.values()] == [3, 3]
+
+
+def test_flops_of_a_matrix_product():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert bench.count_flops(lambda: a @ b) == 2 * 64 * 32 * 16
+
+
+def test_the_autoencoder_decode_against_diffusers_on_the_same_weights():
+    """The official KL-f8 decoder at 64x64 (small enough for CI): both implementations are timed
+    and their outputs agree, which is what makes the time ratio a comparison of the same work."""
+    oracle("diffusers")
+    result = bench.bench("vae", size=64, repeats=1, compare=True)
+    print(result)
+    assert set(result["medians"]) == {"minildm", "diffusers"}
+    assert result["max_abs_difference"] < 1e-4
+    assert result["gflop"] > 1  # about 39 GFLOP for one 64x64 decode
+    assert result["ratio"] == pytest.approx(
+        result["medians"]["minildm"] / result["medians"]["diffusers"]
+    )
+
+
+@pytest.mark.parametrize(
+    "arguments, words",
+    [
+        (["--size", "100"], "--size must be a positive multiple of 8, got 100"),
+        (["--repeats", "0"], "--steps and --repeats must be at least 1"),
+        (["--device", "gpu"], "--device 'gpu' is not a device"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_model_is_built(arguments, words, monkeypatch):
+    monkeypatch.setattr(bench, "bench", lambda *a: pytest.fail("ran with bad arguments"))
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", *arguments])
+    print(raised.value.code)
+    assert words in str(raised.value.code)
