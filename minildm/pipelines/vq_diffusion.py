@@ -46,7 +46,9 @@ def truncate(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
     keep = sorted_log_p.exp().cumsum(dim=1) < truncation_rate  # (B, K, N), in sorted order
     # shift by one so the code that crosses the threshold is kept too, and the top code always is
     keep = torch.cat((torch.ones_like(keep[:, :1]), keep[:, :-1]), dim=1)
-    keep = keep.gather(1, order.argsort(dim=1))  # back to code order
+    # back to code order: position order[i] gets keep[i] (a scatter; inverting the permutation
+    # with argsort and gathering gives the same, at the cost of a second sort)
+    keep = torch.empty_like(keep).scatter_(1, order, keep)
     return log_p_x_0.masked_fill(~keep, float("-inf"))
 
 
