@@ -246,6 +246,10 @@ def generate(args):
     scheduler = plan_scheduler(args)
     files = output_files(args)
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
+    if torch.device(args.device).type == "cpu":
+        from minildm.cpu_speed import retain_freed_memory
+
+        retain_freed_memory()  # the whole process is this command's: no page faults per step
     pipe = load_pipeline(args, scheduler)
     generator = torch.Generator().manual_seed(args.seed)
     model_calls = len(scheduler.timesteps)
@@ -500,6 +504,18 @@ def main(argv=None):
         action="store_true",
         help="also time diffusers on the same weights and inputs (needs diffusers, transformers)",
     )
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="--part unet, vae or text: run minildm's model through torch.compile (the first "
+        "call's time, compilation included, is reported)",
+    )
+    bench.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="every model at official size in float16 and float32 on --device against the CPU's "
+        "float32 result, and the SD UNet's steps per second against diffusers' in float16",
+    )
 
     tokenize = commands.add_parser(
         "tokenize", help="print the 77 token ids a text encoder would see"
@@ -540,8 +556,10 @@ def main(argv=None):
             check_bench_arguments(args)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        from minildm.bench import bench
+        from minildm.bench import bench, gpu_check
 
+        if args.gpu_check:
+            sys.exit(gpu_check(args.device, repeats=args.repeats)["status"])
         bench(
             args.part,
             args.size,
@@ -550,6 +568,7 @@ def main(argv=None):
             args.steps,
             args.repeats,
             args.compare_diffusers,
+            args.compile,
         )
     elif args.command == "tokenize":
         try:
@@ -572,6 +591,17 @@ def check_bench_arguments(args):
             f"--steps and --repeats must be at least 1, got {args.steps}, {args.repeats}"
         )
     check_device(args.device)
+    if args.compile and args.part not in ("unet", "vae", "text"):
+        raise ValueError(
+            f"--compile times one model (--part unet, vae or text), not --part {args.part}"
+        )
+    if args.gpu_check and torch.device(args.device).type != "cuda":
+        raise ValueError(
+            "--gpu-check compares a CUDA device with this CPU: give --device cuda "
+            "(tests/test_bench.py runs the same check on the CPU with the tiny models)"
+        )
+    if args.compile and args.gpu_check:
+        raise ValueError("--gpu-check runs the models as they are: drop --compile")
     if args.compare_diffusers:
         try:
             import diffusers  # noqa: F401

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.cpu_speed import speed_up
 from minildm.layers import FP32GroupNorm, legacy_attention_name, randn, squeeze_attention_weights
 from minildm.weights import load_into, rename_keys
 
@@ -211,7 +212,7 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
-        h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C): one token per pixel
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C): a token per pixel
 
         def one_head(t):  # (B, HW, C) -> (B, 1, HW, C)
             return t.view(B, H * W, 1, C).transpose(1, 2)
@@ -220,7 +221,7 @@ class Attention(nn.Module):
             one_head(self.q(h)), one_head(self.k(h)), one_head(self.v(h))
         )
         y = y.transpose(1, 2).reshape(B, H * W, C)
-        y = self.out(y).transpose(1, 2).reshape(B, C, H, W)
+        y = self.out(y).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         return x + y
 
 
@@ -617,7 +618,7 @@ def load_autoencoder(config: AutoencoderConfig, state_dict: dict, device=None, d
     weights, names_in_file = rename_keys(state_dict, file_names(model), DROPPED_KEYS)
     what = "VQ autoencoder" if config.is_vq else "KL autoencoder"
     weights = squeeze_attention_weights(weights)
-    return load_into(
+    model = load_into(
         model,
         weights,
         file_names=names_in_file,
@@ -626,3 +627,4 @@ def load_autoencoder(config: AutoencoderConfig, state_dict: dict, device=None, d
         what=what,
         hint=_mismatch_hint,
     )
+    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)

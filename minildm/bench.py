@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minildm.autoencoder import KL_F8, load_autoencoder
 from minildm.clip import CLIP_VIT_L_14, load_clip_text_model
+from minildm.cpu_speed import plain_pytorch, retain_freed_memory, speed_up
 from minildm.unet import SD_V1, load_unet
 
 PARTS = ("unet", "vae", "text", "pipeline", "load")
@@ -65,7 +66,7 @@ def synchronize(device):
 def count_flops(run) -> int:
     """Floating-point operations of one call (matrix products, convolutions, attention), as
     torch's FlopCounterMode counts them: 2 per multiply-add."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, plain_pytorch():  # it counts aten's ops
         run()
     return counter.get_total_flops()
 
@@ -103,7 +104,7 @@ def build_unet(dtype, device, diffusers):
         from minildm.unet import UNet
 
         torch.manual_seed(0)
-        return UNet(SD_V1).to(device, dtype).eval(), None
+        return speed_up(UNet(SD_V1).to(device, dtype).eval()), None
     torch.manual_seed(0)
     theirs = diffusers.UNet2DConditionModel(**without_private_keys(SD_V1.to_diffusers()))
     ours = load_unet(SD_V1, theirs.state_dict(), device=device, dtype=dtype)
@@ -115,7 +116,7 @@ def build_vae(dtype, device, diffusers):
         from minildm.autoencoder import AutoencoderKL
 
         torch.manual_seed(0)
-        return AutoencoderKL(KL_F8).to(device, dtype).eval(), None
+        return speed_up(AutoencoderKL(KL_F8).to(device, dtype).eval()), None
     torch.manual_seed(0)
     theirs = diffusers.AutoencoderKL(**without_private_keys(KL_F8.to_diffusers()))
     ours = load_autoencoder(KL_F8, theirs.state_dict(), device=device, dtype=dtype)
@@ -127,7 +128,7 @@ def build_text_encoder(dtype, device, transformers):
         from minildm.clip import CLIPTextModel
 
         torch.manual_seed(0)
-        return CLIPTextModel(CLIP_VIT_L_14).to(device, dtype).eval(), None
+        return speed_up(CLIPTextModel(CLIP_VIT_L_14).to(device, dtype).eval()), None
     config = CLIP_VIT_L_14.to_diffusers()
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     torch.manual_seed(0)
@@ -284,7 +285,9 @@ def load_work(repeats: int, with_diffusers: bool) -> dict:
     return {"weights_bytes": weights, "results": results}
 
 
-def run_part(part: str, size: int, dtype, device, steps: int, compare: bool) -> dict:
+def run_part(
+    part: str, size: int, dtype, device, steps: int, compare: bool, compile: bool = False
+) -> dict:
     diffusers = None
     if compare:
         import diffusers
@@ -295,18 +298,32 @@ def run_part(part: str, size: int, dtype, device, steps: int, compare: bool) -> 
     make = {"unet": unet_work, "vae": vae_work, "text": text_work}
     if part == "pipeline":
         return pipeline_work(size, dtype, device, diffusers, steps)
-    return make[part](size, dtype, device, diffusers)
+    work = make[part](size, dtype, device, diffusers)
+    if compile:  # torch.compile traces the call through the model; the first call compiles
+        work["runs"]["minildm"] = torch.compile(work["runs"]["minildm"])
+        work["compiled"] = True
+    return work
 
 
 def report(work: dict, dtype, device, repeats: int, probe: float) -> dict:
     """Times the work's runs interleaved and prints medians, ratio, GFLOP/s, difference."""
     runs = work["runs"]
     with torch.inference_mode():
-        outputs = {name: run() for name, run in runs.items()}
+        outputs, first_call = {}, {}
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            synchronize(device)
+            first_call[name] = time.perf_counter() - start
         flops = count_flops(runs["minildm"])
         times = interleaved_seconds(runs, repeats, device)
     name = str(dtype).removeprefix("torch.")
     print(f"{work['what']}, {name} on {device}, {repeats} timed rounds interleaved:")
+    if work.get("compiled"):
+        print(
+            f"  minildm compiled with torch.compile: its first call, compilation included, took "
+            f"{first_call['minildm']:.1f} s"
+        )
     medians = {}
     for implementation, seconds in times.items():
         medians[implementation] = statistics.median(seconds)
@@ -317,6 +334,7 @@ def report(work: dict, dtype, device, repeats: int, probe: float) -> dict:
             f"{100 * achieved / probe:4.1f}% of the matmul probe"
         )
     result = {"what": work["what"], "medians": medians, "gflop": flops / 1e9}
+    result["first_call"] = first_call
     if "diffusers" in medians:
         result["ratio"] = medians["minildm"] / medians["diffusers"]
         absolute, relative = max_difference(outputs["minildm"], outputs["diffusers"])
@@ -343,16 +361,208 @@ def report_loading(loading: dict) -> dict:
     return {"what": "load", "medians": medians}
 
 
-def bench(part, size=512, dtype=torch.float32, device="cpu", steps=20, repeats=3, compare=False):
+def bench(
+    part,
+    size=512,
+    dtype=torch.float32,
+    device="cpu",
+    steps=20,
+    repeats=3,
+    compare=False,
+    compile=False,
+):
     print(f"host: {host()}")
     if part == "load":
         return report_loading(load_work(repeats, compare))
+    if torch.device(device).type == "cpu" and retain_freed_memory():
+        print(
+            "glibc malloc keeps freed memory for reuse (cpu_speed.retain_freed_memory), "
+            "for both implementations: the process is shared"
+        )
     probe = matmul_gflops(dtype, device)
     print(f"matmul probe (2048 x 2048, {str(dtype).removeprefix('torch.')}): {probe:.0f} GFLOP/s")
-    return report(
-        run_part(part, size, dtype, device, steps, compare), dtype, device, repeats, probe
-    )
+    work = run_part(part, size, dtype, device, steps, compare, compile)
+    return report(work, dtype, device, repeats, probe)
 
 
 if __name__ == "__main__":  # the fresh process of load_work
     measure_loading(*sys.argv[1:3])
+
+
+# --- The GPU check ----------------------------------------------------------------------------
+# float16 on the device must stay within what the precision tests allow float16 against float32
+# (5e-3 of the output's largest value: tests/test_clip.py, test_ldm_bert.py, test_autoencoder.py),
+# twice that for the autoencoders' decodes (the deepest stacks of convolutions at full resolution:
+# the tiny KL decoder reached 5.1e-3 in float16 on the CPU), float32 within the parity tests'
+# 1e-4, with TF32 off so that float32 means float32 on the GPU.
+GPU_CHECK_TOLERANCE = {torch.float16: 5e-3, torch.float32: 1e-4}
+DECODE_FLOAT16_TOLERANCE = 1e-2
+
+
+def gpu_check_tolerance(name: str, dtype: torch.dtype) -> float:
+    if dtype == torch.float16 and name.endswith("decode"):
+        return DECODE_FLOAT16_TOLERANCE
+    return GPU_CHECK_TOLERANCE[dtype]
+
+
+def gpu_check_models(small: bool) -> list:
+    """(name, build, call) for every model of the four systems, at official size or (`small`) at
+    the embedded tiny models' sizes, which the tests run on the CPU. `build()` makes the model with
+    minildm's random initialisation; `call(model, device, dtype)` runs it on inputs drawn from a
+    fixed seed (latents at the size its pipeline uses)."""
+    from minildm import train
+    from minildm.autoencoder import VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderKL, VQModel
+    from minildm.clip import CLIP_VIT_B_32, CLIPTextModel
+    from minildm.ldm_bert import LDMBert, LDMBertConfig
+    from minildm.unet import CELEBAHQ, LDM_TEXT2IM, UNet
+    from minildm.vq_transformer import ITHQ, VQTransformer
+
+    if small:
+        sd, ldm, uncond, transformer = (
+            train.UNET,
+            train.LDM_UNET,
+            train.UNCOND_UNET,
+            train.TRANSFORMER,
+        )
+        kl, vq_f4, vq_f8 = train.VAE, train.VQ_VAE, train.VQ_VAE
+        clip_l, clip_b, bert = train.TEXT, train.QUICK_TEXT, train.BERT
+    else:
+        sd, ldm, uncond, transformer = SD_V1, LDM_TEXT2IM, CELEBAHQ, ITHQ
+        kl, vq_f4, vq_f8 = KL_F8, VQ_F4_CELEBAHQ, VQ_F8_ITHQ
+        clip_l, clip_b, bert = CLIP_VIT_L_14, CLIP_VIT_B_32, LDMBertConfig()
+
+    def draw(shape, device, dtype):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+    def ids(high, shape, device):
+        return torch.randint(high, shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def unet(config):  # one guided step: batch 2
+        def call(model, device, dtype):
+            size = config.sample_size
+            latents = draw((2, config.in_channels, size, size), device, dtype)
+            t = torch.tensor([981, 981], device=device)
+            if config.context_dim is None:
+                return model(latents, t)
+            return model(latents, t, draw((2, 77, config.context_dim), device, dtype))
+
+        return call
+
+    def decode(config, size):
+        def call(model, device, dtype):
+            latents = draw((1, config.latent_channels, size, size), device, dtype)
+            if config.is_vq:  # without the snap to the nearest code, which rounding can flip
+                return model.decode(latents, quantize=False)
+            return model.decode(latents)
+
+        return call
+
+    def text(config):
+        def call(model, device, dtype):
+            return model(ids(config.vocab_size, (2, config.max_length), device))
+
+        return call
+
+    def vq_transformer(model, device, dtype):
+        codes = ids(transformer.num_classes, (2, transformer.height * transformer.width), device)
+        context = draw((2, 77, transformer.context_dim), device, dtype)
+        t = transformer.num_timesteps // 2
+        return model(codes, context, torch.tensor([t, t], device=device))
+
+    return [
+        ("SD v1 UNet step", lambda: UNet(sd), unet(sd)),
+        ("KL-f8 decode", lambda: AutoencoderKL(kl), decode(kl, sd.sample_size)),
+        ("CLIP ViT-L/14 text encoder", lambda: CLIPTextModel(clip_l), text(clip_l)),
+        ("LDM text-to-image UNet step", lambda: UNet(ldm), unet(ldm)),
+        ("LDMBert", lambda: LDMBert(bert), text(bert)),
+        ("CelebA-HQ UNet step", lambda: UNet(uncond), unet(uncond)),
+        ("VQ-f4 decode", lambda: VQModel(vq_f4), decode(vq_f4, uncond.sample_size)),
+        ("VQ-Diffusion transformer", lambda: VQTransformer(transformer), vq_transformer),
+        ("VQ-f8 decode", lambda: VQModel(vq_f8), decode(vq_f8, transformer.height)),
+        ("CLIP ViT-B/32 text encoder", lambda: CLIPTextModel(clip_b), text(clip_b)),
+    ]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected|, as the parity tests measure."""
+    got, expected = got.detach().float().cpu(), expected.detach().float().cpu()
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def gpu_check(device="cuda", repeats: int = 3, small: bool = False, dtypes=None) -> int:
+    """Every model on `device` in float16 and float32 against the CPU's float32 result, then the SD
+    UNet's steps per second against diffusers' on the same weights in float16. Prints a table;
+    returns the errors, the speeds and `status`: 0 when every error is within
+    GPU_CHECK_TOLERANCE, else 1 (the command's exit status)."""
+    dtypes = dtypes or (torch.float16, torch.float32)
+    sizes = "the embedded tiny models' sizes" if small else "official sizes"
+    print(f"host: {host()}; device: {describe_device(device)}; models at {sizes}")
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    rows, failed = [], False
+    try:
+        with torch.inference_mode():
+            for name, build, call in gpu_check_models(small):
+                torch.manual_seed(0)
+                model = speed_up(build().eval())
+                expected = call(model, "cpu", torch.float32)
+                errors = {}
+                for dtype in sorted(dtypes, key=lambda d: d != torch.float32):  # float32 first
+                    model.to(device, dtype)
+                    errors[dtype] = relative_error(call(model, device, dtype), expected)
+                    failed |= not errors[dtype] <= gpu_check_tolerance(name, dtype)  # NaN fails
+                rows.append((name, errors))
+                cells = ", ".join(
+                    f"{str(d).removeprefix('torch.')} {e:.1e} (tolerance "
+                    f"{gpu_check_tolerance(name, d):.0e})"
+                    for d, e in errors.items()
+                )
+                print(f"  {name:<28} max error against the CPU's float32: {cells}", flush=True)
+                del model, expected
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow_tf32
+    speed = unet_steps_per_second(device, repeats, small)
+    print("every model within tolerance" if not failed else "SOME MODELS BEYOND TOLERANCE")
+    return {"rows": rows, "failed": failed, "steps_per_second": speed, "status": int(failed)}
+
+
+def describe_device(device) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    return str(device)
+
+
+def unet_steps_per_second(device, repeats: int, small: bool) -> dict | None:
+    """The SD UNet's steps per second in float16 (float32 on the CPU), minildm and diffusers on the
+    same weights, interleaved; None without diffusers."""
+    try:
+        import diffusers
+    except ImportError:
+        print("diffusers is not installed: no steps-per-second comparison")
+        return None
+    from minildm import train
+
+    config = train.UNET if small else SD_V1
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DConditionModel(**without_private_keys(config.to_diffusers()))
+    ours = load_unet(config, theirs.state_dict(), device=device, dtype=dtype).eval()
+    theirs = theirs.to(device, dtype).eval()
+    size = config.sample_size
+    latents = torch.randn(2, config.in_channels, size, size).to(device, dtype)
+    context = torch.randn(2, 77, config.context_dim).to(device, dtype)
+    t = torch.tensor([981, 981], device=device)
+    runs = {
+        "minildm": lambda: ours(latents, t, context),
+        "diffusers": lambda: theirs(latents, t, encoder_hidden_states=context).sample,
+    }
+    with torch.inference_mode():
+        times = interleaved_seconds(runs, repeats, device)
+    speed = {name: 1 / statistics.median(seconds) for name, seconds in times.items()}
+    name = str(dtype).removeprefix("torch.")
+    print(
+        f"SD UNet step ({size}x{size} latents, batch 2, {name}): minildm {speed['minildm']:.2f} "
+        f"steps/s, diffusers {speed['diffusers']:.2f} steps/s "
+        f"({speed['minildm'] / speed['diffusers']:.2f}x)"
+    )
+    return speed

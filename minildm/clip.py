@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.cpu_speed import speed_up
 from minildm.layers import FP32LayerNorm, attention, check_input_ids
 from minildm.weights import load_into, remap_keys
 
@@ -341,7 +342,7 @@ def load_clip_text_model(
     with torch.device("meta"):
         model = CLIPTextModel(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(
+    model = load_into(
         model,
         weights,
         file_names=file_names,
@@ -350,6 +351,7 @@ def load_clip_text_model(
         what="CLIP text encoder",
         hint=_mismatch_hint,
     )
+    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)
 
 
 # The image tower: hub files carry a `vision_model.` prefix, transformers 5 saves without it.
@@ -385,7 +387,7 @@ def load_clip_vision_model(
     with torch.device("meta"):
         model = CLIPVisionModel(config)
     weights, file_names = remap_keys(state_dict, VISION_KEY_RULES, VISION_DROPPED_KEYS)
-    return load_into(
+    model = load_into(
         model,
         weights,
         file_names=file_names,
@@ -394,3 +396,4 @@ def load_clip_vision_model(
         what="CLIP vision tower",
         hint=_vision_mismatch_hint,
     )
+    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.cpu_speed import speed_up
 from minildm.layers import FP32LayerNorm, attention, check_input_ids
 from minildm.weights import load_into, remap_keys
 
@@ -238,7 +239,7 @@ def load_ldm_bert(config: LDMBertConfig, state_dict: dict, device=None, dtype=No
     with torch.device("meta"):
         model = LDMBert(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(
+    model = load_into(
         model,
         weights,
         file_names=file_names,
@@ -247,3 +248,4 @@ def load_ldm_bert(config: LDMBertConfig, state_dict: dict, device=None, dtype=No
         what="LDMBert text encoder",
         hint=_mismatch_hint,
     )
+    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)

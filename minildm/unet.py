@@ -272,14 +272,14 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x):  # (B, C, h, w)
         B, C, H, W = x.shape
-        h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, hw, C): one token per pixel
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, hw, C): a token per pixel
 
         def split_heads(t):  # (B, hw, C) -> (B, heads, hw, C / heads)
             return t.view(B, H * W, self.heads, C // self.heads).transpose(1, 2)
 
         q, k, v = split_heads(self.q(h)), split_heads(self.k(h)), split_heads(self.v(h))
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
-        y = self.out(y).transpose(1, 2).reshape(B, C, H, W)
+        y = self.out(y).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, h, w)
         return x + y
 
 
@@ -792,7 +792,7 @@ def load_unet(
     weights, names_in_file = rename_keys(state_dict, file_names(model), drop=drop)
     # the CelebA-HQ hub file may hold its attention projections as 1x1 convs
     weights = squeeze_attention_weights(weights)
-    return load_into(
+    model = load_into(
         model,
         weights,
         file_names=names_in_file,
@@ -801,3 +801,6 @@ def load_unet(
         what="UNet",
         hint=_mismatch_hint,
     )
+    from minildm.cpu_speed import speed_up  # not at the top: cpu_speed imports GEGLU from here
+
+    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.cpu_speed import speed_up
 from minildm.layers import FP32LayerNorm
 from minildm.weights import load_into, remap_keys
 
@@ -348,7 +349,7 @@ def load_vq_transformer(
     with torch.device("meta"):
         model = VQTransformer(config)
     weights, file_names = remap_keys(state_dict, KEY_RULES)
-    return load_into(
+    model = load_into(
         model,
         weights,
         file_names=file_names,
@@ -356,6 +357,7 @@ def load_vq_transformer(
         dtype=dtype,
         what="VQ-Diffusion transformer",
     )
+    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)
 
 
 def load_learned_embeddings(

@@ -42,11 +42,43 @@ def test_the_autoencoder_decode_against_diffusers_on_the_same_weights():
         (["--size", "100"], "--size must be a positive multiple of 8, got 100"),
         (["--repeats", "0"], "--steps and --repeats must be at least 1"),
         (["--device", "gpu"], "--device 'gpu' is not a device"),
+        (["--gpu-check"], "--gpu-check compares a CUDA device with this CPU"),
+        (["--part", "pipeline", "--compile"], "--compile times one model"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_model_is_built(arguments, words, monkeypatch):
     monkeypatch.setattr(bench, "bench", lambda *a: pytest.fail("ran with bad arguments"))
+    monkeypatch.setattr(bench, "gpu_check", lambda *a, **k: pytest.fail("ran with bad arguments"))
     with pytest.raises(SystemExit) as raised:
         main(["bench", *arguments])
     print(raised.value.code)
     assert words in str(raised.value.code)
+
+
+def test_the_gpu_check_runs_on_the_cpu_with_the_tiny_models():
+    """`bench --gpu-check`'s code path, on the CPU (CI has no GPU): every model's float16 result
+    against float32 within the float16 tolerance, and the UNet steps-per-second comparison."""
+    oracle("diffusers")
+    result = bench.gpu_check("cpu", repeats=1, small=True)
+    names = [name for name, _ in result["rows"]]
+    assert len(names) == 10 and "VQ-Diffusion transformer" in names and "LDMBert" in names
+    for name, errors in result["rows"]:
+        assert set(errors) == {torch.float16, torch.float32}
+        assert errors[torch.float32] == 0.0, name  # the CPU against itself: the same kernels
+        assert 0 < errors[torch.float16] < bench.gpu_check_tolerance(name, torch.float16), name
+    assert result["status"] == 0 and not result["failed"]
+    assert result["steps_per_second"]["minildm"] > 0 and result["steps_per_second"]["diffusers"] > 0
+
+
+def test_the_gpu_check_fails_a_model_beyond_tolerance(monkeypatch):
+    models = bench.gpu_check_models(small=True)[:1]
+    name, build, call = models[0]
+
+    def off_in_float16(model, device, dtype):  # a device kernel that is wrong in float16
+        out = call(model, device, dtype)
+        return out + 1e-2 * out.abs().max() if dtype == torch.float16 else out
+
+    monkeypatch.setattr(bench, "gpu_check_models", lambda small: [(name, build, off_in_float16)])
+    monkeypatch.setattr(bench, "unet_steps_per_second", lambda device, repeats, small: None)
+    result = bench.gpu_check("cpu", repeats=1, small=True)
+    assert result["status"] == 1 and result["rows"][0][1][torch.float16] > 5e-3
