@@ -59,6 +59,8 @@ def onednn_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     native bf16 (elsewhere oneDNN's bf16 falls back to a slow reference path)."""
     if not _enabled or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
+    if torch.compiler.is_compiling():  # torch.compile chooses its own kernels (and fuses them)
+        return False
     if x.dtype != weight.dtype:
         return False
     if not torch.backends.mkldnn.is_available():
