@@ -166,3 +166,19 @@ def test_retaining_freed_memory_stops_the_page_faults():
     print(f"minor page faults of ten 64 MiB allocations: {faults}")
     assert faults["default"] > 10 * 16384 * 0.9  # about one per 4 KiB page
     assert faults["retain"] < 100
+
+
+def test_torch_compile_of_a_sped_up_model_leaves_the_kernels_to_inductor():
+    """`bench --compile`: under torch.compile the oneDNN calls step aside (inductor's own mkldnn
+    lowering accepts only the weights it packs itself), and the compiled model computes the same."""
+    torch.manual_seed(0)
+    model = speed_up(
+        nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 5))
+    )
+    x = torch.randn(2, 4, 6, 6)
+    with torch.inference_mode():
+        expected = model(x)
+        got = torch.compile(model)(x)
+    error = relative_error(got, expected)
+    print(f"torch.compile of a sped-up model: max relative error {error:.1e} (tolerance 1e-5)")
+    assert error < 1e-5
