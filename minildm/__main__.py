@@ -590,18 +590,35 @@ def check_bench_arguments(args):
         raise ValueError(
             f"--steps and --repeats must be at least 1, got {args.steps}, {args.repeats}"
         )
+    if args.gpu_check:
+        given = [
+            option
+            for option, value, default in (
+                ("--part", args.part, "unet"),
+                ("--size", args.size, 512),
+                ("--dtype", args.dtype, "float32"),
+                ("--steps", args.steps, 20),
+                ("--compile", args.compile, False),
+                ("--compare-diffusers", args.compare_diffusers, False),
+            )
+            if value != default
+        ]
+        if given:
+            raise ValueError(
+                f"--gpu-check runs every model at official size in float16 and float32 and "
+                f"compares with diffusers when installed: {', '.join(given)} would be ignored; "
+                "leave them out"
+            )
     check_device(args.device)
-    if args.compile and args.part not in ("unet", "vae", "text"):
-        raise ValueError(
-            f"--compile times one model (--part unet, vae or text), not --part {args.part}"
-        )
     if args.gpu_check and torch.device(args.device).type != "cuda":
         raise ValueError(
             "--gpu-check compares a CUDA device with this CPU: give --device cuda "
             "(tests/test_bench.py runs the same check on the CPU with the tiny models)"
         )
-    if args.compile and args.gpu_check:
-        raise ValueError("--gpu-check runs the models as they are: drop --compile")
+    if args.compile and args.part not in ("unet", "vae", "text"):
+        raise ValueError(
+            f"--compile times one model (--part unet, vae or text), not --part {args.part}"
+        )
     if args.compare_diffusers:
         try:
             import diffusers  # noqa: F401

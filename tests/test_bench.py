@@ -43,6 +43,10 @@ def test_the_autoencoder_decode_against_diffusers_on_the_same_weights():
         (["--repeats", "0"], "--steps and --repeats must be at least 1"),
         (["--device", "gpu"], "--device 'gpu' is not a device"),
         (["--gpu-check"], "--gpu-check compares a CUDA device with this CPU"),
+        (
+            ["--gpu-check", "--part", "vae", "--dtype", "bfloat16"],
+            "--part, --dtype would be ignored",
+        ),
         (["--part", "pipeline", "--compile"], "--compile times one model"),
     ],
 )
