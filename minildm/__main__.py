@@ -8,6 +8,8 @@
     python -m minildm download stable-diffusion-v1-4 --dir weights    fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
     python -m minildm train sd --out runs/tiny-sd                     retrain the tiny model
+    python -m minildm trace sd "a red circle" --out ours.safetensors  record a parity trace
+    python -m minildm compare ours.safetensors theirs.safetensors     find where two runs part
 
 `--weights` takes a pipeline folder, a repo id already in the Hugging Face cache, or (for `sd`) an
 original single-file checkpoint. Images are written as PNGs, with a grid when there are several.
@@ -517,6 +519,8 @@ def main(argv=None):
         "float32 result, and the SD UNet's steps per second against diffusers' in float16",
     )
 
+    add_trace_commands(commands, defaults)
+
     tokenize = commands.add_parser(
         "tokenize", help="print the 77 token ids a text encoder would see"
     )
@@ -570,6 +574,13 @@ def main(argv=None):
             args.compare_diffusers,
             args.compile,
         )
+    elif args.command == "trace":
+        try:
+            main_trace(args)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+    elif args.command == "compare":
+        sys.exit(main_compare(args))
     elif args.command == "tokenize":
         try:
             check_utf8(args.prompt, "prompt")
@@ -580,6 +591,112 @@ def main(argv=None):
         from minildm import schedulers
 
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
+
+
+def add_trace_commands(commands, formatter):
+    trace = commands.add_parser(
+        "trace",
+        help="run a pipeline and record every named intermediate to a safetensors file",
+        formatter_class=formatter,
+    )
+    trace.add_argument("system", choices=list(DEFAULT_WEIGHTS))
+    trace.add_argument("prompt", nargs="?", help="the prompt (not for ldm-uncond)")
+    trace.add_argument("--out", help="the trace file (default: SYSTEM-IMPLEMENTATION.safetensors)")
+    trace.add_argument(
+        "--weights", help="pipeline folder or cached repo id (default: the embedded tiny model)"
+    )
+    trace.add_argument("--steps", type=int, help="denoising steps (default: as generation)")
+    trace.add_argument("--seed", type=int, default=0, help="seed of the CPU generator")
+    trace.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    trace.add_argument("--height", type=int, help="sd, ldm: image height")
+    trace.add_argument("--width", type=int, help="sd, ldm: image width")
+    trace.add_argument("--truncation", type=float, help="vq-diffusion: truncation rate")
+    trace.add_argument(
+        "--layers",
+        action="store_true",
+        help="also record the output of every block of the denoiser in step --layers-step",
+    )
+    trace.add_argument("--layers-step", type=int, default=0, help="the step --layers records")
+    trace.add_argument(
+        "--reference",
+        choices=["diffusers"],
+        help="record diffusers' pipeline on the same folder instead of minildm's",
+    )
+    trace.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    trace.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare two traces stage by stage; exit 0 when all agree, 1 when not, 2 on bad input",
+        formatter_class=formatter,
+    )
+    compare.add_argument("a", help="a trace file")
+    compare.add_argument("b", help="the trace to compare it with")
+    compare.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-4,
+        help="largest max|a - b| / max(|a|, |b|) of a stage that agrees (integer stages: equal)",
+    )
+
+
+def trace_settings(args):
+    """The traced run's settings: the generation commands' defaults for the weights, and only the
+    options the system has."""
+    import minildm
+    from minildm.trace import Settings
+
+    defaults = (EMBEDDED_DEFAULTS if args.weights is None else OFFICIAL_DEFAULTS)[args.system]
+    values = {}
+    for name in ("steps", "guidance", "height", "width", "truncation"):
+        given = getattr(args, name)
+        if name not in defaults:
+            if given is not None:
+                raise ValueError(f"trace {args.system} has no --{name}")
+            continue
+        values[name] = defaults[name] if given is None else given
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    check_utf8(args.prompt, "prompt")
+    folder = minildm.TINY_MODELS[args.system] if args.weights is None else args.weights
+    return folder, Settings(prompt=args.prompt, seed=args.seed, **values)
+
+
+def main_trace(args):
+    from minildm import trace
+
+    folder, settings = trace_settings(args)
+    implementation = args.reference or "minildm"
+    layers_step = args.layers_step if args.layers else None
+    trace.check_settings(args.system, settings, layers_step)
+    check_device(args.device)
+    out = Path(args.out or f"{args.system}-{implementation}.safetensors")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    folder = resolve_folder(folder)
+    started = time.perf_counter()
+    tensors, metadata = trace.record(
+        args.system, folder, settings, implementation, layers_step, args.device, DTYPES[args.dtype]
+    )
+    trace.write(out, tensors, metadata)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(
+        f"{out}: {len(tensors)} tensors ({size / 1e6:.1f} MB) from the {implementation} "
+        f"{args.system} pipeline on {folder}, {settings.steps} steps, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+
+
+def main_compare(args) -> int:
+    from minildm import trace
+
+    try:
+        comparison = trace.compare(args.a, args.b, args.rtol)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(trace.report(comparison))
+    return 0 if comparison.agree else 1
 
 
 def check_bench_arguments(args):
