@@ -111,6 +111,11 @@ def plan_scheduler(args):
         raise ValueError(
             f"{option}: unknown scheduler {name!r}; choose one of {schedulers.__all__}"
         )
+    if name == "DDIMInverseScheduler":
+        raise ValueError(
+            "DDIMInverseScheduler runs from an image towards noise and cannot generate one: "
+            "sd --invert IMAGE uses it (and DDIM to sample back)"
+        )
     cls = getattr(schedulers, name)
     if chosen:
         # the new scheduler takes the folder's training schedule, as diffusers'
@@ -241,8 +246,50 @@ def check_output_folder(out: Path):
         ) from None
 
 
+def check_inversion_arguments(args):
+    """`sd --invert IMAGE`: the image, and the settings inversion fixes, before any weights load.
+    Fills in what it decides: guidance 1.0, the DDIM scheduler, the image's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(args.invert)
+    if not path.is_file():
+        raise ValueError(f"--invert {path}: no such image file")
+    try:
+        with Image.open(path) as image:
+            size = image.size  # (width, height)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--invert {path}: not an image PIL can read ({e})") from e
+    if size[0] % 8 or size[1] % 8:
+        raise ValueError(
+            f"--invert {path}: {size[0]}x{size[1]} pixels; the autoencoder needs multiples of 8 "
+            "(crop or resize the image first: minildm does not resize silently)"
+        )
+    fixed = [
+        (args.n != 1, f"-n {args.n}: an inversion gives back one image"),
+        (args.eta != 0, f"--eta {args.eta}: inversion follows DDIM's deterministic path (eta 0)"),
+        (args.negative is not None, "--negative: the inversion encodes only the prompt"),
+        (
+            args.scheduler not in (None, "DDIMScheduler"),
+            f"--scheduler {args.scheduler}: inversion runs DDIM backwards and samples with DDIM",
+        ),
+        (
+            (args.height, args.width) not in ((None, None), (size[1], size[0])),
+            f"--height/--width: the image is {size[1]}x{size[0]} (height x width)",
+        ),
+    ]
+    for wrong, message in fixed:
+        if wrong:
+            raise ValueError(f"sd --invert does not take {message}")
+    args.scheduler = "DDIMScheduler"
+    args.height, args.width = size[1], size[0]
+    if args.guidance is None:
+        args.guidance = 1.0  # guidance bends the path away from the ODE the inversion follows
+
+
 def generate(args):
     check_generation_arguments(args)
+    if getattr(args, "invert", None):
+        check_inversion_arguments(args)
     fill_defaults(args)
     check_weights_argument(args.command, args.weights)
     scheduler = plan_scheduler(args)
@@ -288,6 +335,8 @@ def generate(args):
             generator=generator,
             callback=progress,
         ).images
+    elif getattr(args, "invert", None):
+        images = invert_and_sample(pipe, args, progress)
     else:
         images = pipe(
             args.prompt,
@@ -316,6 +365,39 @@ def generate(args):
         print(f"  {path}")
 
 
+def invert_and_sample(pipe, args, progress) -> list:
+    """DDIM inversion of --invert's image, then DDIM sampling from the latents it gives; prints
+    how close the round trip comes."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(args.invert) as image:
+        image = image.convert("RGB")
+    print(f"inverting {args.invert} ({args.steps} steps, guidance {args.guidance:g})")
+    latents = pipe.invert(image, args.prompt, args.steps, args.guidance, callback=progress)
+    print(
+        f"\nlatents {tuple(latents.shape)}, std {latents.float().std().item():.3f}; sampling back"
+    )
+    out = pipe(
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        latents=latents,
+        callback=progress,
+        output_type="np",
+    )
+    original = np.asarray(image, dtype=np.float32) / 255
+    error = out.images[0] - original
+    psnr = 10 * np.log10(1 / max(float(np.mean(error**2)), 1e-12))
+    print(
+        f"\nround trip against {args.invert}: PSNR {psnr:.1f} dB, mean abs {np.abs(error).mean():.4f}, "
+        f"max abs {np.abs(error).max():.3f} (the autoencoder's own loss included)"
+    )
+    return [Image.fromarray((image * 255).round().astype("uint8")) for image in out.images]
+
+
 def slug(text: str, most: int = 40) -> str:
     """A file-name piece from a prompt: lower-case letters and digits, words joined by '-'."""
     words = re.findall(r"[a-z0-9]+", text.lower())
@@ -334,7 +416,8 @@ def output_files(args) -> list:
     an earlier run of the same names wrote beyond this run's count (its _3.png, its grid) are
     removed, so that the folder does not mix two runs."""
     out = Path(args.out)
-    stem = args.command if args.command == "ldm-uncond" else f"{args.command}_{slug(args.prompt)}"
+    command = "sd-invert" if getattr(args, "invert", None) else args.command
+    stem = command if command == "ldm-uncond" else f"{command}_{slug(args.prompt)}"
     stem = f"{stem}_seed{args.seed}"
 
     def names(stem):
@@ -423,6 +506,13 @@ def main(argv=None):
     sd.add_argument("--negative", help="negative prompt: what the image should not show")
     ema_help = "for a single file holding both the EMA and the trained UNet"
     sd.add_argument("--ema", choices=["true", "false"], help=ema_help)
+    sd.add_argument(
+        "--invert",
+        metavar="IMAGE",
+        help="DDIM inversion: turn IMAGE (which the prompt describes) into the latents DDIM "
+        "samples it from, then sample them back and write the reconstruction (guidance "
+        "defaults to 1.0, the scheduler is DDIM, the size is the image's)",
+    )
     ldm_help = "LDM text to image (256 px, LDMBert)"
     ldm = commands.add_parser("ldm", help=ldm_help, formatter_class=defaults)
     add_generation_arguments(ldm, "ldm")

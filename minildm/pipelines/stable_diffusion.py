@@ -46,7 +46,7 @@ from minildm.pipelines.common import (
     step_options,
     warn_if_models_slow,
 )
-from minildm.schedulers import PNDMScheduler
+from minildm.schedulers import DDIMInverseScheduler, DDIMScheduler, PNDMScheduler
 from minildm.tokenizer import CLIPTokenizer
 from minildm.unet import SD_V1, load_unet
 from minildm.weights import read_state_dict, resolve_folder
@@ -209,6 +209,57 @@ class StableDiffusionPipeline:
         )
         # 4. back to pixels
         return self.decode(latents, output_type, return_dict)
+
+    @torch.no_grad()
+    def invert(
+        self,
+        image,
+        prompt="",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        callback=None,
+    ) -> torch.Tensor:
+        """DDIM inversion (schedulers/ddim_inverse.py): image(s) -> the latents x_T from which this
+        pipeline's DDIM sampling, with the same prompt, steps and guidance, draws them back:
+        `pipe(prompt, latents=pipe.invert(image, prompt), guidance_scale=1.0)`. The image is
+        encoded to the mean of the VAE's Gaussian (no sampling noise). Guidance above 1 makes the
+        round trip less faithful (the path then leaves the ODE the inversion follows).
+        callback(i, t, latents) after every step."""
+        if not isinstance(self.scheduler, DDIMScheduler):
+            raise ValueError(
+                "invert runs DDIM backwards, and DDIM sampling brings the image back: set "
+                "pipe.scheduler = DDIMScheduler(...) with the folder's training schedule first "
+                f"(this pipeline's is a {type(self.scheduler).__name__})"
+            )
+        check_guidance_scale(guidance_scale)
+        factor = self.vae.config.downsampling_factor
+        pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, factor)
+        prompts = prompt_list(prompt)
+        if len(prompts) == 1:
+            prompts = prompts * pixels.shape[0]
+        if len(prompts) != pixels.shape[0]:
+            raise ValueError(
+                f"{len(prompts)} prompts for {pixels.shape[0]} images: give one, or one per image"
+            )
+        inverse = DDIMInverseScheduler.inverting(self.scheduler)
+        inverse.set_timesteps(num_inference_steps, device=self.device)
+        guided = guidance_scale > 1.0
+        context = self.encode_prompt(prompts, None, 1, guided)  # (B or 2B, 77, 768)
+        mean, _ = self.vae.encode(pixels)
+        latents = (mean * self.vae.config.scaling_factor).to(self.dtype)  # x_0, (B, 4, h, w)
+        for i, t in enumerate(inverse.timesteps):  # cleanest first: x_0 -> x_T
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_output = self.unet(model_input, t, context)
+            noise_prediction = model_output
+            if guided:
+                unconditional, conditional = model_output.chunk(2)
+                noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = inverse.step(noise_prediction, t, latents)
+            scale = guidance_scale if guided else None
+            check_finite_step(latents, model_output, noise_prediction, scale, i, t, inverse)
+            if callback is not None:
+                callback(i, t, latents)
+        return latents
 
     def encode_prompt(
         self, prompts: list, negative_prompt, num_images_per_prompt: int, guided: bool

@@ -7,6 +7,7 @@ sigma-parameterised samplers.
 """
 
 from minildm.schedulers.ddim import DDIMScheduler
+from minildm.schedulers.ddim_inverse import DDIMInverseScheduler
 from minildm.schedulers.ddpm import DDPMScheduler
 from minildm.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from minildm.schedulers.euler import EulerDiscreteScheduler
@@ -18,6 +19,7 @@ from minildm.schedulers.unipc import UniPCMultistepScheduler
 from minildm.schedulers.vq_diffusion import VQDiffusionScheduler
 
 __all__ = [
+    "DDIMInverseScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",

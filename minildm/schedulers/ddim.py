@@ -119,21 +119,27 @@ class DDIMScheduler:
         return prev_sample
 
     def predicted_x0_and_eps(self, model_output: torch.Tensor, sample: torch.Tensor, a_t):
-        """The model's estimates of x_0 and of the noise eps in x_t = sqrt(a_t) x_0 +
-        sqrt(1 - a_t) eps, whichever of the two (or v) it predicts."""
-        if self.prediction_type == "epsilon":
-            eps = model_output
-            x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        elif self.prediction_type == "sample":
-            x0 = model_output
-            eps = (sample - a_t**0.5 * x0) / (1 - a_t) ** 0.5
-        else:
-            # v_prediction (Salimans & Ho 2022, arXiv:2202.00512): v = sqrt(a) eps - sqrt(1 - a) x0
-            x0 = a_t**0.5 * sample - (1 - a_t) ** 0.5 * model_output
-            eps = a_t**0.5 * model_output + (1 - a_t) ** 0.5 * sample
-        return x0, eps
+        return predicted_x0_and_eps(self.prediction_type, model_output, sample, a_t)
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
+
+
+def predicted_x0_and_eps(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, a_t
+):
+    """The model's estimates of x_0 and of the noise eps in x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
+    whichever of the two (or v) it predicts. Also DDIM inversion's (ddim_inverse.py)."""
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+    else:
+        # v_prediction (Salimans & Ho 2022, arXiv:2202.00512): v = sqrt(a) eps - sqrt(1 - a) x0
+        x0 = a_t**0.5 * sample - (1 - a_t) ** 0.5 * model_output
+        eps = a_t**0.5 * model_output + (1 - a_t) ** 0.5 * sample
+    return x0, eps
