@@ -131,6 +131,22 @@ def test_swapping_between_dpm_solver_and_unipc_configs(cls):
 
 
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+def test_from_a_deis_config(cls):
+    # DEIS's algorithm_type 'deis' and solver_type 'logrho' are read as the defaults, as diffusers
+    # reads them
+    config = dict(
+        reference_scheduler("DEISMultistepScheduler", SCHEDULER_CONFIGS["SD v1-4 (PNDM)"]).config
+    )
+    assert config["algorithm_type"] == "deis" and config["solver_type"] == "logrho"
+    compare_scheduler_steps(
+        scheduler_from_config(cls, config),
+        reference_scheduler(cls.__name__, config),
+        20,
+        f"{cls.__name__} from a DEIS config",
+    )
+
+
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
 def test_set_timesteps_starts_afresh(cls):
     # a second run on the same scheduler (and a generator, accepted and unused) gives what a fresh
     # scheduler gives

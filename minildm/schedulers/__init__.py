@@ -9,10 +9,14 @@ sigma-parameterised samplers.
 from minildm.schedulers.ddim import DDIMScheduler
 from minildm.schedulers.ddim_inverse import DDIMInverseScheduler
 from minildm.schedulers.ddpm import DDPMScheduler
+from minildm.schedulers.deis import DEISMultistepScheduler
 from minildm.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from minildm.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from minildm.schedulers.euler import EulerDiscreteScheduler
 from minildm.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from minildm.schedulers.heun import HeunDiscreteScheduler
+from minildm.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from minildm.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from minildm.schedulers.lms import LMSDiscreteScheduler
 from minildm.schedulers.pndm import PNDMScheduler
 from minildm.schedulers.unipc import UniPCMultistepScheduler
@@ -22,10 +26,14 @@ __all__ = [
     "DDIMInverseScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "UniPCMultistepScheduler",

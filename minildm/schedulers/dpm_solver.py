@@ -217,6 +217,8 @@ class DPMSolverMultistepScheduler:
 
     @classmethod
     def from_config(cls, config: dict) -> "DPMSolverMultistepScheduler":
+        if config.get("algorithm_type") == "deis":  # a DEIS config: diffusers reads the default
+            config = dict(config, algorithm_type="dpmsolver++")
         return cls(**config_kwargs(cls, config))
 
     def set_timesteps(self, num_inference_steps: int, device=None):
