@@ -27,10 +27,12 @@ information `implementation`, `versions`, `dtype`, `device`, `seed`, `arguments`
                                                         guided, the unconditional ones first)
     latents/initial                                     the latents (codes) entering step 0
     step/NNN/model_input, step/NNN/timestep             the denoiser's input at step NNN
-    step/NNN/pred_uncond, step/NNN/pred_cond            its output, split (guided); else step/NNN/pred
+    step/NNN/pred_uncond, step/NNN/pred_cond            its output, split (guided); unguided:
+                                                        step/NNN/pred
     step/NNN/scheduler_input                            the guided prediction the scheduler steps
                                                         with (VQ-Diffusion: renormalised, truncated)
-    step/NNN/gumbel                                     VQ-Diffusion: the Gumbel noise it samples with
+    step/NNN/gumbel                                     VQ-Diffusion: the Gumbel noise it
+                                                        samples with
     step/NNN/latents                                    the latents (codes) after the step
     image/decoded                                       the autoencoder's output (B, 3, H, W)
     image                                               the pipeline's output (B, H, W, 3) in [0, 1]
