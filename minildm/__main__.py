@@ -392,8 +392,9 @@ def invert_and_sample(pipe, args, progress) -> list:
     error = out.images[0] - original
     psnr = 10 * np.log10(1 / max(float(np.mean(error**2)), 1e-12))
     print(
-        f"\nround trip against {args.invert}: PSNR {psnr:.1f} dB, mean abs {np.abs(error).mean():.4f}, "
-        f"max abs {np.abs(error).max():.3f} (the autoencoder's own loss included)"
+        f"\nround trip against {args.invert}: PSNR {psnr:.1f} dB, "
+        f"mean abs {np.abs(error).mean():.4f}, max abs {np.abs(error).max():.3f} "
+        "(the autoencoder's own loss included)"
     )
     return [Image.fromarray((image * 255).round().astype("uint8")) for image in out.images]
 
