@@ -707,7 +707,7 @@ def add_trace_commands(commands, formatter):
         action="store_true",
         help="also record the output of every block of the denoiser in step --layers-step",
     )
-    trace.add_argument("--layers-step", type=int, default=0, help="the step --layers records")
+    trace.add_argument("--layers-step", type=int, help="the step --layers records (default 0)")
     trace.add_argument(
         "--reference",
         choices=["diffusers"],
@@ -758,7 +758,9 @@ def main_trace(args):
 
     folder, settings = trace_settings(args)
     implementation = args.reference or "minildm"
-    layers_step = args.layers_step if args.layers else None
+    if args.layers_step is not None and not args.layers:
+        raise ValueError("--layers-step chooses the step --layers records: add --layers")
+    layers_step = (args.layers_step or 0) if args.layers else None
     trace.check_settings(args.system, settings, layers_step)
     check_device(args.device)
     out = Path(args.out or f"{args.system}-{implementation}.safetensors")

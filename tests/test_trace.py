@@ -265,6 +265,7 @@ def test_trace_command_line(tmp_path):
         (["vq-diffusion", "x", "--height", "64"], "trace vq-diffusion has no --height"),
         (["sd", "x", "--steps", "4", "--layers", "--layers-step", "4"], "the layers step must"),
         (["sd", "x", "--steps", "0"], r"steps must lie in \[1, 999\]"),
+        (["sd", "x", "--layers-step", "2"], "--layers-step chooses the step --layers records"),
         (["sd", "x", "--out", str(tmp_path / "nowhere" / "t.safetensors")], "does not exist"),
     ]:
         result = run_trace(*arguments, cwd=tmp_path)
