@@ -81,16 +81,12 @@ class LDMTextToImagePipeline:
         callback=None,
     ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
-        warn_if_models_slow(self.unet, self.vqvae, self.bert)
+        self.check_inputs(
+            prompt, height, width, guidance_scale, eta, generator, latents, output_type
+        )
         prompts = prompt_list(prompt)
         f = self.vqvae.config.downsampling_factor
-        check_image_size(height, width, f)  # any multiple of f: see unet.Upsample
-        check_guidance_scale(guidance_scale)
-        check_output_type(output_type)
-        check_eta(eta)
-        check_generator(generator)
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
-        check_latents(latents, shape)
         dtype = next(self.unet.parameters()).dtype
         guided = guidance_scale != 1.0  # as in diffusers: any scale but 1 runs the empty prompt too
 
@@ -126,3 +122,19 @@ class LDMTextToImagePipeline:
         images = self.vqvae.decode(latents)  # (B, 3, H, W) in about [-1, 1]
         images = images_out((images.float() / 2 + 0.5).clamp(0, 1), output_type)
         return PipelineOutput(images) if return_dict else (images,)
+
+    def check_inputs(
+        self, prompt, height, width, guidance_scale, eta, generator, latents, output_type
+    ):
+        """What __call__ refuses before any work (and a warning for a precision that would run
+        slowly here)."""
+        warn_if_models_slow(self.unet, self.vqvae, self.bert)
+        prompts = prompt_list(prompt)
+        f = self.vqvae.config.downsampling_factor
+        check_image_size(height, width, f)  # any multiple of f: see unet.Upsample
+        check_guidance_scale(guidance_scale)
+        check_output_type(output_type)
+        check_eta(eta)
+        check_generator(generator)
+        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
+        check_latents(latents, shape)

@@ -65,11 +65,7 @@ class LDMPipeline:
         callback=None,
     ):
         """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
-        warn_if_models_slow(self.unet, self.vqvae)
-        check_count("batch_size", batch_size)
-        check_output_type(output_type)
-        check_eta(eta)
-        check_generator(generator)
+        self.check_inputs(batch_size, eta, generator, output_type)
         dtype = next(self.unet.parameters()).dtype
         size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, size, size)
@@ -92,3 +88,12 @@ class LDMPipeline:
         images = self.vqvae.decode(latents, quantize=True)  # snap to the codebook, then decode
         images = images_out((images.float() / 2 + 0.5).clamp(0, 1), output_type)
         return PipelineOutput(images) if return_dict else (images,)
+
+    def check_inputs(self, batch_size, eta, generator, output_type):
+        """What __call__ refuses before any work (and a warning for a precision that would run
+        slowly here)."""
+        warn_if_models_slow(self.unet, self.vqvae)
+        check_count("batch_size", batch_size)
+        check_output_type(output_type)
+        check_eta(eta)
+        check_generator(generator)

@@ -173,25 +173,22 @@ class StableDiffusionPipeline:
         callback=None,
         callback_steps: int = 1,
     ):
-        warn_if_models_slow(self.unet, self.vae, self.text_encoder)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            guidance_scale,
+            negative_prompt,
+            num_images_per_prompt,
+            eta,
+            generator,
+            latents,
+            output_type,
+            callback_steps,
+        )
         prompts = prompt_list(prompt)
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        check_count("callback_steps", callback_steps)
-        check_output_type(output_type)
-        check_guidance_scale(guidance_scale)
-        check_eta(eta)
-        check_generator(generator)
-        check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
-        f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
-        if height is None:
-            height = self.unet.config.sample_size * f
-        if width is None:
-            width = self.unet.config.sample_size * f
-        # any multiple of f: the UNet upsamples to its skips' sizes (unet.Upsample)
-        check_image_size(height, width, f)
         batch = len(prompts) * num_images_per_prompt
-        shape = (batch, self.unet.config.in_channels, height // f, width // f)
-        check_latents(latents, shape)
+        shape = self.latent_shape(batch, height, width)  # (B, 4, H / 8, W / 8)
         guided = guidance_scale > 1.0  # classifier-free guidance; 1.0: the conditional prediction
 
         # 1. the noise schedule (first: it checks num_inference_steps before any work)
@@ -297,10 +294,6 @@ class StableDiffusionPipeline:
     def timesteps_from_strength(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """Start `strength` of the way up the schedule: set it, then skip its first
         (1 - strength) share."""
-        if not is_number(strength) or not 0 <= strength <= 1:
-            raise ValueError(
-                f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}"
-            )
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
         calls_per_step = getattr(self.scheduler, "order", 1)  # Heun calls the model twice per step
@@ -349,6 +342,16 @@ class StableDiffusionPipeline:
         latents = self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor
         return latents.to(self.dtype)
 
+    def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple:
+        """(B, C, h, w) of the latents for images of height x width pixels (by default the size
+        the UNet was trained at)."""
+        f = self.vae.config.downsampling_factor  # 8 for SD's KL-f8
+        if height is None:
+            height = self.unet.config.sample_size * f
+        if width is None:
+            width = self.unet.config.sample_size * f
+        return (batch, self.unet.config.in_channels, height // f, width // f)
+
     def decode(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Latents -> images in [0, 1], the safety checker's flags, the requested output type."""
         vae_dtype = next(self.vae.parameters()).dtype
@@ -360,6 +363,65 @@ class StableDiffusionPipeline:
             flags = self.safety_checker.check(images)
         images = images_out(images, output_type)
         return StableDiffusionOutput(images, flags) if return_dict else (images, flags)
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        guidance_scale,
+        negative_prompt,
+        num_images_per_prompt,
+        eta,
+        generator,
+        latents,
+        output_type,
+        callback_steps,
+    ):
+        """What __call__ refuses before any work (and a warning for a precision that would run
+        slowly here)."""
+        prompts = self.check_common_inputs(
+            prompt,
+            guidance_scale,
+            negative_prompt,
+            num_images_per_prompt,
+            eta,
+            generator,
+            output_type,
+            callback_steps,
+        )
+        f = self.vae.config.downsampling_factor
+        if height is None:
+            height = self.unet.config.sample_size * f
+        if width is None:
+            width = self.unet.config.sample_size * f
+        # any multiple of f: the UNet upsamples to its skips' sizes (unet.Upsample)
+        check_image_size(height, width, f)
+        batch = len(prompts) * num_images_per_prompt
+        check_latents(latents, self.latent_shape(batch, height, width))
+
+    def check_common_inputs(
+        self,
+        prompt,
+        guidance_scale,
+        negative_prompt,
+        num_images_per_prompt,
+        eta,
+        generator,
+        output_type,
+        callback_steps,
+    ) -> list:
+        """The checks text-to-image, image-to-image and inpainting share; returns the prompts."""
+        warn_if_models_slow(self.unet, self.vae, self.text_encoder)
+        prompts = prompt_list(prompt)
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("callback_steps", callback_steps)
+        check_output_type(output_type)
+        check_guidance_scale(guidance_scale)
+        check_eta(eta)
+        check_generator(generator)
+        check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
+        return prompts
 
 
 def check_negative_prompt(negative_prompt, count: int, guidance_scale: float):
@@ -434,15 +496,18 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         callback=None,
         callback_steps: int = 1,
     ):
-        warn_if_models_slow(self.unet, self.vae, self.text_encoder)
+        self.check_inputs(
+            prompt,
+            strength,
+            guidance_scale,
+            negative_prompt,
+            num_images_per_prompt,
+            eta,
+            generator,
+            output_type,
+            callback_steps,
+        )
         prompts = prompt_list(prompt)
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        check_count("callback_steps", callback_steps)
-        check_output_type(output_type)
-        check_guidance_scale(guidance_scale)
-        check_eta(eta)
-        check_generator(generator)
-        check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         batch = len(prompts) * num_images_per_prompt
         guided = guidance_scale > 1.0
 
@@ -461,6 +526,31 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             latents, timesteps, context, guidance_scale, options, callback, callback_steps
         )
         return self.decode(latents, output_type, return_dict)
+
+    def check_inputs(
+        self,
+        prompt,
+        strength,
+        guidance_scale,
+        negative_prompt,
+        num_images_per_prompt,
+        eta,
+        generator,
+        output_type,
+        callback_steps,
+    ):
+        """What __call__ refuses before any work (the image itself is checked as it is read)."""
+        self.check_common_inputs(
+            prompt,
+            guidance_scale,
+            negative_prompt,
+            num_images_per_prompt,
+            eta,
+            generator,
+            output_type,
+            callback_steps,
+        )
+        check_strength(strength)
 
 
 def mask_tensor(mask_image, image_shape, device, dtype) -> torch.Tensor:
@@ -518,16 +608,18 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         callback=None,
         callback_steps: int = 1,
     ):
-        warn_if_models_slow(self.unet, self.vae, self.text_encoder)
+        self.check_inputs(
+            prompt,
+            strength,
+            guidance_scale,
+            negative_prompt,
+            num_images_per_prompt,
+            eta,
+            generator,
+            output_type,
+            callback_steps,
+        )
         prompts = prompt_list(prompt)
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        check_count("callback_steps", callback_steps)
-        check_output_type(output_type)
-        check_guidance_scale(guidance_scale)
-        check_eta(eta)
-        check_generator(generator)
-        check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
-        check_inpainting_unet(self.unet.config.in_channels)
         batch = len(prompts) * num_images_per_prompt
         guided = guidance_scale > 1.0
         channels = self.unet.config.in_channels
@@ -582,12 +674,45 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         )
         return self.decode(latents, output_type, return_dict)
 
+    def check_inputs(
+        self,
+        prompt,
+        strength,
+        guidance_scale,
+        negative_prompt,
+        num_images_per_prompt,
+        eta,
+        generator,
+        output_type,
+        callback_steps,
+    ):
+        """What __call__ refuses before any work (the image itself is checked as it is read)."""
+        self.check_common_inputs(
+            prompt,
+            guidance_scale,
+            negative_prompt,
+            num_images_per_prompt,
+            eta,
+            generator,
+            output_type,
+            callback_steps,
+        )
+        check_inpainting_unet(self.unet.config.in_channels)
+        check_strength(strength)
+
 
 def check_inpainting_unet(channels: int):
     if channels not in (4, 9):
         raise ValueError(
             "inpainting needs a 4-channel (base) or 9-channel (inpainting) UNet, "
             f"this one takes {channels}"
+        )
+
+
+def check_strength(strength):
+    if not is_number(strength) or not 0 <= strength <= 1:
+        raise ValueError(
+            f"strength must lie in [0, 1] (how far to noise the image), got {strength!r}"
         )
 
 

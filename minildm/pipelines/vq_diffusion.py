@@ -117,18 +117,20 @@ class VQDiffusionPipeline:
         callback=None,
         callback_steps: int = 1,
     ):
-        warn_if_models_slow(self.transformer, self.vqvae, self.text_encoder)
+        self.check_inputs(
+            prompt,
+            guidance_scale,
+            truncation_rate,
+            num_images_per_prompt,
+            generator,
+            latents,
+            output_type,
+            callback_steps,
+        )
         prompts = prompt_list(prompt)
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        check_truncation_rate(truncation_rate)
-        check_guidance_scale(guidance_scale)
-        check_count("callback_steps", callback_steps)
-        check_output_type(output_type)
-        check_generator(generator)
         config = self.transformer.config
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, config.height * config.width)  # (B, N): one code per latent position
-        check_codes(latents, shape, config.height, config.width, config.mask_index)
         guided = guidance_scale > 1.0
 
         # start from all [MASK] (the state at the last diffusion step), or the caller's codes
@@ -175,6 +177,31 @@ class VQDiffusionPipeline:
             empty = self.text_encoder(self.tokenizer([""]).to(self.device))
             empty = empty / empty.norm(dim=-1, keepdim=True)
         return torch.cat([empty.expand_as(text).to(text.dtype), text]).to(dtype)  # (2B, 77, D)
+
+    def check_inputs(
+        self,
+        prompt,
+        guidance_scale,
+        truncation_rate,
+        num_images_per_prompt,
+        generator,
+        latents,
+        output_type,
+        callback_steps,
+    ):
+        """What __call__ refuses before any work (and a warning for a precision that would run
+        slowly here)."""
+        warn_if_models_slow(self.transformer, self.vqvae, self.text_encoder)
+        prompts = prompt_list(prompt)
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        check_truncation_rate(truncation_rate)
+        check_guidance_scale(guidance_scale)
+        check_count("callback_steps", callback_steps)
+        check_output_type(output_type)
+        check_generator(generator)
+        config = self.transformer.config
+        shape = (len(prompts) * num_images_per_prompt, config.height * config.width)
+        check_codes(latents, shape, config.height, config.width, config.mask_index)
 
 
 def check_log_probabilities(log_p_x_0: torch.Tensor, step: int, t):
