@@ -91,6 +91,8 @@ def test_minildm_and_diffusers_traces_agree(traces, system):
         f"max rel {worst_stage.max_rel:.1e}; {len(comparison.layers)} blocks, worst "
         f"{worst_block.name} {worst_block.max_rel:.1e} (rtol 1e-4)"
     )
+    if system == "vq-diffusion":
+        comparison.stages = cut_off_flips_allowed(comparison, SETTINGS[system].truncation)
     assert comparison.agree, trace.report(comparison)
     # the stages are the documented ones, in run order, in both files
     guided = system != "ldm-uncond"
@@ -113,6 +115,44 @@ def test_minildm_and_diffusers_traces_agree(traces, system):
     metadata = trace.read(ours).metadata
     assert metadata["layers_step"] == str(LAYERS_STEP) and metadata["system"] == system
     assert json.loads(metadata["versions"])["torch"] == torch.__version__
+
+
+def cut_off_flips_allowed(comparison, rate: float) -> list:
+    """VQ-Diffusion's truncation keeps, at every position, the likeliest codes until their summed
+    probability reaches `rate` (pipelines/vq_diffusion.py, truncate): a step function of the
+    log-probabilities. A code whose preceding sum lies within rounding of `rate` is kept by one
+    implementation and cut (log-probability -70 after the clamp) by the other when the two
+    transformers differ in the last bits, which they do by host (summation order); the codes drawn
+    are the same (the latents are asserted equal below) and the cut code's probability is what
+    differs. Such a stage passes here only if every difference is one of these flips and the rest
+    agrees within the tolerance (docs/parity/pipelines.md, truncation is a step function)."""
+    results = []
+    for result in comparison.stages:
+        if result.ok or not result.name.endswith("/scheduler_input"):
+            results.append(result)
+            continue
+        ours = comparison.a.tensors[result.name].double()  # (B, K, N)
+        theirs = comparison.b.tensors[result.name].double()
+        flipped = (ours == -70) != (theirs == -70)
+        flips = []
+        for kept, cut in ((ours, theirs), (theirs, ours)):
+            for b, k, n in (flipped & (cut == -70)).nonzero().tolist():
+                column = kept[b, :, n].exp()
+                before = float(column[column > column[k]].sum())  # the likelier codes' total
+                flips.append(before)
+        rest = ~flipped
+        scale = float(ours.abs().max())
+        error = float((ours - theirs)[rest].abs().max()) / scale
+        near = all(abs(before - rate) < 1e-5 for before in flips)
+        print(
+            f"{result.name}: {len(flips)} code(s) kept by one side only, the likelier codes "
+            f"summing to {[round(f, 7) for f in flips]} (cut-off {rate}); elsewhere max rel "
+            f"{error:.1e}"
+        )
+        if near and error <= comparison.rtol:
+            result = trace.StageResult(result.name, "ok", result.shape, float("nan"), error)
+        results.append(result)
+    return results
 
 
 def test_recording_leaves_the_pipeline_as_it_was():
