@@ -14,6 +14,11 @@ from minildm.autoencoder import (
     AutoencoderKL,
     VQModel,
 )
+from minildm.checkpoints.load import load_component
+from minildm.checkpoints.weights import (
+    CheckpointError,
+    read_state_dict,
+)
 from minildm.clip import (
     CLIP_VIT_B_32,
     CLIP_VIT_L_14,
@@ -24,7 +29,6 @@ from minildm.ldm_bert import (
     LDMBert,
     LDMBertConfig,
 )
-from minildm.load import load_component
 from minildm.pipelines import (
     LDMPipeline,
     LDMTextToImagePipeline,
@@ -49,10 +53,6 @@ from minildm.vq_transformer import (
     ITHQ,
     VQTransformer,
     VQTransformerConfig,
-)
-from minildm.weights import (
-    CheckpointError,
-    read_state_dict,
 )
 
 __version__ = "0.1.0"

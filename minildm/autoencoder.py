@@ -32,9 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.checkpoints.weights import (
+    legacy_attention_name,
+    load_into,
+    rename_keys,
+    squeeze_attention_weights,
+)
 from minildm.cpu_speed import speed_up
-from minildm.layers import FP32GroupNorm, legacy_attention_name, randn, squeeze_attention_weights
-from minildm.weights import load_into, rename_keys
+from minildm.layers import FP32GroupNorm, randn
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minildm.checkpoints.weights import load_into, remap_keys
 from minildm.cpu_speed import speed_up
 from minildm.layers import FP32LayerNorm, attention, check_input_ids
-from minildm.weights import load_into, remap_keys
 
 
 @dataclass(frozen=True)

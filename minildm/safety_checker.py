@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from minildm.checkpoints.weights import load_into, remap_keys
 from minildm.clip import VISION_KEY_RULES, CLIPVisionConfig, CLIPVisionModel
-from minildm.weights import load_into, remap_keys
 
 CONCEPTS = 17  # fixed by the released weights, not by the config
 SPECIAL_CARE_CONCEPTS = 3

@@ -64,10 +64,11 @@ from safetensors.torch import save_file
 from minildm import shapes
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, VQModel
 from minildm.autoencoder import diffusers_name as vae_file_name
+from minildm.checkpoints.load import load_component, load_tokenizer
+from minildm.checkpoints.weights import read_config
 from minildm.clip import CLIPTextConfig, CLIPTextModel, transformers_name
 from minildm.ldm_bert import LDMBert, LDMBertConfig
 from minildm.ldm_bert import diffusers_name as bert_file_name
-from minildm.load import load_component, load_tokenizer
 from minildm.pipelines import (
     LDMPipeline,
     LDMTextToImagePipeline,
@@ -84,7 +85,6 @@ from minildm.vq_transformer import (
     VQTransformerConfig,
 )
 from minildm.vq_transformer import diffusers_name as transformer_file_name
-from minildm.weights import read_config
 
 SYSTEMS = ("sd", "ldm", "ldm-uncond", "vq-diffusion")
 FOLDER_NAMES = {system: f"tiny-{system}" for system in SYSTEMS}  # minildm/assets/tiny-sd, ...

@@ -24,8 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.layers import FP32GroupNorm, legacy_attention_name, squeeze_attention_weights
-from minildm.weights import CheckpointError, load_into, rename_keys
+from minildm.checkpoints.weights import (
+    CheckpointError,
+    legacy_attention_name,
+    load_into,
+    rename_keys,
+    squeeze_attention_weights,
+)
+from minildm.layers import FP32GroupNorm
 
 
 @dataclass(frozen=True)

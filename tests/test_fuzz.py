@@ -25,11 +25,15 @@ from safetensors.torch import save_file
 
 import minildm
 from minildm import autoencoder, clip, ldm_bert, unet, vq_transformer
-from minildm.layers import legacy_attention_name
-from minildm.load import SCHEDULE_BUFFERS
+from minildm.checkpoints.load import SCHEDULE_BUFFERS
+from minildm.checkpoints.weights import (
+    CheckpointError,
+    legacy_attention_name,
+    read_config,
+    read_state_dict,
+)
 from minildm.pipelines.stable_diffusion import StableDiffusionPipeline
 from minildm.tokenizer import BERT_VOCAB_FILE, BertTokenizer, CLIPTokenizer
-from minildm.weights import CheckpointError, read_config, read_state_dict
 
 # per layout; the single file is saved and split each time (about 7 times the cost of one model)
 KEY_MAP_EXAMPLES = 100

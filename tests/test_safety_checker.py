@@ -9,6 +9,13 @@ import torch
 from conftest import max_relative_error, oracle, randomize_
 from safetensors.torch import save_file
 
+from minildm.checkpoints.weights import (
+    CheckpointError,
+    find_weights_file,
+    read_config,
+    read_state_dict,
+    remap_keys,
+)
 from minildm.clip import CLIPVisionConfig, CLIPVisionModel, load_clip_vision_model
 from minildm.safety_checker import (
     CLIP_MEAN,
@@ -20,13 +27,6 @@ from minildm.safety_checker import (
     config_from_diffusers,
     load_safety_checker,
     preprocess,
-)
-from minildm.weights import (
-    CheckpointError,
-    find_weights_file,
-    read_config,
-    read_state_dict,
-    remap_keys,
 )
 
 TOLERANCE = 1e-5  # fp32, max abs error relative to the output's max abs value

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
+from minildm.checkpoints.load import (
+    load_component,
+    load_scheduler,
+    load_tokenizer,
+    read_model_index,
+)
+from minildm.checkpoints.weights import resolve_folder
 from minildm.pipelines.common import (
     PipelineOutput,
     check_eta,
@@ -32,7 +38,6 @@ from minildm.pipelines.common import (
     step_options,
     warn_if_models_slow,
 )
-from minildm.weights import resolve_folder
 
 
 class LDMTextToImagePipeline:

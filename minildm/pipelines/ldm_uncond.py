@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from minildm.load import load_component, load_scheduler, read_model_index
+from minildm.checkpoints.load import load_component, load_scheduler, read_model_index
+from minildm.checkpoints.weights import resolve_folder
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
@@ -27,7 +28,6 @@ from minildm.pipelines.common import (
     step_options,
     warn_if_models_slow,
 )
-from minildm.weights import resolve_folder
 
 
 class LDMPipeline:

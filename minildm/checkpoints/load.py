@@ -9,8 +9,7 @@ strictly through the model's key map.
 from pathlib import Path
 
 from minildm import autoencoder, clip, ldm_bert, safety_checker, schedulers, unet, vq_transformer
-from minildm.tokenizer import BertTokenizer, CLIPTokenizer
-from minildm.weights import (
+from minildm.checkpoints.weights import (
     CheckpointError,
     download_hint,
     find_weights_file,
@@ -19,6 +18,7 @@ from minildm.weights import (
     read_state_dict,
     resolve_folder,
 )
+from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 
 # reference class name -> (config translation, loader)
 COMPONENTS = {
