@@ -30,7 +30,7 @@ import torch
 from minildm import __version__
 from minildm.checkpoints.load import missing_model_index_message
 from minildm.checkpoints.weights import read_json, resolve_folder
-from minildm.pipelines.common import warn_if_slow_precision
+from minildm.cpu_speed import warn_if_slow_precision
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -23,6 +23,7 @@ from minildm.checkpoints.load import (
     read_model_index,
 )
 from minildm.checkpoints.weights import resolve_folder
+from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     PipelineOutput,
     check_eta,
@@ -36,7 +37,6 @@ from minildm.pipelines.common import (
     initial_noise,
     prompt_list,
     step_options,
-    warn_if_models_slow,
 )
 
 

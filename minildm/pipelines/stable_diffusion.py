@@ -31,6 +31,7 @@ from minildm.checkpoints.load import (
 )
 from minildm.checkpoints.weights import read_state_dict, resolve_folder
 from minildm.clip import CLIP_VIT_L_14, load_clip_text_model
+from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     check_count,
     check_eta,
@@ -45,7 +46,6 @@ from minildm.pipelines.common import (
     is_number,
     prompt_list,
     step_options,
-    warn_if_models_slow,
 )
 from minildm.schedulers import DDIMInverseScheduler, DDIMScheduler, PNDMScheduler
 from minildm.tokenizer import CLIPTokenizer

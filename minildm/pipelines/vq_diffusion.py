@@ -29,6 +29,7 @@ from minildm.checkpoints.load import (
     read_model_index,
 )
 from minildm.checkpoints.weights import read_config, resolve_folder
+from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
@@ -38,7 +39,6 @@ from minildm.pipelines.common import (
     images_out,
     is_number,
     prompt_list,
-    warn_if_models_slow,
 )
 
 
