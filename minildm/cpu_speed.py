@@ -1,8 +1,8 @@
 """What makes minildm's inference on a CPU faster than the same model in plain PyTorch, all in one
 place, so that the model files read as the papers do.
 
-The loaders (`load_unet`, `load_autoencoder`, the text encoders', VQ-Diffusion's) hand every model
-to `speed_up`, which changes how three kinds of module compute, never what:
+The loaders in checkpoints/ (`load_unet`, `load_autoencoder`, the text encoders', VQ-Diffusion's)
+hand every model to `speed_up`, which changes how three kinds of module compute, never what:
 
 - Linear layers run on oneDNN (`torch.ops.mkldnn._linear_pointwise`) instead of the BLAS behind
   `F.linear` (MKL in the CPU wheels). On the 2-core AMD EPYC (AVX-512) host a 4096 x 320 -> 2560

@@ -1,8 +1,8 @@
 """Weight files: finding them, reading them safely, and loading them into a module strictly.
 
-This file knows file formats and folder layouts, never a model. The model files (`clip.py`,
-`ldm_bert.py`, ...) describe how official key names map onto their own attribute names as a few
-regex rules and call `remap_keys` and `load_into` from here.
+This file knows file formats and folder layouts, never a model. The files beside it
+(`checkpoints/clip.py`, `checkpoints/ldm_bert.py`, ...) describe how official key names map onto
+each model's attribute names as a few regex rules and call `remap_keys` and `load_into` from here.
 
 Formats read:
 - `.safetensors`: memory-mapped by the safetensors library, so a tensor's bytes are read from disk
