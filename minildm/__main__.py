@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from minildm import __version__
-from minildm.load import missing_model_index_message
-from minildm.pipelines.common import warn_if_slow_precision
+from minildm.checkpoints.load import missing_model_index_message
+from minildm.checkpoints.weights import read_json, resolve_folder
+from minildm.cpu_speed import warn_if_slow_precision
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
-from minildm.weights import read_json, resolve_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_WEIGHTS = {
@@ -627,7 +627,7 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
     elif args.command == "download":
-        from minildm.download import main_download, main_list
+        from minildm.checkpoints.download import main_download, main_list
 
         if args.list:
             sys.exit(main_list())

@@ -27,10 +27,15 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from minildm.autoencoder import KL_F8, load_autoencoder
-from minildm.clip import CLIP_VIT_L_14, load_clip_text_model
+from minildm.autoencoder import KL_F8
+from minildm.checkpoints.autoencoder import config_to_diffusers as vae_config_to_diffusers
+from minildm.checkpoints.autoencoder import load_autoencoder
+from minildm.checkpoints.clip import load_clip_text_model, text_config_to_diffusers
+from minildm.checkpoints.unet import config_to_diffusers as unet_config_to_diffusers
+from minildm.checkpoints.unet import load_unet
+from minildm.clip import CLIP_VIT_L_14
 from minildm.cpu_speed import plain_pytorch, retain_freed_memory, speed_up
-from minildm.unet import SD_V1, load_unet
+from minildm.unet import SD_V1
 
 PARTS = ("unet", "vae", "text", "pipeline", "load")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -106,7 +111,7 @@ def build_unet(dtype, device, diffusers):
         torch.manual_seed(0)
         return speed_up(UNet(SD_V1).to(device, dtype).eval()), None
     torch.manual_seed(0)
-    theirs = diffusers.UNet2DConditionModel(**without_private_keys(SD_V1.to_diffusers()))
+    theirs = diffusers.UNet2DConditionModel(**without_private_keys(unet_config_to_diffusers(SD_V1)))
     ours = load_unet(SD_V1, theirs.state_dict(), device=device, dtype=dtype)
     return ours.eval(), theirs.to(device, dtype).eval()
 
@@ -118,7 +123,7 @@ def build_vae(dtype, device, diffusers):
         torch.manual_seed(0)
         return speed_up(AutoencoderKL(KL_F8).to(device, dtype).eval()), None
     torch.manual_seed(0)
-    theirs = diffusers.AutoencoderKL(**without_private_keys(KL_F8.to_diffusers()))
+    theirs = diffusers.AutoencoderKL(**without_private_keys(vae_config_to_diffusers(KL_F8)))
     ours = load_autoencoder(KL_F8, theirs.state_dict(), device=device, dtype=dtype)
     return ours.eval(), theirs.to(device, dtype).eval()
 
@@ -129,7 +134,7 @@ def build_text_encoder(dtype, device, transformers):
 
         torch.manual_seed(0)
         return speed_up(CLIPTextModel(CLIP_VIT_L_14).to(device, dtype).eval()), None
-    config = CLIP_VIT_L_14.to_diffusers()
+    config = text_config_to_diffusers(CLIP_VIT_L_14)
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     torch.manual_seed(0)
     theirs = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
@@ -541,7 +546,9 @@ def unet_steps_per_second(device, repeats: int, small: bool) -> dict | None:
     config = train.UNET if small else SD_V1
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     torch.manual_seed(0)
-    theirs = diffusers.UNet2DConditionModel(**without_private_keys(config.to_diffusers()))
+    theirs = diffusers.UNet2DConditionModel(
+        **without_private_keys(unet_config_to_diffusers(config))
+    )
     ours = load_unet(config, theirs.state_dict(), device=device, dtype=dtype).eval()
     theirs = theirs.to(device, dtype).eval()
     size = config.sample_size

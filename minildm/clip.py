@@ -11,22 +11,19 @@ arXiv:2010.11929) built from the same layers, without the causal mask; it summar
 one vector.
 
 Matches transformers' `CLIPTextModel` and `CLIPVisionModel` (modeling_clip.py), whose hub key names
-the key maps read, as does the `cond_stage_model.transformer.` prefix of original Stable Diffusion
-checkpoints.
+the key maps (checkpoints/clip.py) read, as they read the `cond_stage_model.transformer.` prefix of
+original Stable Diffusion checkpoints.
 
 Shapes: B batch, L tokens (77 for text, 257 for a 224x224 image), D width, H heads, Dh = D / H.
 """
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm.cpu_speed import speed_up
 from minildm.layers import FP32LayerNorm, attention, check_input_ids
-from minildm.weights import load_into, remap_keys
 
 
 @dataclass(frozen=True)
@@ -42,42 +39,6 @@ class CLIPTextConfig:
     mlp_width: int = 3072
     norm_eps: float = 1e-5
     activation: str = "quick_gelu"  # x * sigmoid(1.702 x): openai/CLIP clip/model.py QuickGELU
-
-    @classmethod
-    def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
-        """From a transformers `config.json` (CLIPTextModel, or CLIPModel with a `text_config`)."""
-        config = config.get("text_config", config)
-        activation = _hidden_act(config)
-        return cls(  # absent keys take transformers' CLIPTextConfig defaults, as transformers would
-            vocab_size=config.get("vocab_size", 49408),
-            max_length=config.get("max_position_embeddings", 77),
-            width=config.get("hidden_size", 512),
-            layers=config.get("num_hidden_layers", 12),
-            heads=config.get("num_attention_heads", 8),
-            mlp_width=config.get("intermediate_size", 2048),
-            norm_eps=config.get("layer_norm_eps", 1e-5),
-            activation=activation,
-        )
-
-    def to_diffusers(self) -> dict:
-        """The transformers `config.json` of this model (what `from_diffusers` reads back)."""
-        return {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.max_length,
-            "hidden_size": self.width,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "intermediate_size": self.mlp_width,
-            "layer_norm_eps": self.norm_eps,
-            "hidden_act": self.activation,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "pad_token_id": 1,
-            "projection_dim": self.width,
-            "torch_dtype": "float32",
-        }
 
 
 CLIP_VIT_L_14 = CLIPTextConfig()  # Stable Diffusion v1.x
@@ -101,33 +62,6 @@ class CLIPVisionConfig:
     mlp_width: int = 4096
     norm_eps: float = 1e-5
     activation: str = "quick_gelu"
-
-    @classmethod
-    def from_diffusers(cls, config: dict) -> "CLIPVisionConfig":
-        """From a transformers `config.json` (CLIPVisionModel, or CLIPModel / the safety checker
-        with a `vision_config`)."""
-        config = config.get("vision_config", config)
-        # absent keys take transformers' CLIPVisionConfig defaults (a ViT-B/32), as it would
-        return cls(
-            image_size=config.get("image_size", 224),
-            patch_size=config.get("patch_size", 32),
-            channels=config.get("num_channels", 3),
-            width=config.get("hidden_size", 768),
-            layers=config.get("num_hidden_layers", 12),
-            heads=config.get("num_attention_heads", 12),
-            mlp_width=config.get("intermediate_size", 3072),
-            norm_eps=config.get("layer_norm_eps", 1e-5),
-            activation=_hidden_act(config),
-        )
-
-
-def _hidden_act(config: dict) -> str:
-    activation = config.get("hidden_act", "quick_gelu")
-    if activation not in ("quick_gelu", "gelu"):
-        raise ValueError(
-            f"CLIP hidden_act {activation!r} is not supported; expected 'quick_gelu' or 'gelu'"
-        )
-    return activation
 
 
 class SelfAttention(nn.Module):
@@ -270,130 +204,3 @@ def check_pixel_values(pixel_values, config: CLIPVisionConfig):
             f"got {pixel_values.shape[2]}x{pixel_values.shape[3]}: resize and center-crop first "
             "(minildm.safety_checker.preprocess does what CLIPImageProcessor does)"
         )
-
-
-# --- Official weights -------------------------------------------------------------------------
-# transformers' names (hub files carry a `text_model.` prefix, transformers 5 saves without it;
-# original SD checkpoints prefix `cond_stage_model.transformer.`) -> ours.
-# The transformer layers are named alike in both towers.
-ENCODER_LAYER_RULES = [
-    (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.", r"layers.\1.attn.\2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"layers.\1.attn.out."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"layers.\1.attn_norm."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"layers.\1.mlp_norm."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
-]
-KEY_RULES = [
-    (r"^cond_stage_model\.transformer\.", ""),
-    (r"^text_model\.", ""),
-    (r"^embeddings\.(token|position)_embedding\.", r"\1_embedding."),
-    *ENCODER_LAYER_RULES,
-    (r"^final_layer_norm\.", "final_norm."),
-]
-# `position_ids` is an arange buffer that old transformers saved; we compute it in forward.
-DROPPED_KEYS = [r"(cond_stage_model\.transformer\.)?(text_model\.)?embeddings\.position_ids"]
-
-
-def transformers_name(name: str) -> str:
-    """Our name -> the hub file's (`text_model.` prefix): the inverse of KEY_RULES, for saving."""
-    rules = [
-        (r"^(token|position)_embedding\.", r"embeddings.\1_embedding."),
-        (r"^layers\.(\d+)\.attn\.(q|k|v)\.", r"encoder.layers.\1.self_attn.\2_proj."),
-        (r"^layers\.(\d+)\.attn\.out\.", r"encoder.layers.\1.self_attn.out_proj."),
-        (r"^layers\.(\d+)\.attn_norm\.", r"encoder.layers.\1.layer_norm1."),
-        (r"^layers\.(\d+)\.mlp_norm\.", r"encoder.layers.\1.layer_norm2."),
-        (r"^layers\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-        (r"^final_norm\.", "final_layer_norm."),
-    ]
-    for pattern, replacement in rules:
-        name = re.sub(pattern, replacement, name)
-    return "text_model." + name
-
-
-def _mismatch_hint(missing, unexpected, mismatched):
-    got_shape, want_shape = mismatched.get("token_embedding.weight", ((), ()))
-    if len(got_shape) == 2:  # (vocabulary, width); other shapes are named by load_into alone
-        got_width, want_width = got_shape[1], want_shape[1]
-        if got_width == 1024:
-            return (
-                "a 1024-wide text encoder: this looks like an SD 2.x (OpenCLIP ViT-H/14) "
-                "checkpoint, which minildm does not implement"
-            )
-        return (
-            f"the checkpoint's encoder is {got_width} wide, the config's {want_width}: "
-            "config.json belongs to another model (ViT-L/14 is 768, ViT-B/32 512)"
-        )
-    if any("text_projection" in k for k in unexpected):
-        return (
-            "a CLIPTextModelWithProjection checkpoint; minildm uses the last hidden state, "
-            "not the projection"
-        )
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in unexpected):
-        return "a whole Stable Diffusion checkpoint: split it into components first"
-    return None
-
-
-def load_clip_text_model(
-    config: CLIPTextConfig,
-    state_dict: dict,
-    device=None,
-    dtype=None,
-) -> CLIPTextModel:
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    model = load_into(
-        model,
-        weights,
-        file_names=file_names,
-        device=device,
-        dtype=dtype,
-        what="CLIP text encoder",
-        hint=_mismatch_hint,
-    )
-    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)
-
-
-# The image tower: hub files carry a `vision_model.` prefix, transformers 5 saves without it.
-VISION_KEY_RULES = [
-    (r"^vision_model\.", ""),
-    (r"^embeddings\.(patch|position)_embedding\.", r"\1_embedding."),
-    (r"^embeddings\.class_embedding$", "class_embedding"),
-    (r"^pre_layrnorm\.", "pre_norm."),  # sic: transformers spells this one "layrnorm"
-    (r"^post_layernorm\.", "post_norm."),
-    *ENCODER_LAYER_RULES,
-]
-VISION_DROPPED_KEYS = [r"(vision_model\.)?embeddings\.position_ids"]
-
-
-def _vision_mismatch_hint(missing, unexpected, mismatched):
-    if any("text_model" in k or "token_embedding" in k for k in unexpected):
-        return "a whole CLIPModel (both towers): load its text and image towers separately"
-    got, want = mismatched.get("patch_embedding.weight", ((), ()))
-    if len(got) == 4 and len(want) == 4:  # (width, channels, patch, patch) each
-        return (
-            f"the checkpoint's tower is {got[0]} wide with {got[2]}-pixel patches, "
-            f"the config's {want[0]} with {want[2]}: config.json belongs to another model"
-        )
-    return None
-
-
-def load_clip_vision_model(
-    config: CLIPVisionConfig,
-    state_dict: dict,
-    device=None,
-    dtype=None,
-) -> CLIPVisionModel:
-    with torch.device("meta"):
-        model = CLIPVisionModel(config)
-    weights, file_names = remap_keys(state_dict, VISION_KEY_RULES, VISION_DROPPED_KEYS)
-    model = load_into(
-        model,
-        weights,
-        file_names=file_names,
-        device=device,
-        dtype=dtype,
-        what="CLIP vision tower",
-        hint=_vision_mismatch_hint,
-    )
-    return speed_up(model)  # oneDNN kernels for CPU inference (cpu_speed.py)

@@ -1,7 +1,6 @@
 """The few parts several models truly share: normalisations whose statistics are computed in
-float32, the attention function written out, the token-id check of the two text encoders, the
-two rules by which the 2022 diffusers attention blocks differ from ours in the weight files, and
-how random noise is drawn (by the autoencoder's posterior, the pipelines and the schedulers).
+float32, the attention function written out, the token-id check of the two text encoders, and how
+random noise is drawn (by the autoencoder's posterior, the pipelines and the schedulers).
 
 Everything else that looks alike across models (the UNet's ResBlock takes a timestep embedding, the
 autoencoder's does not; the UNet's multi-head attention and VQ-Diffusion's differ in their biases)
@@ -9,8 +8,6 @@ lives in the file of the model it belongs to, so each model file reads on its ow
 
 Shapes: B batch, H heads, L tokens, Dh channels per head.
 """
-
-import re
 
 import torch
 import torch.nn.functional as F
@@ -86,34 +83,3 @@ def check_input_ids(input_ids, vocab_size: int, max_length: int):
             f"got [{input_ids.min().item()}, {input_ids.max().item()}]: "
             "was a different tokenizer used?"
         )
-
-
-# --- The 2022 diffusers attention blocks in weight files --------------------------------------
-# diffusers' AttentionBlock of 2022 (models/attention.py) named its projections
-# query/key/value/proj_attn; the official hub files of the autoencoders and of the CelebA-HQ UNet
-# were saved with it and still carry those names (modern diffusers renames them on load, in
-# ModelMixin._fix_state_dict_keys_on_load): docs/parity/models.md, 2022 attention names and
-# 1x1-conv weights in hub files.
-LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def legacy_attention_name(diffusers_name: str) -> str:
-    """A modern diffusers name -> its 2022 AttentionBlock spelling (unchanged if it has none)."""
-    for new, old in LEGACY_ATTENTION_NAMES.items():
-        diffusers_name = diffusers_name.replace(f".{new}.", f".{old}.")
-    return diffusers_name
-
-
-_ATTENTION_WEIGHT = re.compile(r".*attention(s\.\d+)?\.(q|k|v|out)\.weight")
-
-
-def squeeze_attention_weights(weights: dict) -> dict:
-    """Original checkpoints (and some diffusers files) hold the attention projections as 1x1 convs
-    [C, C, 1, 1]; ours are Linear [C, C]. `weights` is keyed by our names."""
-    squeezed = {}
-    for name, value in weights.items():
-        # only a true 1x1 kernel; any other shape is left for the strict load to report
-        if value.ndim == 4 and value.shape[2:] == (1, 1) and _ATTENTION_WEIGHT.fullmatch(name):
-            value = value[:, :, 0, 0]
-        squeezed[name] = value
-    return squeezed

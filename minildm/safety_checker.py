@@ -20,7 +20,8 @@ or hides an image: the checker only reports a flag per image, and the pipelines 
 `nsfw_content_detected`; what to do with them is the caller's decision.
 
 Matches diffusers' `StableDiffusionSafetyChecker` (pipelines/stable_diffusion/safety_checker.py),
-whose key names the key map reads. Shapes: B images, P projection width (768).
+whose key names the key map (checkpoints/safety_checker.py) reads. Shapes: B images, P projection
+width (768).
 """
 
 from dataclasses import dataclass
@@ -31,8 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from minildm.clip import VISION_KEY_RULES, CLIPVisionConfig, CLIPVisionModel
-from minildm.weights import load_into, remap_keys
+from minildm.clip import CLIPVisionConfig, CLIPVisionModel
 
 CONCEPTS = 17  # fixed by the released weights, not by the config
 SPECIAL_CARE_CONCEPTS = 3
@@ -54,23 +54,6 @@ class SafetyCheckerConfig:
 
     vision: CLIPVisionConfig = CLIPVisionConfig()
     projection_dim: int = 768
-
-
-def config_from_diffusers(config: dict) -> SafetyCheckerConfig:
-    """From the safety checker's `config.json`: a transformers CLIPConfig. Only its
-    `vision_config` and `projection_dim` matter; its `text_config` describes a text tower the
-    checker does not have."""
-    if "vision_config" not in config:
-        raise ValueError(
-            "expected the CLIPConfig of a safety_checker/ folder, with a 'vision_config'; "
-            "this config.json has none"
-        )
-    return SafetyCheckerConfig(
-        vision=CLIPVisionConfig.from_diffusers(config["vision_config"]),
-        projection_dim=config.get(
-            "projection_dim", 512
-        ),  # absent: transformers' CLIPConfig default
-    )
 
 
 class SafetyChecker(nn.Module):
@@ -195,58 +178,3 @@ def check_images(images):
                 f"[{images.min().item():.3g}, {images.max().item():.3g}]; "
                 "the autoencoder decodes to [-1, 1]: use (x / 2 + 0.5).clamp(0, 1)"
             )
-
-
-# --- Official weights ----------------------------------------------------------------------------
-# The vision tower's key map, for keys under `vision_model.`: hub files (saved by transformers 4)
-# nest transformers' CLIPVisionModel twice, `vision_model.vision_model.encoder.layers.0...`;
-# transformers 5 saves it once, `vision_model.encoder.layers.0...`; ours is
-# `vision_model.layers.0...`.
-KEY_RULES = [
-    *[
-        (r"^vision_model\." + pattern.removeprefix("^"), "vision_model." + replacement)
-        for pattern, replacement in VISION_KEY_RULES
-    ],
-    (r"^concept_embeds_weights$", "concept_thresholds"),
-    (r"^special_care_embeds_weights$", "special_care_thresholds"),
-]
-# an arange buffer of transformers 4
-DROPPED_KEYS = [r"vision_model\.(vision_model\.)?embeddings\.position_ids"]
-
-
-def _mismatch_hint(missing, unexpected, mismatched):
-    checker_parts = ("concept", "special_care", "visual_projection")
-    if missing and all(k.startswith(checker_parts) for k in missing):
-        return (
-            "a CLIP vision model without the safety checker's projection and concept embeddings: "
-            "use the safety_checker/ folder of a Stable Diffusion repo"
-        )
-    if any("text_model" in k for k in unexpected):
-        return "a whole CLIPModel (text and image towers), not the safety checker"
-    if "visual_projection.weight" in mismatched:
-        (got_p, got_width), (want_p, want_width) = mismatched["visual_projection.weight"]
-        return (
-            f"the checkpoint projects {got_width} -> {got_p}, the config {want_width} -> {want_p}: "
-            "config.json belongs to another model"
-        )
-    return None
-
-
-def load_safety_checker(
-    config: SafetyCheckerConfig,
-    state_dict: dict,
-    device=None,
-    dtype=None,
-) -> SafetyChecker:
-    with torch.device("meta"):
-        model = SafetyChecker(config)
-    weights, file_names = remap_keys(state_dict, KEY_RULES, DROPPED_KEYS)
-    return load_into(
-        model,
-        weights,
-        file_names=file_names,
-        device=device,
-        dtype=dtype,
-        what="safety checker",
-        hint=_mismatch_hint,
-    )

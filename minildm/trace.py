@@ -55,6 +55,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minildm import pipelines
+from minildm.checkpoints.unet import config_from_diffusers as unet_config_from_diffusers
+from minildm.checkpoints.unet import diffusers_name as unet_diffusers_name
+from minildm.checkpoints.vq_transformer import config_from_diffusers as vq_config_from_diffusers
+from minildm.checkpoints.vq_transformer import diffusers_name as vq_diffusers_name
 from minildm.unet import (
     Downsample,
     ResBlock,
@@ -62,12 +66,9 @@ from minildm.unet import (
     SpatialTransformer,
     TimestepMLP,
     UNet,
-    UNetConfig,
     Upsample,
 )
-from minildm.unet import diffusers_name as unet_diffusers_name
-from minildm.vq_transformer import Block, VQTransformer, VQTransformerConfig
-from minildm.vq_transformer import diffusers_name as vq_diffusers_name
+from minildm.vq_transformer import Block, VQTransformer
 
 FORMAT = "minildm-trace/1"
 SYSTEMS = ("sd", "ldm", "ldm-uncond", "vq-diffusion")
@@ -339,8 +340,8 @@ def meta_denoiser(system: str, config: dict):
     config = dict(config)
     with torch.device("meta"):
         if system == "vq-diffusion":
-            return VQTransformer(VQTransformerConfig.from_diffusers(config))
-        return UNet(UNetConfig.from_diffusers(config))
+            return VQTransformer(vq_config_from_diffusers(config))
+        return UNet(unet_config_from_diffusers(config))
 
 
 # --- one run ----------------------------------------------------------------------------------

@@ -63,11 +63,21 @@ from safetensors.torch import save_file
 
 from minildm import shapes
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, VQModel
-from minildm.autoencoder import diffusers_name as vae_file_name
-from minildm.clip import CLIPTextConfig, CLIPTextModel, transformers_name
+from minildm.checkpoints.autoencoder import config_to_diffusers as vae_config_to_diffusers
+from minildm.checkpoints.autoencoder import diffusers_name as vae_file_name
+from minildm.checkpoints.clip import text_config_to_diffusers, transformers_name
+from minildm.checkpoints.ldm_bert import config_to_diffusers as bert_config_to_diffusers
+from minildm.checkpoints.ldm_bert import diffusers_name as bert_file_name
+from minildm.checkpoints.load import load_component, load_tokenizer
+from minildm.checkpoints.unet import config_to_diffusers as unet_config_to_diffusers
+from minildm.checkpoints.unet import diffusers_name as unet_file_name
+from minildm.checkpoints.vq_transformer import (
+    config_to_diffusers as transformer_config_to_diffusers,
+)
+from minildm.checkpoints.vq_transformer import diffusers_name as transformer_file_name
+from minildm.checkpoints.weights import read_config
+from minildm.clip import CLIPTextConfig, CLIPTextModel
 from minildm.ldm_bert import LDMBert, LDMBertConfig
-from minildm.ldm_bert import diffusers_name as bert_file_name
-from minildm.load import load_component, load_tokenizer
 from minildm.pipelines import (
     LDMPipeline,
     LDMTextToImagePipeline,
@@ -77,14 +87,11 @@ from minildm.pipelines import (
 from minildm.schedulers import DDIMScheduler, VQDiffusionScheduler
 from minildm.tokenizer import ASSETS, BertTokenizer, CLIPTokenizer
 from minildm.unet import UNet, UNetConfig
-from minildm.unet import diffusers_name as unet_file_name
 from minildm.vq_transformer import (
     LearnedClassifierFreeEmbeddings,
     VQTransformer,
     VQTransformerConfig,
 )
-from minildm.vq_transformer import diffusers_name as transformer_file_name
-from minildm.weights import read_config
 
 SYSTEMS = ("sd", "ldm", "ldm-uncond", "vq-diffusion")
 FOLDER_NAMES = {system: f"tiny-{system}" for system in SYSTEMS}  # minildm/assets/tiny-sd, ...
@@ -898,25 +905,25 @@ def save_component(folder: Path, module, dtype: torch.dtype = torch.float16):
     """One model in its diffusers / transformers folder layout: config.json + safetensors (fp16
     as shipped; `python -m minildm bench` writes fp32)."""
     if isinstance(module, (AutoencoderKL, VQModel)):
-        config = module.config.to_diffusers(sample_size=shapes.SIZE)
+        config = vae_config_to_diffusers(module.config, sample_size=shapes.SIZE)
         weights = _file_tensors(module.state_dict(), vae_file_name, dtype)
         file = "diffusion_pytorch_model"
     elif isinstance(module, UNet):
-        config = module.config.to_diffusers()
+        config = unet_config_to_diffusers(module.config)
         weights = _file_tensors(
             module.state_dict(), lambda n: unet_file_name(n, module.config), dtype
         )
         file = "diffusion_pytorch_model"
     elif isinstance(module, CLIPTextModel):
-        config = module.config.to_diffusers()
+        config = text_config_to_diffusers(module.config)
         weights = _file_tensors(module.state_dict(), transformers_name, dtype)
         file = "model"
     elif isinstance(module, LDMBert):
-        config = module.config.to_diffusers()
+        config = bert_config_to_diffusers(module.config)
         weights = _file_tensors(module.state_dict(), bert_file_name, dtype)
         file = "model"
     elif isinstance(module, VQTransformer):
-        config = module.config.to_diffusers()
+        config = transformer_config_to_diffusers(module.config)
         weights = _file_tensors(module.state_dict(), transformer_file_name, dtype)
         file = "diffusion_pytorch_model"
     else:  # the learned classifier-free embeddings

@@ -30,7 +30,8 @@ def main():
     args = parser.parse_args()
     import diffusers
 
-    from minildm.unet import SD_V1, load_unet
+    from minildm.checkpoints.unet import load_unet
+    from minildm.unet import SD_V1
 
     config = dict(
         attention_head_dim=8,

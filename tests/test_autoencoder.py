@@ -15,9 +15,8 @@ from minildm.autoencoder import (
     AutoencoderConfig,
     AutoencoderKL,
     VQModel,
-    load_autoencoder,
-    original_name,
 )
+from minildm.checkpoints.autoencoder import config_from_diffusers, load_autoencoder, original_name
 
 TOLERANCE = 1e-4  # fp32, max abs error relative to the output's max abs value
 
@@ -295,15 +294,15 @@ def test_vq_config_without_scaling_factor_keeps_the_original_scale():
     # the hub's ldm-celebahq-256 vqvae config names no scaling_factor: diffusers then uses 0.18215,
     # the original LDM 1.0 (docs/parity/pipelines.md, "LDM CelebA-HQ: the latent scale is 1, not
     # 0.18215")
-    assert AutoencoderConfig.from_diffusers(HUB_CONFIGS["VQ-f4 (CelebA-HQ)"]).scaling_factor == 1.0
+    assert config_from_diffusers(HUB_CONFIGS["VQ-f4 (CelebA-HQ)"]).scaling_factor == 1.0
     assert (
-        AutoencoderConfig.from_diffusers(
+        config_from_diffusers(
             dict(HUB_CONFIGS["VQ-f4 (CelebA-HQ)"], scaling_factor=0.5)
         ).scaling_factor
         == 0.5
     )
     assert (
-        AutoencoderConfig.from_diffusers(
+        config_from_diffusers(
             {
                 k: v
                 for k, v in HUB_CONFIGS["KL-f8 (SD v1, LDM text2im)"].items()

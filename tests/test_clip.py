@@ -8,12 +8,11 @@ from conftest import max_relative_error, oracle, randomize_
 from safetensors.torch import save_file
 
 import minildm
+from minildm.checkpoints.clip import load_clip_text_model, text_config_from_diffusers
 from minildm.clip import (
     CLIP_VIT_B_32,
     CLIP_VIT_L_14,
-    CLIPTextConfig,
     CLIPTextModel,
-    load_clip_text_model,
 )
 
 # the text_config fields of openai/clip-vit-large-patch14 and clip-vit-base-patch32 (the hub's
@@ -123,7 +122,7 @@ def test_original_stable_diffusion_layout(reference, tmp_path):
             )
             < TOLERANCE
         )
-    config = CLIPTextConfig.from_diffusers(json.loads((tmp_path / "config.json").read_text()))
+    config = text_config_from_diffusers(json.loads((tmp_path / "config.json").read_text()))
     check(
         load_clip_text_model(config, original),
         reference,
@@ -152,9 +151,9 @@ def test_float16_small_shapes():
     )
     reference = randomize_(transformers.CLIPTextModel(config).eval())
     state = reference.state_dict()
-    ours32 = load_clip_text_model(CLIPTextConfig.from_diffusers(config.to_dict()), state)
+    ours32 = load_clip_text_model(text_config_from_diffusers(config.to_dict()), state)
     ours16 = load_clip_text_model(
-        CLIPTextConfig.from_diffusers(config.to_dict()), state, dtype=torch.float16
+        text_config_from_diffusers(config.to_dict()), state, dtype=torch.float16
     )
     input_ids = minildm.CLIPTokenizer()(PROMPTS)
     with torch.no_grad():

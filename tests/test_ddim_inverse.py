@@ -21,7 +21,7 @@ from PIL import Image
 
 import minildm
 from minildm import shapes
-from minildm.load import load_scheduler
+from minildm.checkpoints.load import load_scheduler
 from minildm.schedulers import DDIMInverseScheduler, DDIMScheduler, PNDMScheduler
 
 STEPS = [1, 3, 10, 25, 50]

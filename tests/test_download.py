@@ -1,7 +1,7 @@
-"""minildm.download against a real HTTP server on 127.0.0.1 that can resume, drop the connection,
+"""minildm.checkpoints.download against a real HTTP server on 127.0.0.1 that can resume, drop the connection,
 corrupt a byte, ignore Range requests, answer HTTP errors, go silent, misreport lengths or never
 stop; a disk that fills up; and the real weights_manifest.txt. No internet. The stalls end by
-minildm.download.TIMEOUT, which the tests set to 0.5 s (it is 60 s)."""
+minildm.checkpoints.download.TIMEOUT, which the tests set to 0.5 s (it is 60 s)."""
 
 import errno
 import hashlib
@@ -15,8 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import minildm.download
-from minildm.download import DownloadError, download, main_download, manifest_listing, read_manifest
+import minildm.checkpoints.download
+from minildm.checkpoints.download import (
+    DownloadError,
+    download,
+    main_download,
+    manifest_listing,
+    read_manifest,
+)
 
 SD_UNET = (
     "unet/diffusion_pytorch_model.safetensors",
@@ -433,7 +439,7 @@ def test_http_416_on_a_resume_says_the_server_file_is_shorter_than_the_manifest(
 def stalled_download_error(hub, monkeypatch) -> str:
     """Download from a server set up to stall, with the timeout cut from 60 s to 0.5 s: it must
     end in a DownloadError within seconds, not hang. -> the error's message."""
-    monkeypatch.setattr(minildm.download, "TIMEOUT", 0.5)
+    monkeypatch.setattr(minildm.checkpoints.download, "TIMEOUT", 0.5)
     started = time.monotonic()
     with pytest.raises(DownloadError) as error:
         hub.download("toy/weights.bin")
@@ -547,7 +553,7 @@ def test_a_resume_from_the_wrong_byte_is_refused(hub):
 
 def test_too_little_free_space_is_refused_before_writing(hub, monkeypatch):
     usage = shutil.disk_usage(".")._replace(free=1000)
-    monkeypatch.setattr(minildm.download.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(minildm.checkpoints.download.shutil, "disk_usage", lambda path: usage)
     with pytest.raises(DownloadError, match=r"has 1.00 kB free.*needs 300.00 kB.*--dir"):
         hub.download("toy/weights.bin")
     assert not (hub.dir / "toy" / "weights.bin").exists()
@@ -581,7 +587,7 @@ def test_a_disk_that_fills_up_mid_file_keeps_the_part_and_says_so(hub, monkeypat
         return FullDisk(file, limit=100_000) if "b" in mode and mode != "rb" else file
 
     # download.py's `open` is looked up in its module first, then in builtins
-    monkeypatch.setattr(minildm.download, "open", open_on_a_small_disk, raising=False)
+    monkeypatch.setattr(minildm.checkpoints.download, "open", open_on_a_small_disk, raising=False)
     with pytest.raises(DownloadError) as error:
         hub.download("toy/weights.bin")
     message = str(error.value)
@@ -617,9 +623,9 @@ def test_a_refused_connection_is_a_clear_error(hub):
 
 
 def test_main_download_turns_a_fault_into_exit_code_1(hub, monkeypatch, capsys):
-    monkeypatch.setattr(minildm.download, "MANIFEST", hub.manifest)
-    monkeypatch.setattr(minildm.download, "HUB_URL", hub.base_url)
-    monkeypatch.setattr(minildm.download, "TIMEOUT", 0.5)
+    monkeypatch.setattr(minildm.checkpoints.download, "MANIFEST", hub.manifest)
+    monkeypatch.setattr(minildm.checkpoints.download, "HUB_URL", hub.base_url)
+    monkeypatch.setattr(minildm.checkpoints.download, "TIMEOUT", 0.5)
     hub.never_answer = True
     assert main_download("toy/weights.bin", str(hub.dir)) == 1
     err = capsys.readouterr().err

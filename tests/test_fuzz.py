@@ -25,11 +25,20 @@ from safetensors.torch import save_file
 
 import minildm
 from minildm import autoencoder, clip, ldm_bert, unet, vq_transformer
-from minildm.layers import legacy_attention_name
-from minildm.load import SCHEDULE_BUFFERS
+from minildm.checkpoints import autoencoder as autoencoder_checkpoints
+from minildm.checkpoints import clip as clip_checkpoints
+from minildm.checkpoints import ldm_bert as ldm_bert_checkpoints
+from minildm.checkpoints import unet as unet_checkpoints
+from minildm.checkpoints import vq_transformer as vq_transformer_checkpoints
+from minildm.checkpoints.load import SCHEDULE_BUFFERS
+from minildm.checkpoints.weights import (
+    CheckpointError,
+    legacy_attention_name,
+    read_config,
+    read_state_dict,
+)
 from minildm.pipelines.stable_diffusion import StableDiffusionPipeline
 from minildm.tokenizer import BERT_VOCAB_FILE, BertTokenizer, CLIPTokenizer
-from minildm.weights import CheckpointError, read_config, read_state_dict
 
 # per layout; the single file is saved and split each time (about 7 times the cost of one model)
 KEY_MAP_EXAMPLES = 100
@@ -273,67 +282,86 @@ def tiny(model_class, config):
     return randomize_(model_class(config)).eval()
 
 
-def asset_config(config_class, folder):
-    return config_class.from_diffusers(read_config(ASSETS / folder))
+def asset_config(config_from_diffusers, folder):
+    return config_from_diffusers(read_config(ASSETS / folder))
 
 
 def clip_layout(transformers_5: bool) -> Layout:
-    config = replace(asset_config(clip.CLIPTextConfig, "tiny-sd/text_encoder"), vocab_size=64)
+    config = replace(
+        asset_config(clip_checkpoints.text_config_from_diffusers, "tiny-sd/text_encoder"),
+        vocab_size=64,
+    )
     model = tiny(clip.CLIPTextModel, config)
 
     def to_file(name):  # transformers 5 saves without the hub files' `text_model.` prefix
-        hub = clip.transformers_name(name)
+        hub = clip_checkpoints.transformers_name(name)
         return hub.removeprefix("text_model.") if transformers_5 else hub
 
-    load = partial(clip.load_clip_text_model, config)
-    return module_layout(model, load, to_file, extras=tuple(clip.DROPPED_KEYS))
+    load = partial(clip_checkpoints.load_clip_text_model, config)
+    return module_layout(model, load, to_file, extras=tuple(clip_checkpoints.DROPPED_KEYS))
 
 
 def ldm_bert_layout(original: bool) -> Layout:
     from test_ldm_bert import original_layout  # the x-transformers names, written independently
 
-    config = replace(asset_config(ldm_bert.LDMBertConfig, "tiny-ldm/bert"), vocab_size=64)
+    config = replace(
+        asset_config(ldm_bert_checkpoints.config_from_diffusers, "tiny-ldm/bert"), vocab_size=64
+    )
     model = tiny(ldm_bert.LDMBert, config)
-    load = partial(ldm_bert.load_ldm_bert, config)
+    load = partial(ldm_bert_checkpoints.load_ldm_bert, config)
     if not original:
         return module_layout(
-            model, load, ldm_bert.diffusers_name, extras=tuple(ldm_bert.DROPPED_KEYS)
+            model,
+            load,
+            ldm_bert_checkpoints.diffusers_name,
+            extras=tuple(ldm_bert_checkpoints.DROPPED_KEYS),
         )
     # original_layout renames keys and keeps values: given our names as values, it pairs them
-    file_to_ours = original_layout({ldm_bert.diffusers_name(k): k for k in model.state_dict()})
+    file_to_ours = original_layout(
+        {ldm_bert_checkpoints.diffusers_name(k): k for k in model.state_dict()}
+    )
     ours_to_file = {ours: file for file, ours in file_to_ours.items()}
-    return module_layout(model, load, ours_to_file.get, extras=tuple(ldm_bert.DROPPED_KEYS))
+    return module_layout(
+        model, load, ours_to_file.get, extras=tuple(ldm_bert_checkpoints.DROPPED_KEYS)
+    )
 
 
 def autoencoder_layout(folder, layout) -> Layout:
-    config = asset_config(autoencoder.AutoencoderConfig, folder)
+    config = asset_config(autoencoder_checkpoints.config_from_diffusers, folder)
     model = tiny(autoencoder.VQModel if config.is_vq else autoencoder.AutoencoderKL, config)
     levels = len(config.channels)
     to_file = {
-        "diffusers": autoencoder.diffusers_name,
-        "diffusers 2022": lambda k: legacy_attention_name(autoencoder.diffusers_name(k)),
-        "CompVis": lambda k: "first_stage_model." + autoencoder.original_name(k, levels),
+        "diffusers": autoencoder_checkpoints.diffusers_name,
+        "diffusers 2022": lambda k: legacy_attention_name(
+            autoencoder_checkpoints.diffusers_name(k)
+        ),
+        "CompVis": lambda k: (
+            "first_stage_model." + autoencoder_checkpoints.original_name(k, levels)
+        ),
     }[layout]
-    load = partial(autoencoder.load_autoencoder, config)
+    load = partial(autoencoder_checkpoints.load_autoencoder, config)
     conv = layout != "diffusers"
-    return module_layout(model, load, to_file, conv, tuple(autoencoder.DROPPED_KEYS))
+    return module_layout(model, load, to_file, conv, tuple(autoencoder_checkpoints.DROPPED_KEYS))
 
 
 def unet_layout(folder, layout) -> Layout:
-    config = asset_config(unet.UNetConfig, folder)
+    config = asset_config(unet_checkpoints.config_from_diffusers, folder)
     model = tiny(unet.UNet, config)
-    load = partial(unet.load_unet, config)
+    load = partial(unet_checkpoints.load_unet, config)
     if layout == "diffusers":
-        return module_layout(model, load, lambda k: unet.diffusers_name(k, config))
+        return module_layout(model, load, lambda k: unet_checkpoints.diffusers_name(k, config))
     if layout == "diffusers 2022":  # the CelebA-HQ hub file's names
         return module_layout(
-            model, load, lambda k: legacy_attention_name(unet.diffusers_name(k, config))
+            model, load, lambda k: legacy_attention_name(unet_checkpoints.diffusers_name(k, config))
         )
     # CompVis openaimodel; the self-attention blocks' q, k and v fused in one Conv1d `qkv`
     from test_unet import original_layout
 
     checkpoint = original_layout(model)
-    ours = {"model.diffusion_model." + unet.original_name(k, config): k for k in state_of(model)}
+    ours = {
+        "model.diffusion_model." + unet_checkpoints.original_name(k, config): k
+        for k in state_of(model)
+    }
     names = {}
     for key in checkpoint:
         parts = [key.replace(".qkv.", f".{p}.") for p in "qkv"] if ".qkv." in key else [key]
@@ -344,24 +372,33 @@ def unet_layout(folder, layout) -> Layout:
 def vq_transformer_layout(original: bool) -> Layout:
     from test_vq_transformer import original_name  # from diffusers' conversion script
 
-    config = asset_config(vq_transformer.VQTransformerConfig, "tiny-vq-diffusion/transformer")
+    config = asset_config(
+        vq_transformer_checkpoints.config_from_diffusers, "tiny-vq-diffusion/transformer"
+    )
     model = tiny(vq_transformer.VQTransformer, config)
 
     def to_file(name):  # original: ithq_learnable.pth's transformer, as split_original_checkpoint
         if original:  # gives it
-            return "transformer.transformer." + original_name(vq_transformer.diffusers_name(name))
-        return vq_transformer.diffusers_name(name)
+            return "transformer.transformer." + original_name(
+                vq_transformer_checkpoints.diffusers_name(name)
+            )
+        return vq_transformer_checkpoints.diffusers_name(name)
 
-    return module_layout(model, partial(vq_transformer.load_vq_transformer, config), to_file)
+    return module_layout(
+        model, partial(vq_transformer_checkpoints.load_vq_transformer, config), to_file
+    )
 
 
 def single_file_layout() -> Layout:
     """An original Stable Diffusion file (sd-v1-4.ckpt's layout, as .safetensors) through
     `StableDiffusionPipeline.from_single_file`: the three models and the extras the real file holds
     (the schedule's scale factor, the EMA counters, CLIP's position ids)."""
-    unet_config = asset_config(unet.UNetConfig, "tiny-sd/unet")
-    vae_config = asset_config(autoencoder.AutoencoderConfig, "tiny-sd/vae")
-    clip_config = replace(asset_config(clip.CLIPTextConfig, "tiny-sd/text_encoder"), vocab_size=64)
+    unet_config = asset_config(unet_checkpoints.config_from_diffusers, "tiny-sd/unet")
+    vae_config = asset_config(autoencoder_checkpoints.config_from_diffusers, "tiny-sd/vae")
+    clip_config = replace(
+        asset_config(clip_checkpoints.text_config_from_diffusers, "tiny-sd/text_encoder"),
+        vocab_size=64,
+    )
     models = {
         "unet": tiny(unet.UNet, unet_config),
         "vae": tiny(autoencoder.AutoencoderKL, vae_config),
@@ -370,16 +407,17 @@ def single_file_layout() -> Layout:
     levels = len(vae_config.channels)
     parts = [
         renamed_layout(
-            models["unet"], lambda k: "model.diffusion_model." + unet.original_name(k, unet_config)
+            models["unet"],
+            lambda k: "model.diffusion_model." + unet_checkpoints.original_name(k, unet_config),
         ),
         renamed_layout(
             models["vae"],
-            lambda k: "first_stage_model." + autoencoder.original_name(k, levels),
+            lambda k: "first_stage_model." + autoencoder_checkpoints.original_name(k, levels),
             conv_attention=True,
         ),
         renamed_layout(
             models["text_encoder"],
-            lambda k: "cond_stage_model.transformer." + clip.transformers_name(k),
+            lambda k: "cond_stage_model.transformer." + clip_checkpoints.transformers_name(k),
         ),
     ]
     checkpoint = {k: v for part, _ in parts for k, v in part.items()}

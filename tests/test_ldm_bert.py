@@ -5,7 +5,8 @@ import torch
 from conftest import max_relative_error, oracle, randomize_
 
 import minildm
-from minildm.ldm_bert import LDMBert, LDMBertConfig, load_ldm_bert
+from minildm.checkpoints.ldm_bert import config_from_diffusers, load_ldm_bert
+from minildm.ldm_bert import LDMBert, LDMBertConfig
 
 PROMPTS = ["A painting of a squirrel eating a burger", "", "a watercolor of Kyoto in spring, " * 6]
 TOLERANCE = 1e-5  # fp32, max abs error relative to the output's max abs value
@@ -106,7 +107,7 @@ def test_float16_small_shapes():
         d_model=64, encoder_layers=4, encoder_ffn_dim=256, encoder_attention_heads=2, head_dim=16
     )
     reference = randomize_(Model(config).eval())
-    ours_config = LDMBertConfig.from_diffusers(config.to_dict())
+    ours_config = config_from_diffusers(config.to_dict())
     ours32 = load_ldm_bert(ours_config, reference.state_dict())
     ours16 = load_ldm_bert(ours_config, reference.state_dict(), dtype=torch.float16)
     input_ids = minildm.BertTokenizer()(PROMPTS)

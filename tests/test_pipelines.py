@@ -402,7 +402,7 @@ def original_checkpoint(pipe: StableDiffusionPipeline) -> dict:
     schedule buffers and the EMA counters of sd-v1-4.ckpt."""
     from conftest import clip_hub_layout
 
-    from minildm import autoencoder, unet
+    from minildm.checkpoints import autoencoder, unet
 
     state = {
         "model.diffusion_model." + unet.original_name(k, pipe.unet.config): v

@@ -9,24 +9,27 @@ import torch
 from conftest import max_relative_error, oracle, randomize_
 from safetensors.torch import save_file
 
-from minildm.clip import CLIPVisionConfig, CLIPVisionModel, load_clip_vision_model
-from minildm.safety_checker import (
-    CLIP_MEAN,
-    CLIP_STD,
+from minildm.checkpoints.clip import load_clip_vision_model, vision_config_from_diffusers
+from minildm.checkpoints.safety_checker import (
     DROPPED_KEYS,
     KEY_RULES,
-    SafetyChecker,
-    SafetyCheckerConfig,
     config_from_diffusers,
     load_safety_checker,
-    preprocess,
 )
-from minildm.weights import (
+from minildm.checkpoints.weights import (
     CheckpointError,
     find_weights_file,
     read_config,
     read_state_dict,
     remap_keys,
+)
+from minildm.clip import CLIPVisionConfig, CLIPVisionModel
+from minildm.safety_checker import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SafetyChecker,
+    SafetyCheckerConfig,
+    preprocess,
 )
 
 TOLERANCE = 1e-5  # fp32, max abs error relative to the output's max abs value
@@ -125,7 +128,7 @@ def test_vision_tower_matches_transformers():
     pixel_values = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(pixel_values).pooler_output
-    ours_config = CLIPVisionConfig.from_diffusers(config.to_dict())
+    ours_config = vision_config_from_diffusers(config.to_dict())
     assert ours_config == CLIPVisionConfig(width=32, layers=2, heads=4, mlp_width=64)
     # transformers 5 saves the tower without a prefix; hub files (transformers 4) with `vision_model.`
     state = reference.state_dict()

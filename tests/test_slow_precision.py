@@ -9,35 +9,35 @@ import torch
 
 import minildm
 import minildm.__main__ as cli
-import minildm.pipelines.common as common
+import minildm.cpu_speed as cpu_speed
 
 
 def simulate_cpu(monkeypatch, native: bool):
     """This host as one with (or without) native bf16 and fp16 kernels; forgets earlier warnings."""
-    for dtype, (_, instructions, measured) in common.SLOW_CPU_PRECISION.items():
+    for dtype, (_, instructions, measured) in cpu_speed.SLOW_CPU_PRECISION.items():
         monkeypatch.setitem(
-            common.SLOW_CPU_PRECISION, dtype, (lambda: native, instructions, measured)
+            cpu_speed.SLOW_CPU_PRECISION, dtype, (lambda: native, instructions, measured)
         )
-    monkeypatch.setattr(common, "_warned_precisions", set())
+    monkeypatch.setattr(cpu_speed, "_warned_precisions", set())
 
 
 def test_this_host():
-    for dtype, (is_native, instructions, _) in common.SLOW_CPU_PRECISION.items():
+    for dtype, (is_native, instructions, _) in cpu_speed.SLOW_CPU_PRECISION.items():
         print(f"{dtype}: native on this CPU: {is_native()} ({instructions})")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_the_message_names_the_slowdown_and_float32(dtype, monkeypatch):
     simulate_cpu(monkeypatch, native=False)
-    message = common.slow_precision_message(dtype, "cpu")
+    message = cpu_speed.slow_precision_message(dtype, "cpu")
     print(message)
     name = str(dtype).removeprefix("torch.")
     assert message.startswith(f"{name} on this CPU has no native support")
     assert "--dtype float32" in message and "x)" in message
-    assert common.slow_precision_message(torch.float32, "cpu") is None
-    assert common.slow_precision_message(dtype, "cuda") is None  # no CPU fallback on a GPU
+    assert cpu_speed.slow_precision_message(torch.float32, "cpu") is None
+    assert cpu_speed.slow_precision_message(dtype, "cuda") is None  # no CPU fallback on a GPU
     simulate_cpu(monkeypatch, native=True)
-    assert common.slow_precision_message(dtype, "cpu") is None
+    assert cpu_speed.slow_precision_message(dtype, "cpu") is None
 
 
 def test_a_pipeline_warns_once_before_any_work(monkeypatch):

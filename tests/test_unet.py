@@ -7,6 +7,7 @@ import torch
 from conftest import max_relative_error, oracle, randomize_
 
 import minildm
+from minildm.checkpoints.unet import config_from_diffusers, file_names, load_unet, original_name
 from minildm.cpu_speed import speed_up
 from minildm.unet import (
     CELEBAHQ,
@@ -14,9 +15,6 @@ from minildm.unet import (
     SD_V1,
     UNet,
     UNetConfig,
-    file_names,
-    load_unet,
-    original_name,
 )
 
 TOLERANCE = 1e-4  # fp32, max abs error relative to the output's max abs value
@@ -111,7 +109,7 @@ def run_ours(model, sample, timesteps, context):
 def test_config_parameter_count_and_key_coverage_on_meta(name):
     """Cheap, at full size: the hub config gives the preset, the official parameter count, and a key map
     that covers every diffusers tensor with the same shape."""
-    config = UNetConfig.from_diffusers(HUB_CONFIGS[name])
+    config = config_from_diffusers(HUB_CONFIGS[name])
     assert config == PRESETS[name]
     with torch.device("meta"):
         ours, reference = UNet(config), diffusers_unet(HUB_CONFIGS[name])
@@ -371,9 +369,7 @@ def test_bad_input_is_refused():
 
 def test_sd2_style_config_is_refused():
     with pytest.raises(ValueError, match="SD 2.x"):
-        UNetConfig.from_diffusers(
-            dict(SD_CONFIG, use_linear_projection=True, cross_attention_dim=1024)
-        )
+        config_from_diffusers(dict(SD_CONFIG, use_linear_projection=True, cross_attention_dim=1024))
     with pytest.raises(minildm.CheckpointError, match="SD 2.x UNet"):
         with torch.device("meta"):
             state = {k: v for k, v in UNet(UNetConfig(context_dim=1024)).state_dict().items()}

@@ -8,13 +8,16 @@ from conftest import max_relative_error, oracle, randomize_
 from safetensors.torch import save_file
 
 import minildm
+from minildm.checkpoints.vq_transformer import (
+    config_from_diffusers,
+    load_learned_embeddings,
+    load_vq_transformer,
+    split_original_checkpoint,
+)
 from minildm.vq_transformer import (
     ITHQ,
     LearnedClassifierFreeEmbeddings,
     VQTransformer,
-    VQTransformerConfig,
-    load_vq_transformer,
-    split_original_checkpoint,
 )
 
 TOLERANCE = 1e-4
@@ -54,7 +57,7 @@ def diffusers_transformer(config):
 def test_full_size_key_coverage_on_meta():
     with torch.device("meta"):
         ours, reference = (
-            VQTransformer(VQTransformerConfig.from_diffusers(HUB_CONFIG)),
+            VQTransformer(config_from_diffusers(HUB_CONFIG)),
             diffusers_transformer(HUB_CONFIG),
         )
         loaded = load_vq_transformer(
@@ -156,13 +159,11 @@ def test_original_checkpoint_ema_by_default(reference):
         | {"empty_text_embed": torch.ones(77, 512, dtype=torch.float64)},
     }
     indices, context = inputs(seed=1)
-    config = VQTransformerConfig.from_diffusers(FEW_LAYERS)
+    config = config_from_diffusers(FEW_LAYERS)
     for ema, source in ((True, ema_model), (False, trained)):
         transformer_state, embedding_state = split_original_checkpoint(checkpoint, ema=ema)
         ours = load_vq_transformer(config, transformer_state)
-        embeddings = minildm.vq_transformer.load_learned_embeddings(
-            {"length": 77, "hidden_size": 512}, embedding_state
-        )
+        embeddings = load_learned_embeddings({"length": 77, "hidden_size": 512}, embedding_state)
         with torch.no_grad():
             error = max_relative_error(
                 ours(indices, context, 10),
@@ -232,4 +233,4 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match=r"timestep must lie in \[0, 100\)"):
         model(torch.zeros(1, 1024, dtype=torch.long), torch.zeros(1, 77, 512), 100)
     with pytest.raises(ValueError, match="continuous inputs"):
-        VQTransformerConfig.from_diffusers(dict(HUB_CONFIG, num_vector_embeds=None))
+        config_from_diffusers(dict(HUB_CONFIG, num_vector_embeds=None))

@@ -1,5 +1,5 @@
-"""weights.py and load.py: reading every format safely, finding files, refusing bad input
-clearly."""
+"""checkpoints/weights.py and checkpoints/load.py: reading every format safely, finding files,
+refusing bad input clearly."""
 
 import json
 import os
@@ -13,14 +13,14 @@ from conftest import clip_hub_layout, randomize_
 from safetensors.torch import save_file
 
 import minildm
-from minildm.clip import CLIPTextConfig, CLIPTextModel
-from minildm.weights import (
+from minildm.checkpoints.weights import (
     CheckpointError,
     find_weights_file,
     hf_hub_cache,
     read_state_dict,
     resolve_repo,
 )
+from minildm.clip import CLIPTextConfig, CLIPTextModel
 
 TINY = CLIPTextConfig(width=32, layers=2, heads=4, mlp_width=64)
 TINY_JSON = {

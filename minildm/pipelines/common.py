@@ -3,7 +3,6 @@ rounds them), the checks of their arguments, the starting noise and the schedule
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,59 +29,6 @@ def images_out(images: torch.Tensor, output_type: str):
     if output_type == "pil":
         return [Image.fromarray(image) for image in (array * 255).round().astype("uint8")]
     raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-
-
-# Half precision on a CPU runs at full speed only where oneDNN has native kernels for it; elsewhere a
-# convolution falls back to a reference path two orders of magnitude slower than float32, so that a
-# run of minutes takes hours. Measured on this project's 2-core hosts, torch 2.13 (CPU build):
-SLOW_CPU_PRECISION = {
-    torch.bfloat16: (
-        torch.ops.mkldnn._is_mkldnn_bf16_supported,
-        "AVX512-BF16 or AMX",
-        "one 320-channel 3x3 convolution at 64x64 took 64 s against 0.33 s in float32 on an AVX2 "
-        "host, about 200x",
-    ),
-    torch.float16: (
-        torch.ops.mkldnn._is_mkldnn_fp16_supported,
-        "AVX512-FP16 or AMX-FP16",
-        "a 128-channel 3x3 convolution at 32x32 took 0.28 s against 0.0021 s in float32 on an "
-        "AVX-512 host without FP16, about 135x",
-    ),
-}
-_warned_precisions = set()  # each slow dtype is warned about once per process
-
-
-def slow_precision_message(dtype: torch.dtype, device) -> str | None:
-    """Why `dtype` on `device` will be far slower than float32, or None when it will not."""
-    if torch.device(device).type != "cpu" or dtype not in SLOW_CPU_PRECISION:
-        return None
-    is_native, instructions, measured = SLOW_CPU_PRECISION[dtype]
-    if is_native():
-        return None
-    name = str(dtype).removeprefix("torch.")
-    return (
-        f"{name} on this CPU has no native support (oneDNN needs {instructions}): its "
-        f"convolutions take a fallback path far slower than float32 ({measured}). Use float32 "
-        "on this machine (dtype=torch.float32, --dtype float32), or a GPU for half precision."
-    )
-
-
-def warn_if_slow_precision(dtype: torch.dtype, device):
-    """Warns, once per dtype and process, when this CPU runs `dtype` only on the slow path. Called
-    before any work: by the command line before it loads, by every pipeline call before it runs."""
-    if dtype in _warned_precisions:
-        return
-    message = slow_precision_message(dtype, device)
-    if message:
-        _warned_precisions.add(dtype)
-        warnings.warn(message, stacklevel=3)
-
-
-def warn_if_models_slow(*models: torch.nn.Module):
-    for model in models:
-        parameter = next(model.parameters(), None)
-        if parameter is not None:
-            warn_if_slow_precision(parameter.dtype, parameter.device)
 
 
 def check_output_type(output_type: str):

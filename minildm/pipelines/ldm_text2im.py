@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
+from minildm.checkpoints.load import (
+    load_component,
+    load_scheduler,
+    load_tokenizer,
+    read_model_index,
+)
+from minildm.checkpoints.weights import resolve_folder
+from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     PipelineOutput,
     check_eta,
@@ -30,9 +37,7 @@ from minildm.pipelines.common import (
     initial_noise,
     prompt_list,
     step_options,
-    warn_if_models_slow,
 )
-from minildm.weights import resolve_folder
 
 
 class LDMTextToImagePipeline:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from minildm.load import load_component, load_scheduler, read_model_index
+from minildm.checkpoints.load import load_component, load_scheduler, read_model_index
+from minildm.checkpoints.weights import resolve_folder
+from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
@@ -25,9 +27,7 @@ from minildm.pipelines.common import (
     images_out,
     initial_noise,
     step_options,
-    warn_if_models_slow,
 )
-from minildm.weights import resolve_folder
 
 
 class LDMPipeline:

@@ -21,15 +21,20 @@ from pathlib import Path
 
 import torch
 
-from minildm.autoencoder import KL_F8, load_autoencoder
-from minildm.clip import CLIP_VIT_L_14, load_clip_text_model
-from minildm.load import (
+from minildm.autoencoder import KL_F8
+from minildm.checkpoints.autoencoder import load_autoencoder
+from minildm.checkpoints.clip import load_clip_text_model
+from minildm.checkpoints.load import (
     load_component,
     load_scheduler,
     load_tokenizer,
     read_model_index,
     split_stable_diffusion_checkpoint,
 )
+from minildm.checkpoints.unet import load_unet
+from minildm.checkpoints.weights import read_state_dict, resolve_folder
+from minildm.clip import CLIP_VIT_L_14
+from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     check_count,
     check_eta,
@@ -44,12 +49,10 @@ from minildm.pipelines.common import (
     is_number,
     prompt_list,
     step_options,
-    warn_if_models_slow,
 )
 from minildm.schedulers import DDIMInverseScheduler, DDIMScheduler, PNDMScheduler
 from minildm.tokenizer import CLIPTokenizer
-from minildm.unet import SD_V1, load_unet
-from minildm.weights import read_state_dict, resolve_folder
+from minildm.unet import SD_V1
 
 # The scheduler diffusers gives an original single file, which holds none: PNDM (PLMS steps only)
 # on SD v1's training schedule (diffusers' loaders/single_file_utils.py, SCHEDULER_DEFAULT_CONFIG).

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from minildm.load import load_component, load_scheduler, load_tokenizer, read_model_index
+from minildm.checkpoints.load import (
+    load_component,
+    load_scheduler,
+    load_tokenizer,
+    read_model_index,
+)
+from minildm.checkpoints.weights import read_config, resolve_folder
+from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
@@ -32,9 +39,7 @@ from minildm.pipelines.common import (
     images_out,
     is_number,
     prompt_list,
-    warn_if_models_slow,
 )
-from minildm.weights import read_config, resolve_folder
 
 
 def truncate(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Weight files: finding them, reading them safely, and loading them into a module strictly.
 
-This file knows file formats and folder layouts, never a model. The model files (`clip.py`,
-`ldm_bert.py`, ...) describe how official key names map onto their own attribute names as a few
-regex rules and call `remap_keys` and `load_into` from here.
+This file knows file formats and folder layouts, never a model. The files beside it
+(`checkpoints/clip.py`, `checkpoints/ldm_bert.py`, ...) describe how official key names map onto
+each model's attribute names as a few regex rules and call `remap_keys` and `load_into` from here.
 
 Formats read:
 - `.safetensors`: memory-mapped by the safetensors library, so a tensor's bytes are read from disk
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from minildm.checkpoints.download import read_manifest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
@@ -318,8 +320,6 @@ def download_hint(name_or_path) -> str:
     """How to fetch what `name_or_path` names with minildm's own `download` command: a folder named
     after a system of weights_manifest.txt ("weights/stable-diffusion-v1-4"), or a repo id listed
     there ("CompVis/stable-diffusion-v1-4")."""
-    from minildm.download import read_manifest
-
     path = Path(str(name_or_path).rstrip("/"))
     systems = {}  # system -> its repo, in manifest order
     for entry in read_manifest():
@@ -383,6 +383,37 @@ def resolve_folder(name_or_path) -> Path:
         f"{name_or_path} does not exist (expected a folder or a hub repo id like 'org/name'). "
         + download_hint(name_or_path)
     )
+
+
+# --- The 2022 diffusers attention blocks in weight files --------------------------------------
+# diffusers' AttentionBlock of 2022 (models/attention.py) named its projections
+# query/key/value/proj_attn; the official hub files of the autoencoders and of the CelebA-HQ UNet
+# were saved with it and still carry those names (modern diffusers renames them on load, in
+# ModelMixin._fix_state_dict_keys_on_load): docs/parity/models.md, 2022 attention names and
+# 1x1-conv weights in hub files.
+LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def legacy_attention_name(diffusers_name: str) -> str:
+    """A modern diffusers name -> its 2022 AttentionBlock spelling (unchanged if it has none)."""
+    for new, old in LEGACY_ATTENTION_NAMES.items():
+        diffusers_name = diffusers_name.replace(f".{new}.", f".{old}.")
+    return diffusers_name
+
+
+_ATTENTION_WEIGHT = re.compile(r".*attention(s\.\d+)?\.(q|k|v|out)\.weight")
+
+
+def squeeze_attention_weights(weights: dict) -> dict:
+    """Original checkpoints (and some diffusers files) hold the attention projections as 1x1 convs
+    [C, C, 1, 1]; ours are Linear [C, C]. `weights` is keyed by our names."""
+    squeezed = {}
+    for name, value in weights.items():
+        # only a true 1x1 kernel; any other shape is left for the strict load to report
+        if value.ndim == 4 and value.shape[2:] == (1, 1) and _ATTENTION_WEIGHT.fullmatch(name):
+            value = value[:, :, 0, 0]
+        squeezed[name] = value
+    return squeezed
 
 
 # ---------------------------------------------------------------------------------------------

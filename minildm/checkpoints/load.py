@@ -3,14 +3,21 @@
 A component folder (`text_encoder/`, `bert/`, `unet/`, ...) holds `config.json` and one weights
 file. The config names its class (`_class_name` for diffusers, `architectures` for transformers);
 that name picks the minildm model, its config is translated, and the weights are read and loaded
-strictly through the model's key map.
+strictly through the model's key map (each by the checkpoints/ file named after the model).
 """
 
 from pathlib import Path
 
-from minildm import autoencoder, clip, ldm_bert, safety_checker, schedulers, unet, vq_transformer
-from minildm.tokenizer import BertTokenizer, CLIPTokenizer
-from minildm.weights import (
+from minildm import schedulers
+from minildm.checkpoints import (
+    autoencoder,
+    clip,
+    ldm_bert,
+    safety_checker,
+    unet,
+    vq_transformer,
+)
+from minildm.checkpoints.weights import (
     CheckpointError,
     download_hint,
     find_weights_file,
@@ -19,21 +26,22 @@ from minildm.weights import (
     read_state_dict,
     resolve_folder,
 )
+from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 
 # reference class name -> (config translation, loader)
 COMPONENTS = {
-    "CLIPTextModel": (clip.CLIPTextConfig.from_diffusers, clip.load_clip_text_model),
-    "LDMBertModel": (ldm_bert.LDMBertConfig.from_diffusers, ldm_bert.load_ldm_bert),
-    "AutoencoderKL": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
-    "VQModel": (autoencoder.AutoencoderConfig.from_diffusers, autoencoder.load_autoencoder),
-    "UNet2DConditionModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
-    "UNet2DModel": (unet.UNetConfig.from_diffusers, unet.load_unet),
+    "CLIPTextModel": (clip.text_config_from_diffusers, clip.load_clip_text_model),
+    "LDMBertModel": (ldm_bert.config_from_diffusers, ldm_bert.load_ldm_bert),
+    "AutoencoderKL": (autoencoder.config_from_diffusers, autoencoder.load_autoencoder),
+    "VQModel": (autoencoder.config_from_diffusers, autoencoder.load_autoencoder),
+    "UNet2DConditionModel": (unet.config_from_diffusers, unet.load_unet),
+    "UNet2DModel": (unet.config_from_diffusers, unet.load_unet),
     "Transformer2DModel": (
-        vq_transformer.VQTransformerConfig.from_diffusers,
+        vq_transformer.config_from_diffusers,
         vq_transformer.load_vq_transformer,
     ),
     "LearnedClassifierFreeSamplingEmbeddings": (
-        vq_transformer.LearnedClassifierFreeEmbeddings.config_from_diffusers,
+        vq_transformer.embeddings_config_from_diffusers,
         vq_transformer.load_learned_embeddings,
     ),
     "StableDiffusionSafetyChecker": (
