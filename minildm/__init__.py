@@ -5,9 +5,55 @@ written from scratch, loading the official weights and checked numerically again
 transformers.
 """
 
-import importlib
-
-from minildm.tokenizer import ASSETS, BertTokenizer, CLIPTokenizer
+from minildm import schedulers
+from minildm.autoencoder import (
+    KL_F8,
+    VQ_F4_CELEBAHQ,
+    VQ_F8_ITHQ,
+    AutoencoderConfig,
+    AutoencoderKL,
+    VQModel,
+)
+from minildm.checkpoints.load import load_component
+from minildm.checkpoints.weights import (
+    CheckpointError,
+    read_state_dict,
+)
+from minildm.clip import (
+    CLIP_VIT_B_32,
+    CLIP_VIT_L_14,
+    CLIPTextConfig,
+    CLIPTextModel,
+)
+from minildm.ldm_bert import (
+    LDMBert,
+    LDMBertConfig,
+)
+from minildm.pipelines import (
+    LDMPipeline,
+    LDMTextToImagePipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    VQDiffusionPipeline,
+)
+from minildm.tokenizer import (
+    ASSETS,
+    BertTokenizer,
+    CLIPTokenizer,
+)
+from minildm.unet import (
+    CELEBAHQ,
+    LDM_TEXT2IM,
+    SD_V1,
+    UNet,
+    UNetConfig,
+)
+from minildm.vq_transformer import (
+    ITHQ,
+    VQTransformer,
+    VQTransformerConfig,
+)
 
 __version__ = "0.1.0"
 
@@ -25,60 +71,6 @@ TINY_MODELS = {
     "ldm-uncond": TINY_LDM_UNCOND,
     "vq-diffusion": TINY_VQ_DIFFUSION,
 }
-
-# Every other public name is imported on first use (PEP 562 module __getattr__): `import
-# minildm.clip` loads CLIP alone, not the UNet, the pipelines and the checkpoint loaders, while
-# `minildm.UNet` and `from minildm import UNet` work as always. Public name -> its module:
-_SOURCES = {
-    "KL_F8": "minildm.autoencoder",
-    "VQ_F4_CELEBAHQ": "minildm.autoencoder",
-    "VQ_F8_ITHQ": "minildm.autoencoder",
-    "AutoencoderConfig": "minildm.autoencoder",
-    "AutoencoderKL": "minildm.autoencoder",
-    "VQModel": "minildm.autoencoder",
-    "load_component": "minildm.checkpoints.load",
-    "CheckpointError": "minildm.checkpoints.weights",
-    "read_state_dict": "minildm.checkpoints.weights",
-    "CLIP_VIT_B_32": "minildm.clip",
-    "CLIP_VIT_L_14": "minildm.clip",
-    "CLIPTextConfig": "minildm.clip",
-    "CLIPTextModel": "minildm.clip",
-    "LDMBert": "minildm.ldm_bert",
-    "LDMBertConfig": "minildm.ldm_bert",
-    "LDMPipeline": "minildm.pipelines",
-    "LDMTextToImagePipeline": "minildm.pipelines",
-    "StableDiffusionImg2ImgPipeline": "minildm.pipelines",
-    "StableDiffusionInpaintPipeline": "minildm.pipelines",
-    "StableDiffusionPipeline": "minildm.pipelines",
-    "VQDiffusionPipeline": "minildm.pipelines",
-    "CELEBAHQ": "minildm.unet",
-    "LDM_TEXT2IM": "minildm.unet",
-    "SD_V1": "minildm.unet",
-    "UNet": "minildm.unet",
-    "UNetConfig": "minildm.unet",
-    "ITHQ": "minildm.vq_transformer",
-    "VQTransformer": "minildm.vq_transformer",
-    "VQTransformerConfig": "minildm.vq_transformer",
-}
-
-
-def __getattr__(name: str):
-    if name in _SOURCES:
-        value = getattr(importlib.import_module(_SOURCES[name]), name)
-    else:  # a submodule not imported yet: `import minildm` then `minildm.shapes.caption(...)`
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
 
 __all__ = [
     # pipelines
