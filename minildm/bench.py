@@ -219,8 +219,8 @@ def pipeline_work(size: int, dtype, device, diffusers, steps: int) -> dict:
 
 def their_tokenizer(transformers):
     """transformers' CLIPTokenizer on minildm's shipped vocabulary (SD's tokenizer folder)."""
+    from minildm.checkpoints.save import save_tokenizer_folder
     from minildm.tokenizer import CLIPTokenizer
-    from minildm.train import save_tokenizer_folder
 
     folder = Path(tempfile.mkdtemp(prefix="minildm-bench-tokenizer-"))
     save_tokenizer_folder(folder, CLIPTokenizer())
@@ -262,8 +262,8 @@ def measure_loading(folder: str, implementation: str):
 def load_work(repeats: int, with_diffusers: bool) -> dict:
     """Loading an official-size SD v1 folder (fp32 safetensors, written here from random weights)
     in fresh processes, alternately; also the peak memory growth through the first UNet step."""
+    from minildm.checkpoints.save import save_pipeline_folder
     from minildm.tokenizer import CLIPTokenizer
-    from minildm.train import save_pipeline_folder
 
     names = ["minildm"] + (["diffusers"] if with_diffusers else [])
     with tempfile.TemporaryDirectory(prefix="minildm-bench-") as tmp:
