@@ -406,10 +406,10 @@ def gpu_check_models(small: bool) -> list:
     the embedded tiny models' sizes, which the tests run on the CPU. `build()` makes the model with
     minildm's random initialisation; `call(model, device, dtype)` runs it on inputs drawn from a
     fixed seed (latents at the size its pipeline uses)."""
-    from minildm import train
     from minildm.autoencoder import VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderKL, VQModel
     from minildm.clip import CLIP_VIT_B_32, CLIPTextModel
     from minildm.ldm_bert import LDMBert, LDMBertConfig
+    from minildm.train import recipes as train
     from minildm.unet import CELEBAHQ, LDM_TEXT2IM, UNet
     from minildm.vq_transformer import ITHQ, VQTransformer
 
@@ -536,7 +536,7 @@ def unet_steps_per_second(device, repeats: int, small: bool) -> dict | None:
     except ImportError:
         print("diffusers is not installed: no steps-per-second comparison")
         return None
-    from minildm import train
+    from minildm.train import recipes as train
 
     config = train.UNET if small else SD_V1
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
