@@ -57,7 +57,7 @@ from minildm.vq_transformer import (
 
 __version__ = "0.1.0"
 
-# The embedded teaching model: a tiny Stable Diffusion trained by minildm/train.py on the shapes
+# The embedded teaching model: a tiny Stable Diffusion trained by minildm/train/ on the shapes
 # world (minildm/shapes.py), a diffusers-layout folder that StableDiffusionPipeline.from_pretrained
 # reads as it reads the official weights.
 TINY_SD = ASSETS / "tiny-sd"

@@ -635,7 +635,7 @@ def main(argv=None):
             parser.error("download: name a system or SYSTEM/PATH (or --list to see them)")
         sys.exit(main_download(args.name, args.dir))
     elif args.command == "train":
-        from minildm.train import main_train
+        from minildm.train.run import main_train
 
         try:
             if not 0 <= args.seed < 2**63:

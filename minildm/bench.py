@@ -224,8 +224,8 @@ def pipeline_work(size: int, dtype, device, diffusers, steps: int) -> dict:
 
 def their_tokenizer(transformers):
     """transformers' CLIPTokenizer on minildm's shipped vocabulary (SD's tokenizer folder)."""
+    from minildm.checkpoints.save import save_tokenizer_folder
     from minildm.tokenizer import CLIPTokenizer
-    from minildm.train import save_tokenizer_folder
 
     folder = Path(tempfile.mkdtemp(prefix="minildm-bench-tokenizer-"))
     save_tokenizer_folder(folder, CLIPTokenizer())
@@ -267,8 +267,8 @@ def measure_loading(folder: str, implementation: str):
 def load_work(repeats: int, with_diffusers: bool) -> dict:
     """Loading an official-size SD v1 folder (fp32 safetensors, written here from random weights)
     in fresh processes, alternately; also the peak memory growth through the first UNet step."""
+    from minildm.checkpoints.save import save_pipeline_folder
     from minildm.tokenizer import CLIPTokenizer
-    from minildm.train import save_pipeline_folder
 
     names = ["minildm"] + (["diffusers"] if with_diffusers else [])
     with tempfile.TemporaryDirectory(prefix="minildm-bench-") as tmp:
@@ -411,10 +411,10 @@ def gpu_check_models(small: bool) -> list:
     the embedded tiny models' sizes, which the tests run on the CPU. `build()` makes the model with
     minildm's random initialisation; `call(model, device, dtype)` runs it on inputs drawn from a
     fixed seed (latents at the size its pipeline uses)."""
-    from minildm import train
     from minildm.autoencoder import VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderKL, VQModel
     from minildm.clip import CLIP_VIT_B_32, CLIPTextModel
     from minildm.ldm_bert import LDMBert, LDMBertConfig
+    from minildm.train import recipes as train
     from minildm.unet import CELEBAHQ, LDM_TEXT2IM, UNet
     from minildm.vq_transformer import ITHQ, VQTransformer
 
@@ -541,7 +541,7 @@ def unet_steps_per_second(device, repeats: int, small: bool) -> dict | None:
     except ImportError:
         print("diffusers is not installed: no steps-per-second comparison")
         return None
-    from minildm import train
+    from minildm.train import recipes as train
 
     config = train.UNET if small else SD_V1
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32

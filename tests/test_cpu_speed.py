@@ -13,7 +13,7 @@ from torch import nn
 from minildm import cpu_speed
 from minildm.checkpoints.unet import load_unet
 from minildm.cpu_speed import FusedGEGLU, OneDNNConv2d, OneDNNLinear, plain_pytorch, speed_up
-from minildm.train import UNET
+from minildm.train.recipes import UNET
 from minildm.unet import GEGLU, UNet
 
 NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()

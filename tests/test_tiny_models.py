@@ -30,14 +30,9 @@ from minildm import shapes
 from minildm.__main__ import EMBEDDED_DEFAULTS
 from minildm.pipelines import LDMPipeline, LDMTextToImagePipeline, VQDiffusionPipeline
 from minildm.schedulers import VQDiffusionScheduler
-from minildm.train import (
-    SAMPLING,
-    SEEN_TRIPLES,
-    autoencoder_scores,
-    pipeline_scores,
-    train,
-    unconditional_scores,
-)
+from minildm.train.evaluate import autoencoder_scores, pipeline_scores, unconditional_scores
+from minildm.train.recipes import SAMPLING, SEEN_TRIPLES
+from minildm.train.run import train
 
 REPO = Path(__file__).parent.parent
 # the targets for held-out triples: colour, shape, background, position, all four

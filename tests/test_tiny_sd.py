@@ -27,7 +27,9 @@ from PIL import Image
 import minildm
 from minildm import shapes
 from minildm.pipelines import StableDiffusionPipeline
-from minildm.train import SEEN_TRIPLES, autoencoder_scores, pipeline_scores, train_sd
+from minildm.train.evaluate import autoencoder_scores, pipeline_scores
+from minildm.train.recipes import SEEN_TRIPLES
+from minildm.train.run import train_sd
 
 REPO = Path(__file__).parent.parent
 # the issue's targets for held-out triples: colour, shape, background, position, all four
@@ -256,7 +258,8 @@ def test_quick_training_run(tmp_path):
 def test_the_autoencoder_loss_leaves_the_model_it_scores_alone(tiny_sd):
     """Evaluating a trained autoencoder with the trainer's loss used to reset its log-variance
     bias (the fresh-model start, now start_nearly_deterministic, applied by the loss itself)."""
-    from minildm.train import Settings, kl_autoencoder_loss
+    from minildm.train.loop import kl_autoencoder_loss
+    from minildm.train.recipes import Settings
 
     before = {k: v.clone() for k, v in tiny_sd.vae.state_dict().items()}
     images = torch.from_numpy(shapes.make_dataset(8, seed=0)[0])
