@@ -18,8 +18,8 @@ from conftest import oracle
 from safetensors.torch import load_file, save_file
 
 import minildm
-from minildm import trace
-from minildm.trace import Settings
+from minildm.tools import trace
+from minildm.tools.trace import Settings
 
 REPO = Path(__file__).parent.parent
 PROMPT = "a red circle on a blue background"

@@ -30,6 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from minildm.autoencoder import KL_F8, load_autoencoder
 from minildm.clip import CLIP_VIT_L_14, load_clip_text_model
 from minildm.cpu_speed import plain_pytorch, retain_freed_memory, speed_up
+from minildm.pipelines.common import warn_if_slow_precision
+from minildm.tools.generate import DTYPES, check_device
 from minildm.unet import SD_V1, load_unet
 
 PARTS = ("unet", "vae", "text", "pipeline", "load")
@@ -279,7 +281,7 @@ def load_work(repeats: int, with_diffusers: bool) -> dict:
         results = {name: [] for name in names}
         for _ in range(repeats):
             for name in names:
-                command = [sys.executable, "-m", "minildm.bench", str(folder), name]
+                command = [sys.executable, "-m", "minildm.tools.bench", str(folder), name]
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 results[name].append(json.loads(out.strip().splitlines()[-1]))
     return {"weights_bytes": weights, "results": results}
@@ -359,6 +361,54 @@ def report_loading(loading: dict) -> dict:
             f"first UNet step {growth:.2f}x the weights' bytes"
         )
     return {"what": "load", "medians": medians}
+
+
+def check_bench_arguments(args):
+    """Before the official-size models are built (a minute, gigabytes)."""
+    if args.size < 8 or args.size % 8:
+        raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.steps < 1 or args.repeats < 1:
+        raise ValueError(
+            f"--steps and --repeats must be at least 1, got {args.steps}, {args.repeats}"
+        )
+    if args.gpu_check:
+        given = [
+            option
+            for option, value, default in (
+                ("--part", args.part, "unet"),
+                ("--size", args.size, 512),
+                ("--dtype", args.dtype, "float32"),
+                ("--steps", args.steps, 20),
+                ("--compile", args.compile, False),
+                ("--compare-diffusers", args.compare_diffusers, False),
+            )
+            if value != default
+        ]
+        if given:
+            raise ValueError(
+                f"--gpu-check runs every model at official size in float16 and float32 and "
+                f"compares with diffusers when installed: {', '.join(given)} would be ignored; "
+                "leave them out"
+            )
+    check_device(args.device)
+    if args.gpu_check and torch.device(args.device).type != "cuda":
+        raise ValueError(
+            "--gpu-check compares a CUDA device with this CPU: give --device cuda "
+            "(tests/test_bench.py runs the same check on the CPU with the tiny models)"
+        )
+    if args.compile and args.part not in ("unet", "vae", "text"):
+        raise ValueError(
+            f"--compile times one model (--part unet, vae or text), not --part {args.part}"
+        )
+    if args.compare_diffusers:
+        try:
+            import diffusers  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                f'--compare-diffusers needs diffusers and transformers ({e}): pip install ".[test]"'
+            ) from e
+    warn_if_slow_precision(DTYPES[args.dtype], args.device)
 
 
 def bench(
