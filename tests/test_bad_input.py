@@ -1,12 +1,14 @@
 """Bad input on the command line and in the pipelines: a clear error that says what was expected,
 raised before any weights are loaded or steps taken (issue 13's cases, one table row each)."""
 
+import argparse
+
 import pytest
 import torch
 
 import minildm
-import minildm.__main__ as cli
 from minildm.__main__ import main
+from minildm.tools import generate
 
 # (arguments, words the error must contain); every row fails before any weights are loaded
 CLI_CASES = [
@@ -27,7 +29,7 @@ def refuse_to_load(args):
 
 @pytest.mark.parametrize("arguments, words", CLI_CASES, ids=lambda v: " ".join(map(str, v)))
 def test_command_line_refuses_before_loading(arguments, words, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     with pytest.raises(SystemExit) as raised:
         main(arguments + ["--out", str(tmp_path)])
     message = str(raised.value.code)
@@ -36,7 +38,7 @@ def test_command_line_refuses_before_loading(arguments, words, monkeypatch, tmp_
 
 
 def test_a_device_without_a_gpu_is_refused_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     with pytest.raises(SystemExit) as raised:
         main(["sd", "a cat", "--device", "cuda:99", "--out", str(tmp_path)])
     message = str(raised.value.code)
@@ -45,7 +47,7 @@ def test_a_device_without_a_gpu_is_refused_before_loading(monkeypatch, tmp_path)
 
 
 def test_an_output_folder_that_is_a_file_is_refused_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     a_file = tmp_path / "taken.png"
     a_file.write_bytes(b"not a folder")
     for out in (a_file, a_file / "below"):
@@ -133,7 +135,7 @@ EARLY_CASES = [
 
 @pytest.mark.parametrize("arguments, words", EARLY_CASES, ids=lambda v: " ".join(map(str, v)))
 def test_checked_before_the_weights_load(arguments, words, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     out = [] if "--out" in arguments else ["--out", str(tmp_path)]
     with pytest.raises(SystemExit) as raised:
         main(arguments + out)
@@ -144,7 +146,7 @@ def test_checked_before_the_weights_load(arguments, words, monkeypatch, tmp_path
 
 
 def test_weights_of_the_wrong_kind_are_named_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.chdir(tmp_path)
     a_pt = tmp_path / "model.pt"
@@ -226,8 +228,8 @@ def test_overwrite_reuses_the_names_and_removes_the_earlier_runs_extra_files(tmp
 
 
 def test_the_prompt_names_the_files(tmp_path, capsys):
-    paths = cli.output_files(
-        cli.argparse.Namespace(
+    paths = generate.output_files(
+        argparse.Namespace(
             command="sd",
             prompt="A red circle, on a BLUE background!",
             seed=7,

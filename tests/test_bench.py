@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import oracle
 
-from minildm import bench
 from minildm.__main__ import main
+from minildm.tools import bench
 
 
 def test_runs_are_timed_in_turn_after_one_warm_up_each():

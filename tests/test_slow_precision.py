@@ -10,6 +10,7 @@ import torch
 import minildm
 import minildm.__main__ as cli
 import minildm.cpu_speed as cpu_speed
+from minildm.tools import generate
 
 
 def simulate_cpu(monkeypatch, native: bool):
@@ -67,7 +68,7 @@ def test_the_command_line_warns_before_loading(monkeypatch, tmp_path):
     def refuse_to_load(args, scheduler):
         raise AssertionError("the weights were loaded before the warning")
 
-    monkeypatch.setattr(cli, "load_pipeline", refuse_to_load)
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     taken = tmp_path / "a-file"
     taken.write_text("")
     with pytest.warns(UserWarning, match="bfloat16 on this CPU has no native support"):

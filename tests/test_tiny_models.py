@@ -27,9 +27,9 @@ from PIL import Image
 
 import minildm
 from minildm import shapes
-from minildm.__main__ import EMBEDDED_DEFAULTS
 from minildm.pipelines import LDMPipeline, LDMTextToImagePipeline, VQDiffusionPipeline
 from minildm.schedulers import VQDiffusionScheduler
+from minildm.tools.generate import EMBEDDED_DEFAULTS
 from minildm.train.evaluate import autoencoder_scores, pipeline_scores, unconditional_scores
 from minildm.train.recipes import SAMPLING, SEEN_TRIPLES
 from minildm.train.run import train

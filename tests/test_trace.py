@@ -1,4 +1,4 @@
-"""Parity traces (minildm/trace.py): minildm's and diffusers' runs of the four embedded tiny
+"""Parity traces (minildm/tools/trace.py): minildm's and diffusers' runs of the four embedded tiny
 models, recorded stage by stage and block by block, agree; `compare` finds an edited stage or block
 exactly where it was edited, names missing and reshaped stages, and refuses what is not a trace or
 not the same run; the README's recipe for writing a trace without minildm gives a file `compare`
@@ -18,8 +18,8 @@ from conftest import oracle
 from safetensors.torch import load_file, save_file
 
 import minildm
-from minildm import trace
-from minildm.trace import Settings
+from minildm.tools import trace
+from minildm.tools.trace import Settings
 
 REPO = Path(__file__).parent.parent
 PROMPT = "a red circle on a blue background"

@@ -2,7 +2,7 @@
 
 `save_component(folder, module)` writes one minildm model as the official component folder that
 diffusers or transformers would write for it (config.json in their keys, the weights renamed to
-their layout in a safetensors file); `save_pipeline_folder(out, system, components, tokenizer)`
+their layout in a safetensors file); `save_pipeline_folder(out, system, components, tokenizer, scheduler_config)`
 writes a whole pipeline folder: model_index.json, the scheduler's config, the tokenizer and every
 component. The trainer (train/run.py) saves the embedded models this way and `python -m minildm
 bench` writes an official-size SD folder with it; both minildm's and diffusers' `from_pretrained`
@@ -79,22 +79,6 @@ COMPONENT_CLASSES = {
         "vqvae": ["diffusers", "VQModel"],
     },
 }
-# The scheduler a folder gets when its writer names none (`bench`'s official-size SD folder): DDIM
-# with SD v1's settings, the hub's scheduler_config.json of CompVis/stable-diffusion-v1-4, as the
-# trainer's recipe for the tiny SD (train/recipes.py, SCHEDULER_CONFIG) also writes it.
-SD_DDIM_SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler",
-    "_diffusers_version": "0.42.1",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
 
 
 def _file_tensors(state: dict, rename, dtype: torch.dtype) -> dict:
@@ -149,12 +133,12 @@ def save_pipeline_folder(
     system: str,
     components: dict,
     tokenizer,
+    scheduler_config: dict,
     dtype: torch.dtype = torch.float16,
-    scheduler_config: dict | None = None,
 ):
     """model_index.json, the scheduler, the tokenizer and every model of `components`
     ({folder name: module}, or a path to an existing folder to copy unchanged). `scheduler_config`
-    is written as scheduler/scheduler_config.json (None: SD v1's DDIM, SD_DDIM_SCHEDULER_CONFIG)."""
+    is written as scheduler/scheduler_config.json."""
     import shutil
 
     index = {
@@ -169,8 +153,6 @@ def save_pipeline_folder(
             shutil.copytree(part, out / name)
         else:
             save_component(out / name, part, dtype)
-    if scheduler_config is None:
-        scheduler_config = SD_DDIM_SCHEDULER_CONFIG
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(scheduler_config, indent=2) + "\n"

@@ -366,9 +366,7 @@ def train(
     if system == "vq-diffusion":
         components["text_encoder"] = reused["text_encoder"]
         tokenizer = reused["tokenizer"]
-    save_pipeline_folder(
-        out, system, components, tokenizer, scheduler_config=SCHEDULER_CONFIGS[system]
-    )
+    save_pipeline_folder(out, system, components, tokenizer, SCHEDULER_CONFIGS[system])
     print("saved the pipeline folder; evaluating", flush=True)
     report = evaluate(out, system, settings, state, reused)
     report.update(command=command, scaling_factor=scale, history=history)

@@ -8,6 +8,7 @@ model's input, its unconditional and conditional predictions, the guided predict
 receives, the latents after the step (for VQ-Diffusion also the Gumbel noise of the sampling), then
 the decoded image. With `layers_step`, the output of every block of the denoiser in that step too.
 `compare` reads two traces and names the first stage, and the first block, beyond tolerance.
+`python -m minildm trace` and `compare` run main_trace and main_compare, at the end of this file.
 
 The recording changes no model or pipeline code: it runs the pipeline as it is and listens with
 forward hooks on the text encoder, the denoiser and its blocks, and with wrappers around the
@@ -46,6 +47,8 @@ import json
 import math
 import os
 import platform
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,14 @@ from minildm.checkpoints.unet import config_from_diffusers as unet_config_from_d
 from minildm.checkpoints.unet import diffusers_name as unet_diffusers_name
 from minildm.checkpoints.vq_transformer import config_from_diffusers as vq_config_from_diffusers
 from minildm.checkpoints.vq_transformer import diffusers_name as vq_diffusers_name
+from minildm.checkpoints.weights import resolve_folder
+from minildm.tools.generate import (
+    DTYPES,
+    EMBEDDED_DEFAULTS,
+    OFFICIAL_DEFAULTS,
+    check_device,
+    check_utf8,
+)
 from minildm.unet import (
     Downsample,
     ResBlock,
@@ -743,3 +754,62 @@ def report(comparison: Comparison) -> str:
             f"({first_block.verdict})"
         )
     return "\n".join(lines)
+
+
+# the commands: python -m minildm trace, python -m minildm compare
+
+
+def trace_settings(args):
+    """The traced run's settings: the generation commands' defaults for the weights, and only the
+    options the system has."""
+    import minildm
+
+    defaults = (EMBEDDED_DEFAULTS if args.weights is None else OFFICIAL_DEFAULTS)[args.system]
+    values = {}
+    for name in ("steps", "guidance", "height", "width", "truncation"):
+        given = getattr(args, name)
+        if name not in defaults:
+            if given is not None:
+                raise ValueError(f"trace {args.system} has no --{name}")
+            continue
+        values[name] = defaults[name] if given is None else given
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    check_utf8(args.prompt, "prompt")
+    folder = minildm.TINY_MODELS[args.system] if args.weights is None else args.weights
+    return folder, Settings(prompt=args.prompt, seed=args.seed, **values)
+
+
+def main_trace(args):
+    folder, settings = trace_settings(args)
+    implementation = args.reference or "minildm"
+    if args.layers_step is not None and not args.layers:
+        raise ValueError("--layers-step chooses the step --layers records: add --layers")
+    layers_step = (args.layers_step or 0) if args.layers else None
+    check_settings(args.system, settings, layers_step)
+    check_device(args.device)
+    out = Path(args.out or f"{args.system}-{implementation}.safetensors")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    folder = resolve_folder(folder)
+    started = time.perf_counter()
+    tensors, metadata = record(
+        args.system, folder, settings, implementation, layers_step, args.device, DTYPES[args.dtype]
+    )
+    write(out, tensors, metadata)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(
+        f"{out}: {len(tensors)} tensors ({size / 1e6:.1f} MB) from the {implementation} "
+        f"{args.system} pipeline on {folder}, {settings.steps} steps, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+
+
+def main_compare(args) -> int:
+    try:
+        comparison = compare(args.a, args.b, args.rtol)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report(comparison))
+    return 0 if comparison.agree else 1

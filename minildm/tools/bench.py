@@ -34,7 +34,13 @@ from minildm.checkpoints.clip import load_clip_text_model, text_config_to_diffus
 from minildm.checkpoints.unet import config_to_diffusers as unet_config_to_diffusers
 from minildm.checkpoints.unet import load_unet
 from minildm.clip import CLIP_VIT_L_14
-from minildm.cpu_speed import plain_pytorch, retain_freed_memory, speed_up
+from minildm.cpu_speed import (
+    plain_pytorch,
+    retain_freed_memory,
+    speed_up,
+    warn_if_slow_precision,
+)
+from minildm.tools.generate import DTYPES, check_device
 from minildm.unet import SD_V1
 
 PARTS = ("unet", "vae", "text", "pipeline", "load")
@@ -269,6 +275,7 @@ def load_work(repeats: int, with_diffusers: bool) -> dict:
     in fresh processes, alternately; also the peak memory growth through the first UNet step."""
     from minildm.checkpoints.save import save_pipeline_folder
     from minildm.tokenizer import CLIPTokenizer
+    from minildm.train.recipes import SCHEDULER_CONFIG
 
     names = ["minildm"] + (["diffusers"] if with_diffusers else [])
     with tempfile.TemporaryDirectory(prefix="minildm-bench-") as tmp:
@@ -278,13 +285,15 @@ def load_work(repeats: int, with_diffusers: bool) -> dict:
         vae, _ = build_vae(torch.float32, "cpu", None)
         text_encoder, _ = build_text_encoder(torch.float32, "cpu", None)
         components = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-        save_pipeline_folder(folder, "sd", components, CLIPTokenizer(), dtype=torch.float32)
+        save_pipeline_folder(
+            folder, "sd", components, CLIPTokenizer(), SCHEDULER_CONFIG, dtype=torch.float32
+        )
         del unet, vae, text_encoder, components
         weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
         results = {name: [] for name in names}
         for _ in range(repeats):
             for name in names:
-                command = [sys.executable, "-m", "minildm.bench", str(folder), name]
+                command = [sys.executable, "-m", "minildm.tools.bench", str(folder), name]
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 results[name].append(json.loads(out.strip().splitlines()[-1]))
     return {"weights_bytes": weights, "results": results}
@@ -366,6 +375,54 @@ def report_loading(loading: dict) -> dict:
     return {"what": "load", "medians": medians}
 
 
+def check_bench_arguments(args):
+    """Before the official-size models are built (a minute, gigabytes)."""
+    if args.size < 8 or args.size % 8:
+        raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.steps < 1 or args.repeats < 1:
+        raise ValueError(
+            f"--steps and --repeats must be at least 1, got {args.steps}, {args.repeats}"
+        )
+    if args.gpu_check:
+        given = [
+            option
+            for option, value, default in (
+                ("--part", args.part, "unet"),
+                ("--size", args.size, 512),
+                ("--dtype", args.dtype, "float32"),
+                ("--steps", args.steps, 20),
+                ("--compile", args.compile, False),
+                ("--compare-diffusers", args.compare_diffusers, False),
+            )
+            if value != default
+        ]
+        if given:
+            raise ValueError(
+                f"--gpu-check runs every model at official size in float16 and float32 and "
+                f"compares with diffusers when installed: {', '.join(given)} would be ignored; "
+                "leave them out"
+            )
+    check_device(args.device)
+    if args.gpu_check and torch.device(args.device).type != "cuda":
+        raise ValueError(
+            "--gpu-check compares a CUDA device with this CPU: give --device cuda "
+            "(tests/test_bench.py runs the same check on the CPU with the tiny models)"
+        )
+    if args.compile and args.part not in ("unet", "vae", "text"):
+        raise ValueError(
+            f"--compile times one model (--part unet, vae or text), not --part {args.part}"
+        )
+    if args.compare_diffusers:
+        try:
+            import diffusers  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                f'--compare-diffusers needs diffusers and transformers ({e}): pip install ".[test]"'
+            ) from e
+    warn_if_slow_precision(DTYPES[args.dtype], args.device)
+
+
 def bench(
     part,
     size=512,
@@ -414,19 +471,19 @@ def gpu_check_models(small: bool) -> list:
     from minildm.autoencoder import VQ_F4_CELEBAHQ, VQ_F8_ITHQ, AutoencoderKL, VQModel
     from minildm.clip import CLIP_VIT_B_32, CLIPTextModel
     from minildm.ldm_bert import LDMBert, LDMBertConfig
-    from minildm.train import recipes as train
+    from minildm.train import recipes
     from minildm.unet import CELEBAHQ, LDM_TEXT2IM, UNet
     from minildm.vq_transformer import ITHQ, VQTransformer
 
     if small:
         sd, ldm, uncond, transformer = (
-            train.UNET,
-            train.LDM_UNET,
-            train.UNCOND_UNET,
-            train.TRANSFORMER,
+            recipes.UNET,
+            recipes.LDM_UNET,
+            recipes.UNCOND_UNET,
+            recipes.TRANSFORMER,
         )
-        kl, vq_f4, vq_f8 = train.VAE, train.VQ_VAE, train.VQ_VAE
-        clip_l, clip_b, bert = train.TEXT, train.QUICK_TEXT, train.BERT
+        kl, vq_f4, vq_f8 = recipes.VAE, recipes.VQ_VAE, recipes.VQ_VAE
+        clip_l, clip_b, bert = recipes.TEXT, recipes.QUICK_TEXT, recipes.BERT
     else:
         sd, ldm, uncond, transformer = SD_V1, LDM_TEXT2IM, CELEBAHQ, ITHQ
         kl, vq_f4, vq_f8 = KL_F8, VQ_F4_CELEBAHQ, VQ_F8_ITHQ
@@ -541,9 +598,9 @@ def unet_steps_per_second(device, repeats: int, small: bool) -> dict | None:
     except ImportError:
         print("diffusers is not installed: no steps-per-second comparison")
         return None
-    from minildm.train import recipes as train
+    from minildm.train import recipes
 
-    config = train.UNET if small else SD_V1
+    config = recipes.UNET if small else SD_V1
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     torch.manual_seed(0)
     theirs = diffusers.UNet2DConditionModel(

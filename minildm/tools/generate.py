@@ -1,0 +1,455 @@
+"""The generation commands: `sd`, `ldm`, `ldm-uncond` and `vq-diffusion` (and `sd --invert IMAGE`),
+what `python -m minildm sd "a red circle on a blue background"` runs to write PNGs. In order:
+
+1. check: all that can be checked before any weights load (minutes with the official ones): counts,
+   seed, text, device, the output folder, --invert's image, what --weights names, and the
+   scheduler, built from the folder's config and set to --steps; the file names are chosen now too;
+2. load: the pipeline, with that scheduler in place of the folder's;
+3. run: the pipeline's call with a progress line (--invert: DDIM inversion, then sampling back);
+4. write: the PNGs, COMMAND_PROMPT_seedSEED_I.png, with a grid when there are several.
+
+With no --weights the embedded tiny models run, at the settings they were scored at
+(EMBEDDED_DEFAULTS); official weights get their own systems' defaults (OFFICIAL_DEFAULTS).
+"""
+
+import inspect
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minildm.checkpoints.load import missing_model_index_message
+from minildm.checkpoints.weights import read_json, resolve_folder
+from minildm.cpu_speed import warn_if_slow_precision
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_WEIGHTS = {
+    "sd": "CompVis/stable-diffusion-v1-4",
+    "ldm": "CompVis/ldm-text2im-large-256",
+    "ldm-uncond": "CompVis/ldm-celebahq-256",
+    "vq-diffusion": "microsoft/vq-diffusion-ithq",
+}
+
+
+# The embedded teaching models (minildm/assets/tiny-*, trained by minildm/train/ on the shapes
+# world) run when no --weights are given, with the settings they were scored at; official weights
+# get their own systems' defaults.
+EMBEDDED_DEFAULTS = {
+    "sd": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
+    "ldm": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
+    "ldm-uncond": {"steps": 25},
+    # VQ-Diffusion's best measured settings (minildm/train/recipes.py, SAMPLING, says how they were found)
+    "vq-diffusion": {"steps": 50, "guidance": 2.0, "truncation": 0.9},
+}
+OFFICIAL_DEFAULTS = {
+    "sd": {"steps": 50, "guidance": 7.5, "height": 512, "width": 512},
+    "ldm": {"steps": 50, "guidance": 1.0, "height": 256, "width": 256},
+    "ldm-uncond": {"steps": 50},
+    "vq-diffusion": {"steps": 100, "guidance": 5.0, "truncation": 1.0},
+}
+
+
+def generate(args):
+    check_generation_arguments(args)
+    if getattr(args, "invert", None):
+        check_inversion_arguments(args)
+    fill_defaults(args)
+    check_weights_argument(args.command, args.weights)
+    scheduler = plan_scheduler(args)
+    files = output_files(args)
+    print(f"loading {args.weights} ({args.dtype} on {args.device})")
+    if torch.device(args.device).type == "cpu":
+        from minildm.cpu_speed import retain_freed_memory
+
+        retain_freed_memory()  # the whole process is this command's: no page faults per step
+    pipe = load_pipeline(args, scheduler)
+    generator = torch.Generator().manual_seed(args.seed)
+    model_calls = len(scheduler.timesteps)
+    if model_calls != args.steps:
+        print(
+            f"{type(scheduler).__name__} calls the model {model_calls} times for {args.steps} steps"
+        )
+    progress = progress_printer(args.steps, model_calls)
+    if args.command == "ldm-uncond":
+        images = pipe(
+            batch_size=args.n,
+            generator=generator,
+            num_inference_steps=args.steps,
+            eta=args.eta,
+            callback=progress,
+        ).images
+    elif args.command == "vq-diffusion":
+        images = pipe(
+            [args.prompt] * args.n,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            truncation_rate=args.truncation,
+            generator=generator,
+            callback=progress,
+        ).images
+    elif args.command == "ldm":
+        images = pipe(
+            [args.prompt] * args.n,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            eta=args.eta,
+            generator=generator,
+            callback=progress,
+        ).images
+    elif getattr(args, "invert", None):
+        images = invert_and_sample(pipe, args, progress)
+    else:
+        images = pipe(
+            args.prompt,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            negative_prompt=args.negative,
+            num_images_per_prompt=args.n,
+            eta=args.eta,
+            generator=generator,
+            callback=progress,
+        )
+        flags = images.nsfw_content_detected
+        if flags and any(flags):
+            flagged = [i for i, flag in enumerate(flags) if flag]
+            print(f"\nthe safety checker flagged images {flagged} (kept as generated)")
+        images = images.images
+    print()
+    if len(images) > 1:
+        images = [*images, image_grid(images)]
+    for image, path in zip(images, files):
+        image.save(path)
+    print(f"wrote {len(files)} file(s):")
+    for path in files:
+        print(f"  {path}")
+
+
+# check: before any weights load
+
+
+def check_generation_arguments(args):
+    """What a generation command can check before loading any weights (which takes minutes with
+    the official ones): counts, the seed, the text, the device and the output folder."""
+    if args.n < 1:
+        raise ValueError(f"-n is the number of images, at least 1; got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    for option in ("prompt", "negative"):
+        check_utf8(getattr(args, option, None), option)
+    check_device(args.device)
+    warn_if_slow_precision(DTYPES[args.dtype], args.device)
+    check_output_folder(Path(args.out))
+
+
+def check_utf8(text: str | None, option: str):
+    """Python hands a command-line byte that is not UTF-8 over as a lone surrogate U+DC80-U+DCFF
+    (PEP 383); the tokenizer could only refuse it later, as a surrogate the user never typed."""
+    if text is None:
+        return
+    for i, character in enumerate(text):
+        if "\udc80" <= character <= "\udcff":
+            byte = ord(character) - 0xDC00
+            name = "the prompt" if option == "prompt" else f"--{option}"
+            raise ValueError(
+                f"{name} holds the byte 0x{byte:02X} at character {i + 1}, which is not UTF-8: "
+                "pass the text in UTF-8 (check the terminal's or the script's encoding)"
+            )
+
+
+def check_device(name: str):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {name!r} is not a device: expected cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: minildm runs on cpu or cuda")
+
+
+def check_output_folder(out: Path):
+    """The folder must be one we can write the PNGs into: made now, so a bad --out fails at once."""
+    for path in [out, *out.parents]:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    # a file made and removed: os.access alone says yes to root, even on a read-only file system
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out {out}: cannot write into the folder ({e.strerror}); choose another --out"
+        ) from None
+
+
+def check_inversion_arguments(args):
+    """`sd --invert IMAGE`: the image, and the settings inversion fixes, before any weights load.
+    Fills in what it decides: guidance 1.0, the DDIM scheduler, the image's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(args.invert)
+    if not path.is_file():
+        raise ValueError(f"--invert {path}: no such image file")
+    try:
+        with Image.open(path) as image:
+            size = image.size  # (width, height)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--invert {path}: not an image PIL can read ({e})") from e
+    if size[0] % 8 or size[1] % 8:
+        raise ValueError(
+            f"--invert {path}: {size[0]}x{size[1]} pixels; the autoencoder needs multiples of 8 "
+            "(crop or resize the image first: minildm does not resize silently)"
+        )
+    fixed = [
+        (args.n != 1, f"-n {args.n}: an inversion gives back one image"),
+        (args.eta != 0, f"--eta {args.eta}: inversion follows DDIM's deterministic path (eta 0)"),
+        (args.negative is not None, "--negative: the inversion encodes only the prompt"),
+        (
+            args.scheduler not in (None, "DDIMScheduler"),
+            f"--scheduler {args.scheduler}: inversion runs DDIM backwards and samples with DDIM",
+        ),
+        (
+            (args.height, args.width) not in ((None, None), (size[1], size[0])),
+            f"--height/--width: the image is {size[1]}x{size[0]} (height x width)",
+        ),
+    ]
+    for wrong, message in fixed:
+        if wrong:
+            raise ValueError(f"sd --invert does not take {message}")
+    args.scheduler = "DDIMScheduler"
+    args.height, args.width = size[1], size[0]
+    if args.guidance is None:
+        args.guidance = 1.0  # guidance bends the path away from the ODE the inversion follows
+
+
+def fill_defaults(args):
+    import minildm
+
+    if args.weights is None:
+        folder = minildm.TINY_MODELS[args.command]
+        args.weights = str(folder)
+        print(
+            f"no --weights given: using the embedded {folder.name} model "
+            f"({folder}; see its README.md)"
+        )
+        defaults = EMBEDDED_DEFAULTS[args.command]
+    else:
+        defaults = OFFICIAL_DEFAULTS[args.command]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def check_weights_argument(command: str, weights: str) -> Path:
+    """--weights names something this command can load: a pipeline folder (or a cached repo id) for
+    every system, an original single file for sd. Checked before anything loads; -> the folder or
+    file."""
+    path = Path(weights).expanduser()
+    if path.is_file():
+        if command == "sd" and is_single_file(weights):
+            return path
+        takes = (
+            "a pipeline folder, a repo id in the Hugging Face cache, or an original "
+            ".ckpt/.safetensors file"
+            if command == "sd"
+            else "a pipeline folder or a repo id in the Hugging Face cache"
+        )
+        raise ValueError(
+            f"--weights {weights} is a {path.suffix or 'plain'} file: {command} takes {takes}"
+        )
+    folder = resolve_folder(weights)  # a missing folder or repo: FileNotFoundError with a hint
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(missing_model_index_message(folder))
+    return folder
+
+
+def is_single_file(weights: str) -> bool:
+    path = Path(weights)
+    return path.suffix in (".ckpt", ".safetensors") and path.is_file()
+
+
+def plan_scheduler(args):
+    """The scheduler the run will use, built from the folder's scheduler_config.json (or, for a
+    single file, the values diffusers gives it) and set to --steps now, so that a bad --scheduler,
+    a broken config or a step count the scheduler refuses is reported before the weights load."""
+    from minildm import schedulers
+    from minildm.pipelines.stable_diffusion import SINGLE_FILE_SCHEDULER
+
+    if args.command == "sd" and is_single_file(args.weights):
+        config = {"_class_name": "PNDMScheduler", **SINGLE_FILE_SCHEDULER}
+    else:
+        config = read_json(resolve_folder(args.weights) / "scheduler" / "scheduler_config.json")
+    chosen = getattr(args, "scheduler", None)  # --scheduler (sd, ldm, ldm-uncond only)
+    name = chosen or config.get("_class_name")
+    if name not in schedulers.__all__:
+        option = "--scheduler" if chosen else "the folder's scheduler"
+        raise ValueError(
+            f"{option}: unknown scheduler {name!r}; choose one of {schedulers.__all__}"
+        )
+    if name == "DDIMInverseScheduler":
+        raise ValueError(
+            "DDIMInverseScheduler runs from an image towards noise and cannot generate one: "
+            "sd --invert IMAGE uses it (and DDIM to sample back)"
+        )
+    cls = getattr(schedulers, name)
+    if chosen:
+        # the new scheduler takes the folder's training schedule, as diffusers'
+        # from_config(pipe.scheduler.config) does; the options of the folder's own scheduler (DDIM's
+        # set_alpha_to_one, PNDM's skip_prk_steps) do not carry over, and are left out silently:
+        # swapping the scheduler is what the user asked for
+        accepted = inspect.signature(cls).parameters
+        config = {key: value for key, value in config.items() if key in accepted}
+    scheduler = cls.from_config(config)
+    scheduler.set_timesteps(args.steps)  # refuses what the scheduler cannot do, e.g. PNDM's 2 steps
+    return scheduler
+
+
+# load
+
+
+def load_pipeline(args, scheduler):
+    """The pipeline the command runs, with `scheduler` (built and checked by plan_scheduler before
+    any weights load) in place of the folder's."""
+    from minildm import pipelines
+
+    dtype = DTYPES[args.dtype]
+    if args.command == "sd" and is_single_file(args.weights):
+        ema = None if args.ema is None else args.ema == "true"
+        pipe = pipelines.StableDiffusionPipeline.from_single_file(
+            args.weights, device=args.device, dtype=dtype, ema=ema
+        )
+    else:
+        cls = {
+            "sd": pipelines.StableDiffusionPipeline,
+            "ldm": pipelines.LDMTextToImagePipeline,
+            "ldm-uncond": pipelines.LDMPipeline,
+            "vq-diffusion": pipelines.VQDiffusionPipeline,
+        }[args.command]
+        pipe = cls.from_pretrained(args.weights, device=args.device, dtype=dtype)
+    pipe.scheduler = scheduler
+    return pipe
+
+
+# run
+
+
+def progress_printer(steps: int, model_calls: int):
+    """A callback printing the step reached and the time left. The pipelines call it once per model
+    call,
+    which is not always once per step: PNDM's warm-up makes 51 calls for 50 steps, Heun two a step.
+    The line counts steps, as --steps does."""
+    start = time.perf_counter()
+
+    def report(i, t, sample):
+        done = math.ceil((i + 1) * steps / model_calls)  # the steps these calls have completed
+        rate = (i + 1) / (time.perf_counter() - start)
+        left = (model_calls - i - 1) / rate
+        print(f"\rstep {done}/{steps}  {left:.0f} s left ", end="", flush=True)
+
+    return report
+
+
+def invert_and_sample(pipe, args, progress) -> list:
+    """DDIM inversion of --invert's image, then DDIM sampling from the latents it gives; prints
+    how close the round trip comes."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(args.invert) as image:
+        image = image.convert("RGB")
+    print(f"inverting {args.invert} ({args.steps} steps, guidance {args.guidance:g})")
+    latents = pipe.invert(image, args.prompt, args.steps, args.guidance, callback=progress)
+    print(
+        f"\nlatents {tuple(latents.shape)}, std {latents.float().std().item():.3f}; sampling back"
+    )
+    out = pipe(
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        latents=latents,
+        callback=progress,
+        output_type="np",
+    )
+    original = np.asarray(image, dtype=np.float32) / 255
+    error = out.images[0] - original
+    psnr = 10 * np.log10(1 / max(float(np.mean(error**2)), 1e-12))
+    print(
+        f"\nround trip against {args.invert}: PSNR {psnr:.1f} dB, "
+        f"mean abs {np.abs(error).mean():.4f}, max abs {np.abs(error).max():.3f} "
+        "(the autoencoder's own loss included)"
+    )
+    return [Image.fromarray((image * 255).round().astype("uint8")) for image in out.images]
+
+
+# write
+
+
+def output_files(args) -> list:
+    """The PNGs this run will write, chosen before it runs: COMMAND_PROMPT_seedSEED_I.png, and a
+    _grid.png for several images. A run never overwrites another's: when any of the names is taken,
+    the run gets the first free _runK suffix. With --overwrite the names are reused, and the files
+    an earlier run of the same names wrote beyond this run's count (its _3.png, its grid) are
+    removed, so that the folder does not mix two runs."""
+    out = Path(args.out)
+    command = "sd-invert" if getattr(args, "invert", None) else args.command
+    stem = command if command == "ldm-uncond" else f"{command}_{slug(args.prompt)}"
+    stem = f"{stem}_seed{args.seed}"
+
+    def names(stem):
+        paths = [out / f"{stem}_{i}.png" for i in range(args.n)]
+        return paths + [out / f"{stem}_grid.png"] if args.n > 1 else paths
+
+    if args.overwrite:
+        ours = set(names(stem))
+        for old in sorted(out.glob(f"{stem}_*.png")):
+            if old not in ours and re.fullmatch(rf"{re.escape(stem)}_(\d+|grid)\.png", old.name):
+                old.unlink()
+                print(f"--overwrite: removed {old} (an earlier run's)")
+        return names(stem)
+    run, run_stem = 1, stem
+    while any(path.exists() for path in names(run_stem)):
+        run += 1
+        run_stem = f"{stem}_run{run}"
+    return names(run_stem)
+
+
+def slug(text: str, most: int = 40) -> str:
+    """A file-name piece from a prompt: lower-case letters and digits, words joined by '-'."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    name = ""
+    for word in words:
+        if len(name) + len(word) + 1 > most:
+            break
+        name = f"{name}-{word}" if name else word
+    return name or "prompt"
+
+
+def image_grid(images):
+    from PIL import Image
+
+    columns = min(4, len(images))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
