@@ -376,3 +376,5 @@ def vq_diffusion_loss(transformer, embeddings, text_encoder, codes, captions, se
         x0_nll = -(log_onehot_x_0.exp() * log_p_x_0).sum(dim=1)  # (B, N)
         adaptive = (2 - t / T).view(B, 1)
         return (vb + settings.auxiliary_weight * adaptive * x0_nll).mean()
+
+    return loss
