@@ -3,7 +3,7 @@
     python -m minildm sd "a red circle on a blue background"        SD v1.x, the embedded tiny model
     python -m minildm sd "an astronaut riding a horse" --weights DIR  ... with official weights
     python -m minildm ldm "A painting of a squirrel eating a burger"  LDM text-to-image
-    python -m minildm ldm-uncond -n 4                                 LDM CelebA-HQ faces
+    python -m minildm ldm-uncond -n 4                                 LDM unconditional: shapes
     python -m minildm vq-diffusion "a teddy bear playing in the pool" VQ-Diffusion
     python -m minildm download stable-diffusion-v1-4 --dir weights    fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
@@ -36,7 +36,11 @@ from minildm.tools.info import STATUS, print_tokens
 
 def add_generation_arguments(parser, command: str):
     if command != "ldm-uncond":
-        parser.add_argument("prompt", help="what the image should show")
+        prompt_help = (
+            "what the image should show (the embedded model knows only the shapes world's "
+            "words: a colour, a shape, left/right, a background colour)"
+        )
+        parser.add_argument("prompt", help=prompt_help)
     # --steps, --guidance, --height, --width and --truncation default to None: their values depend
     # on the weights and are filled in by fill_defaults
     embedded = EMBEDDED_DEFAULTS[command]
@@ -97,10 +101,13 @@ def main(argv=None):
         "samples it from, then sample them back and write the reconstruction (guidance "
         "defaults to 1.0, the scheduler is DDIM, the size is the image's)",
     )
-    ldm_help = "LDM text to image (256 px, LDMBert)"
+    ldm_help = "LDM text to image (LDMBert; 256 px with the official weights)"
     ldm = commands.add_parser("ldm", help=ldm_help, formatter_class=defaults)
     add_generation_arguments(ldm, "ldm")
-    uncond_help = "LDM unconditional CelebA-HQ faces"
+    uncond_help = (
+        "LDM unconditional: the embedded model draws one shape on a plain background; "
+        "--weights CompVis/ldm-celebahq-256 draws CelebA-HQ faces"
+    )
     uncond = commands.add_parser("ldm-uncond", help=uncond_help, formatter_class=defaults)
     add_generation_arguments(uncond, "ldm-uncond")
     vq_help = "VQ-Diffusion text to image"

@@ -20,6 +20,8 @@ best. Scores are the fraction of images whose attribute matches the caption.
 Shapes: H x W = 64 x 64 pixels, B images; images are uint8 (B, H, W, 3) numpy arrays.
 """
 
+import re
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -82,6 +84,33 @@ def caption(colour: str, shape: str, background: str | None, position: str) -> s
     if background is None:
         return f"a {colour} {shape}" + (where[: -len(" of")] if where else "")
     return f"a {colour} {shape}{where or ' on'} a {background} background"
+
+
+def caption_words(text: str) -> list:
+    """The words of a text as the vocabulary check counts them: runs of letters or digits,
+    lower-cased (the tokenizers of the embedded models lower-case too)."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+# Every word a training caption can hold: the words of the captions of every scene, with and
+# without the background phrase. An embedded model never saw any other word while it learned.
+VOCABULARY = frozenset(
+    word
+    for colour, shape, background in all_triples()
+    for position in POSITIONS
+    for text in (
+        caption(colour, shape, background, position),
+        caption(colour, shape, None, position),
+    )
+    for word in caption_words(text)
+)
+
+
+def unknown_words(text: str) -> list:
+    """The words of `text` that no caption of the world holds, in order, each once: what a model
+    trained on this world can only ignore (or misread)."""
+    unknown = [word for word in caption_words(text) if word not in VOCABULARY]
+    return list(dict.fromkeys(unknown))
 
 
 def triangle_vertices(cx: float, cy: float, r: float) -> list:

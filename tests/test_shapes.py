@@ -108,3 +108,31 @@ def test_read_scene_accepts_drawings_and_refuses_what_is_not_one_clean_shape():
     blob = np.full((64, 64, 3), shapes.PALETTE["white"], dtype=np.uint8)
     blob[20:44, 10:54] = shapes.PALETTE["red"]  # a 24 x 44 bar: no template overlaps it 0.8
     assert shapes.read_scene(blob) is None
+
+
+def test_vocabulary_is_the_words_of_the_captions():
+    """The twenty words a training caption can hold (the world's spec: nine colours, three shapes,
+    two side words, and the frame "a ... on the ... side of a ... background"), and the words of a
+    prompt outside them, each once, in order."""
+    colours = {"red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray"}
+    frame = {"a", "on", "the", "side", "of", "background", "left", "right"}
+    expected = colours | {"circle", "square", "triangle"} | frame
+    print(f"{len(shapes.VOCABULARY)} words: {sorted(shapes.VOCABULARY)}")
+    assert shapes.VOCABULARY == expected
+    every_caption = [
+        shapes.caption(c, s, b, p)
+        for c, s, b in shapes.all_triples()
+        for p in shapes.POSITIONS
+        for b in (b, None)
+    ]
+    assert not any(shapes.unknown_words(text) for text in every_caption)
+    assert shapes.unknown_words("a photograph of a cat") == ["photograph", "cat"]
+    assert shapes.unknown_words("A RED Circle, on a blue background.") == []
+    assert shapes.unknown_words("3 cats and a cat in the centre") == [
+        "3",
+        "cats",
+        "and",
+        "cat",
+        "in",
+        "centre",
+    ]

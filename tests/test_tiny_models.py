@@ -13,6 +13,7 @@ and the trainer's paths that made them.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -369,3 +370,28 @@ def test_command_line_uses_the_embedded_model(tmp_path, system):
             "white",
             "left",
         )
+
+
+@pytest.mark.parametrize("system", ["sd", "ldm", "vq-diffusion"])
+def test_embedded_models_name_the_words_they_never_saw(tmp_path, capsys, system):
+    """A prompt outside the shapes world's words gets one warning line naming them, and the image
+    is still written; a prompt of the world's words gets none, nor does any other --weights."""
+    from minildm.__main__ import main
+
+    def run(prompt, *options):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        main([system, prompt, "--steps", "2", "--out", str(out), *options])
+        captured = capsys.readouterr()
+        warnings_printed = [line for line in captured.err.splitlines() if "warning:" in line]
+        return warnings_printed, list(out.glob("*.png"))
+
+    warned, written = run("a photograph of a cat")
+    print(warned)
+    assert len(warned) == 1 and "'photograph', 'cat'" in warned[0] and len(written) == 1
+    assert f"embedded tiny-{system} model" in warned[0] and "minildm/shapes.py" in warned[0]
+    warned, written = run("a red circle on the left side of a blue background")
+    assert warned == [] and len(written) == 1
+    copy = tmp_path / "other-weights"
+    shutil.copytree(minildm.TINY_MODELS[system], copy)
+    warned, written = run("a photograph of a cat", "--weights", str(copy))
+    assert warned == [] and len(written) == 1

@@ -15,12 +15,14 @@ With no --weights the embedded tiny models run, at the settings they were scored
 import inspect
 import math
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from minildm import shapes
 from minildm.checkpoints.load import missing_model_index_message
 from minildm.checkpoints.weights import read_json, resolve_folder
 from minildm.cpu_speed import warn_if_slow_precision
@@ -41,7 +43,7 @@ EMBEDDED_DEFAULTS = {
     "sd": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
     "ldm": {"steps": 25, "guidance": 4.0, "height": 64, "width": 64},
     "ldm-uncond": {"steps": 25},
-    # VQ-Diffusion's best measured settings (minildm/train/recipes.py, SAMPLING, says how they were found)
+    # VQ-Diffusion's best measured settings (train/recipes.py, SAMPLING, says how they were found)
     "vq-diffusion": {"steps": 50, "guidance": 2.0, "truncation": 0.9},
 }
 OFFICIAL_DEFAULTS = {
@@ -58,6 +60,7 @@ def generate(args):
         check_inversion_arguments(args)
     fill_defaults(args)
     check_weights_argument(args.command, args.weights)
+    warn_about_unknown_words(args)
     scheduler = plan_scheduler(args)
     files = output_files(args)
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
@@ -255,6 +258,28 @@ def fill_defaults(args):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def warn_about_unknown_words(args):
+    """The embedded models learned the shapes world's captions and no other words: one line names
+    the prompt's words they never saw, before anything runs. Official weights (any --weights but
+    the embedded folders) get no such line."""
+    import minildm
+
+    embedded = {folder.resolve() for folder in minildm.TINY_MODELS.values()}
+    if args.command == "ldm-uncond" or Path(args.weights).resolve() not in embedded:
+        return
+    texts = [args.prompt, getattr(args, "negative", None)]
+    unknown = shapes.unknown_words(" ".join(text for text in texts if text))
+    if not unknown:
+        return
+    print(
+        f"warning: the embedded {Path(args.weights).name} model never saw "
+        f"{', '.join(repr(word) for word in unknown)} in training: it knows only the shapes "
+        f"world's {len(shapes.VOCABULARY)} words ({', '.join(sorted(shapes.VOCABULARY))}; "
+        "minildm/shapes.py), so expect an image that ignores them",
+        file=sys.stderr,
+    )
 
 
 def check_weights_argument(command: str, weights: str) -> Path:
