@@ -15,6 +15,7 @@ from minildm.__main__ import main
 FOLDER = Path(__file__).parent.parent / "notebooks"
 # One lesson per concept, read in this order (README, "Notebooks").
 LESSONS = [
+    "00_diffusion_in_one_page",
     "01_tokenizers_and_text_encoders",
     "02_autoencoders",
     "03_unet_and_cross_attention",
