@@ -13,7 +13,13 @@ import pytest
 from conftest import oracle
 
 FOLDER = Path(__file__).parent.parent / "notebooks"
-EXERCISE_LESSONS = ["02_autoencoders", "04_samplers", "05_stable_diffusion"]
+EXERCISE_LESSONS = [
+    "01_tokenizers_and_text_encoders",
+    "02_autoencoders",
+    "03_unet_and_cross_attention",
+    "04_samplers",
+    "05_stable_diffusion",
+]
 CHECK = re.compile(r"# check: exercise (\d+)")
 
 
