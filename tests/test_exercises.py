@@ -19,6 +19,9 @@ EXERCISE_LESSONS = [
     "03_unet_and_cross_attention",
     "04_samplers",
     "05_stable_diffusion",
+    "06_ldm",
+    "07_vq_diffusion",
+    "08_training",
 ]
 CHECK = re.compile(r"# check: exercise (\d+)")
 
