@@ -2,9 +2,9 @@
 
 `save_component(folder, module)` writes one minildm model as the official component folder that
 diffusers or transformers would write for it (config.json in their keys, the weights renamed to
-their layout in a safetensors file); `save_pipeline_folder(out, system, components, tokenizer, scheduler_config)`
-writes a whole pipeline folder: model_index.json, the scheduler's config, the tokenizer and every
-component. The trainer (train/run.py) saves the embedded models this way and `python -m minildm
+their layout in a safetensors file); `save_pipeline_folder(out, system, components, tokenizer,
+scheduler_config)` writes a whole pipeline folder: model_index.json, the scheduler's config, the
+tokenizer and every component. The trainer (train/run.py) saves the embedded models this way and `python -m minildm
 bench` writes an official-size SD folder with it; both minildm's and diffusers' `from_pretrained`
 read what it writes.
 """

@@ -185,7 +185,7 @@ class Settings:
 
 
 # How each text-to-image model is scored and sampled (the command line's defaults for the embedded
-# models, minildm/tools/generate.py's EMBEDDED_DEFAULTS, are the same). The tiny VQ-Diffusion samples best
+# models, tools/generate.py's EMBEDDED_DEFAULTS, are the same). The tiny VQ-Diffusion samples best
 # with mild guidance and truncation: over guidance {1, 2, 3, 4} x truncation {0.8, 0.9, 1.0}, 72
 # held-out images each, all four attributes right in 0.986 at 2.0 / 0.9 against 0.472 at 4.0 / 1.0,
 # the settings it was first scored at (README, tiny-vq-diffusion: stray codes around the shape).
