@@ -168,6 +168,14 @@ def main(argv=None):
         action="store_true",
         help="toy sizes and 250 steps a stage: the whole path in a minute",
     )
+    train.add_argument(
+        "--timeline",
+        type=float,
+        metavar="MINUTES",
+        help="sd and ldm: every MINUTES of the UNet's training, draw and score the held-out "
+        "triples and measure the loss per timestep band, into timeline.json, timeline/ and "
+        "timeline.png (train/timeline.py)",
+    )
 
     bench = commands.add_parser(
         "bench",
@@ -231,7 +239,13 @@ def main(argv=None):
             if not 0 <= args.seed < 2**63:
                 raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
             status = main_train(
-                args.system, args.out, args.minutes, args.seed, args.quick, args.autoencoder
+                args.system,
+                args.out,
+                args.minutes,
+                args.seed,
+                args.quick,
+                args.autoencoder,
+                args.timeline,
             )
             sys.exit(status)
         except ValueError as e:

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,21 @@ def ema_update(ema: list, params: list, decay: float):
         torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
+@contextmanager
+def averaged_weights(params: list, ema: list | None):
+    """Inside: the parameters hold their moving average (if one is kept); after: their own values."""
+    if ema is None:
+        yield
+        return
+    with torch.no_grad():
+        own = [p.detach().clone() for p in params]
+        torch._foreach_copy_(params, ema)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(params, own)
+
+
 def save_checkpoint(out: Path, state: dict):
     """Atomically: a crash while writing leaves the previous checkpoint intact."""
     temporary = out / "checkpoint.pt.tmp"
@@ -111,6 +127,7 @@ def train_stage(
     ema_decay: float | None = None,
     clip_norm: float | None = None,
     max_steps: int | None = None,
+    timeline=None,
 ):
     """Train `models` ({name: module}) to lower `batch_loss(generator)` for `budget_s` seconds
     (or `max_steps` steps, if that comes first: --quick runs count steps, so that what they learn
@@ -121,6 +138,9 @@ def train_stage(
     randomness of the stage comes from one generator seeded `seed`, so a stage is a function of its
     seed. Progress is kept in run["state"][stage] and checkpointed every few minutes; a resumed
     run continues from there, and a finished stage only loads its weights.
+
+    `timeline` (train/timeline.py), if given, records a point from the averaged weights whenever
+    one is due and when the stage ends; its time is not counted in the stage's.
     """
     settings, state, out, history = run["settings"], run["state"], run["out"], run["history"]
     saved = state.get(stage, {})
@@ -158,17 +178,30 @@ def train_stage(
                 entry["ema"] = ema
         return entry
 
+    if timeline is not None:
+        timeline.forget_after(step)  # points recorded after the checkpoint we resume from
+
+    def record_timeline(lr: float):
+        with averaged_weights(params, ema):
+            for module in models.values():
+                module.eval()
+            timeline.record(step, elapsed_s, lr)
+            for module in models.values():
+                module.train()
+
     for module in models.values():
         module.train()
     progress = Progress(stage, budget_s, batch, every=10 if settings.quick else 30)
     last_checkpoint = time.perf_counter()
     while elapsed_s < budget_s and (max_steps is None or step < max_steps):
-        started = time.perf_counter()
-        loss = batch_loss(generator)
         progress_fraction = elapsed_s / budget_s
         if max_steps is not None:
             progress_fraction = max(progress_fraction, step / max_steps)
         current_lr = learning_rate(lr, progress_fraction, step)
+        if timeline is not None and timeline.due(elapsed_s):
+            record_timeline(current_lr)
+        started = time.perf_counter()
+        loss = batch_loss(generator)
         for group in optimizer.param_groups:
             group["lr"] = current_lr
         optimizer.zero_grad(set_to_none=True)
@@ -194,6 +227,11 @@ def train_stage(
                 p.copy_(e)
     for module in models.values():
         module.eval()
+    if timeline is not None:
+        if not timeline.points or timeline.points[-1]["step"] != step:
+            final_lr = learning_rate(lr, min(elapsed_s / budget_s, 1.0), step)
+            timeline.record(step, elapsed_s, final_lr)
+        timeline.finish()
     state[stage] = snapshot(done=True)
     state["history"] = json.dumps(history)
     save_checkpoint(out, state)

@@ -59,6 +59,8 @@ from minildm.train.recipes import (
     UNCOND_SCHEDULE,
     Settings,
 )
+from minildm.train.timeline import SYSTEMS as TIMELINE_SYSTEMS
+from minildm.train.timeline import Timeline
 from minildm.unet import UNet
 from minildm.vq_transformer import LearnedClassifierFreeEmbeddings, VQTransformer
 
@@ -196,6 +198,7 @@ def train(
     seed: int = 0,
     quick: bool = False,
     autoencoder_from=None,
+    timeline_minutes: float | None = None,
 ) -> dict:
     """Train the tiny `system` into `out` (see the module docstring). Returns training.json's
     content."""
@@ -208,14 +211,29 @@ def train(
             f"--minutes must be a positive number of minutes of training, got {minutes!r}"
         )
     out = Path(out)
+    timeline = None
+    if timeline_minutes is not None:
+        if not (timeline_minutes > 0 and math.isfinite(timeline_minutes)):
+            raise ValueError(
+                f"--timeline must be a positive number of minutes between points, got "
+                f"{timeline_minutes!r}"
+            )
+        if system not in TIMELINE_SYSTEMS:
+            raise ValueError(
+                f"--timeline records text-to-image samples: it is kept for "
+                f"{' and '.join(TIMELINE_SYSTEMS)}, not {system}"
+            )
     reused = reused_folders(system, autoencoder_from)
     settings = Settings(system, float(minutes), seed, quick, "autoencoder" in reused)
     checkpoint = check_output_folder(out, settings)
+    if timeline_minutes is not None:
+        timeline = Timeline(out, system, timeline_minutes)
     out.mkdir(parents=True, exist_ok=True)
     command = f"python -m minildm train {system} --out {out} --minutes {minutes:g} --seed {seed}"
     if autoencoder_from is not None:
         command += f" --autoencoder {autoencoder_from}"
     command += " --quick" if quick else ""
+    command += f" --timeline {timeline_minutes:g}" if timeline is not None else ""
     (out / MARKER).write_text(
         json.dumps({"trainer": f"minildm train {system}", "command": command}, indent=2) + "\n"
     )
@@ -311,6 +329,15 @@ def train(
             SCHEDULE,
             settings,
         )
+        if timeline is not None:
+            timeline.prepare(
+                autoencoder,
+                text_encoder,
+                tokenizer,
+                unet,
+                (latents["means"], latents["stds"], scale),
+                caption_table(scenes, tokenizer),
+            )
     elif system == "ldm-uncond":
         tokenizer = None
         unet = UNet(settings.models["unet"])
@@ -351,6 +378,7 @@ def train(
         seed=seed + 1,
         ema_decay=settings.ema_decay,
         clip_norm=1.0,
+        timeline=timeline,
     )
     for module in models.values():
         module.requires_grad_(False)
@@ -402,6 +430,15 @@ def main_train(
     seed: int,
     quick: bool,
     autoencoder_from: str | None = None,
+    timeline_minutes: float | None = None,
 ) -> int:
-    train(system, out, minutes=minutes, seed=seed, quick=quick, autoencoder_from=autoencoder_from)
+    train(
+        system,
+        out,
+        minutes=minutes,
+        seed=seed,
+        quick=quick,
+        autoencoder_from=autoencoder_from,
+        timeline_minutes=timeline_minutes,
+    )
     return 0
