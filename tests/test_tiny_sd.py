@@ -209,10 +209,17 @@ def test_readme_first_command_runs_offline(tmp_path):
 # --- the trainer ----------------------------------------------------------------------------------
 
 
-def test_quick_training_run(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`train sd --quick --seed 3`: (folder, report, seconds)."""
+    folder = tmp_path_factory.mktemp("quick") / "run"
     started = time.perf_counter()
-    report = train_sd(tmp_path / "run", quick=True, seed=3)
-    seconds = time.perf_counter() - started
+    report = train_sd(folder, quick=True, seed=3)
+    return folder, report, time.perf_counter() - started
+
+
+def test_quick_training_run(quick_run):
+    folder, report, seconds = quick_run
     steps = report["steps"]
     print(
         f"train sd --quick: {seconds:.0f} s, "
@@ -226,7 +233,6 @@ def test_quick_training_run(tmp_path):
         last = np.mean(losses[-fifth:])
         print(f"{name}: first fifth {first:.4f}, last fifth {last:.4f}")
         assert last < 0.8 * first
-    folder = tmp_path / "run"
     assert json.loads((folder / "training.json").read_text())["quick"] is True
     call = dict(
         prompt="a red circle on a blue background",
@@ -253,6 +259,39 @@ def test_quick_training_run(tmp_path):
         train_sd(folder, quick=False, seed=3)
     with pytest.raises(ValueError, match="trained with --seed 3, not 4"):
         train_sd(folder, quick=True, seed=4)
+
+
+def test_a_timeline_records_the_run_without_changing_it(quick_run, tmp_path):
+    """--timeline draws, scores and measures the averaged weights every few (here: 0.05) minutes;
+    the run's steps, and so its weights, are those of the same run without it."""
+    from minildm.train.run import train
+
+    folder, _, _ = quick_run
+    timed = tmp_path / "timed"
+    report = train("sd", timed, quick=True, seed=3, timeline_minutes=0.05)
+    points = json.loads((timed / "timeline.json").read_text())["points"]
+    for point in points:
+        print(
+            f"step {point['step']:4d}, {point['seconds']:5.1f} s: held-out "
+            f"{point['held_out_scores']['all']:.2f}, loss by band {point['loss_by_band']}"
+        )
+    steps = [point["step"] for point in points]
+    assert steps[0] == 0 and steps[-1] == report["steps"]["unet"] and len(points) >= 3
+    assert steps == sorted(set(steps))
+    assert all(b["seconds"] - a["seconds"] >= 3.0 for a, b in zip(points[:-2], points[1:-1]))
+    first, last = np.mean(points[0]["loss_by_band"]), np.mean(points[-1]["loss_by_band"])
+    assert len(points[-1]["loss_by_band"]) == 10 and last < 0.5 * first
+    strip = Image.open(timed / "timeline.png")
+    assert strip.size == (64 * len(shapes.HELD_OUT), 64 * len(points))
+    assert sorted(p.name for p in (timed / "timeline").iterdir()) == [
+        f"step_{step:06d}.png" for step in steps
+    ]
+    assert "--timeline 0.05" in report["command"]
+    ours = StableDiffusionPipeline.from_pretrained(timed).unet.state_dict()
+    without = StableDiffusionPipeline.from_pretrained(folder).unet.state_dict()
+    differ = [name for name in ours if not torch.equal(ours[name], without[name])]
+    print(f"UNet tensors that differ from the run without a timeline: {len(differ)}")
+    assert not differ
 
 
 def test_the_autoencoder_loss_leaves_the_model_it_scores_alone(tiny_sd):
@@ -287,6 +326,24 @@ def test_training_bad_input(tmp_path):
     a_file.write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         train_sd(a_file, quick=True)
+    from minildm.train.run import train
+
+    with pytest.raises(ValueError, match="--timeline must be a positive number of minutes"):
+        train("sd", tmp_path / "timed", quick=True, timeline_minutes=0)
+    with pytest.raises(ValueError, match="kept for sd and ldm, not ldm-uncond"):
+        train("ldm-uncond", tmp_path / "timed", quick=True, timeline_minutes=1)
+    assert not (tmp_path / "timed").exists()
+
+
+def test_a_resumed_timeline_drops_the_points_after_its_checkpoint(tmp_path):
+    from minildm.train.timeline import Timeline
+
+    points = [{"step": step, "seconds": step / 10} for step in (0, 100, 200, 300)]
+    (tmp_path / "timeline.json").write_text(json.dumps({"points": points}))
+    timeline = Timeline(tmp_path, "sd", every_minutes=1)
+    timeline.forget_after(200)  # the checkpoint was written at step 250
+    assert [point["step"] for point in timeline.points] == [0, 100, 200]
+    assert not timeline.due(200 / 10 + 59) and timeline.due(200 / 10 + 60)
 
 
 def test_training_command_line_errors(tmp_path):
