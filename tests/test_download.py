@@ -15,12 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import minildm
 import minildm.checkpoints.download
 from minildm.checkpoints.download import (
+    OFFICIAL_FOLDERS,
     DownloadError,
     download,
     main_download,
     manifest_listing,
+    official_or_tiny,
     read_manifest,
 )
 
@@ -176,6 +179,17 @@ def test_real_manifest_pins_the_sd_unet():
     }
     counts = {s: sum(e.system == s for e in entries) for s in sorted(systems)}
     print(f"weights_manifest.txt: {len(entries)} files, {counts}")
+
+
+def test_lessons_read_the_official_folders_when_downloaded_else_the_tiny_models(tmp_path):
+    systems = {entry.system for entry in read_manifest()}
+    assert set(OFFICIAL_FOLDERS.values()) <= systems  # the names `download` puts there
+    (tmp_path / "stable-diffusion-v1-4").mkdir()
+    assert official_or_tiny("sd", tmp_path) == (tmp_path / "stable-diffusion-v1-4", False)
+    for system in ("ldm", "ldm-uncond", "vq-diffusion"):
+        assert official_or_tiny(system, tmp_path) == (minildm.TINY_MODELS[system], True)
+    with pytest.raises(ValueError, match="unknown system 'sd2': expected one of sd, ldm"):
+        official_or_tiny("sd2", tmp_path)
 
 
 def test_the_listing_sums_each_system(tmp_path):

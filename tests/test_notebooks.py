@@ -47,6 +47,16 @@ def test_the_notebooks_are_the_lessons():
     assert sorted(p.stem for p in FOLDER.glob("*.ipynb")) == LESSONS
 
 
+def test_lessons_find_their_weights_with_the_shared_helper():
+    """official_or_tiny (checkpoints/download.py) decides official weights or tiny model; no
+    lesson spells out a weights path of its own."""
+    for name in LESSONS:
+        code = source(read(name))
+        assert "../weights" not in code, f"{name} looks for ../weights itself"
+        if "TINY_" in code or "official_or_tiny" in code:
+            print(f"{name}: {code.count('official_or_tiny(')} official_or_tiny calls")
+
+
 @pytest.fixture(scope="module")
 def executed():
     """Runs every lesson once, in a python3 kernel started in notebooks/ as Jupyter would, so that

@@ -158,6 +158,31 @@ def select(entries: list[ManifestEntry], name: str) -> list[ManifestEntry]:
     return chosen
 
 
+# The manifest's folder of each system's official pipeline
+OFFICIAL_FOLDERS = {
+    "sd": "stable-diffusion-v1-4",
+    "ldm": "ldm-text2im-large-256",
+    "ldm-uncond": "ldm-celebahq-256",
+    "vq-diffusion": "vq-diffusion-ithq",
+}
+
+
+def official_or_tiny(system: str, weights="../weights") -> tuple[Path, bool]:
+    """The folder the lessons read `system` from -> (folder, tiny): the official pipeline if
+    `python -m minildm download NAME --dir weights`, run from the repository root, put it in
+    `weights` (a lesson runs in notebooks/, hence ../weights), else the embedded tiny model."""
+    if system not in OFFICIAL_FOLDERS:
+        raise ValueError(
+            f"unknown system {system!r}: expected one of {', '.join(OFFICIAL_FOLDERS)}"
+        )
+    official = Path(weights) / OFFICIAL_FOLDERS[system]
+    if official.is_dir():
+        return official, False
+    from minildm import TINY_MODELS
+
+    return TINY_MODELS[system], True
+
+
 # ---------------------------------------------------------------------------------------------
 # Downloading
 # ---------------------------------------------------------------------------------------------
