@@ -113,6 +113,12 @@ def unknown_words(text: str) -> list:
     return list(dict.fromkeys(unknown))
 
 
+def shape_words(text: str) -> list:
+    """The shape words of `text`, in order: a picture of this world holds one shape, so a prompt
+    naming two asks for what no caption described."""
+    return [word for word in caption_words(text) if word in SHAPES]
+
+
 def triangle_vertices(cx: float, cy: float, r: float) -> list:
     """Equilateral, pointing up, side 2r, centroid at (cx, cy): the centroid lies a third of the
     height above the base."""

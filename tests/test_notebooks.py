@@ -13,7 +13,7 @@ from minildm import schedulers
 from minildm.__main__ import main
 
 FOLDER = Path(__file__).parent.parent / "notebooks"
-# One lesson per concept, read in this order (README, "Notebooks").
+# One lesson per concept, read in this order (README, "Learning path").
 LESSONS = [
     "00_diffusion_in_one_page",
     "01_tokenizers_and_text_encoders",

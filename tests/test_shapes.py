@@ -127,6 +127,12 @@ def test_vocabulary_is_the_words_of_the_captions():
     ]
     assert not any(shapes.unknown_words(text) for text in every_caption)
     assert shapes.unknown_words("a photograph of a cat") == ["photograph", "cat"]
+    assert shapes.shape_words("A red Circle and a blue square, and a circle") == [
+        "circle",
+        "square",
+        "circle",
+    ]
+    assert shapes.shape_words("a red circle on a blue background") == ["circle"]
     assert shapes.unknown_words("A RED Circle, on a blue background.") == []
     assert shapes.unknown_words("3 cats and a cat in the centre") == [
         "3",

