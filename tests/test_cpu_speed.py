@@ -1,6 +1,6 @@
 """minildm/cpu_speed.py: the oneDNN forwards compute what the plain PyTorch modules compute, only
 where they should (CPU inference), keep every parameter as it was, and the allocator setting does
-what it claims. Their speed is measured by `python -m minildm bench` (README, Speed)."""
+what it claims. Their speed is measured by `python -m minildm bench` (docs/speed.md)."""
 
 import copy
 import subprocess

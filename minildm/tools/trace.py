@@ -16,7 +16,7 @@ scheduler's `step` and the autoencoder's decode (removed afterwards). The same h
 pipelines, which keep their parts under the same attribute names, so `record(...,
 implementation="diffusers")` traces the reference on the same folder.
 
-The format (the README's "Trace format" section): one safetensors file; tensors named as below, in
+The format (docs/trace.md, "Trace format"): one safetensors file; tensors named as below, in
 run order (the metadata's `order`); metadata `format` = FORMAT, `system`, `steps`, and for
 information `implementation`, `versions`, `dtype`, `device`, `seed`, `arguments`, `layers_step`.
 
@@ -569,7 +569,7 @@ def read(path) -> Trace:
     if metadata.get("format") != FORMAT:
         raise ValueError(
             f"{path} is not a minildm trace: its metadata's format is "
-            f"{metadata.get('format')!r}, expected {FORMAT!r} (the README's Trace format section "
+            f"{metadata.get('format')!r}, expected {FORMAT!r} (docs/trace.md, 'Trace format', "
             "says what a trace holds)"
         )
     for key in ("system", "steps"):

@@ -188,7 +188,8 @@ class Settings:
 # models, tools/generate.py's EMBEDDED_DEFAULTS, are the same). The tiny VQ-Diffusion samples best
 # with mild guidance and truncation: over guidance {1, 2, 3, 4} x truncation {0.8, 0.9, 1.0}, 72
 # held-out images each, all four attributes right in 0.986 at 2.0 / 0.9 against 0.472 at 4.0 / 1.0,
-# the settings it was first scored at (README, tiny-vq-diffusion: stray codes around the shape).
+# the settings it was first scored at (docs/embedded-models.md, tiny-vq-diffusion: stray codes
+# around the shape).
 # Truncation (Tang et al. 2022, "Improved Vector Quantized Diffusion Models") keeps at each step
 # only the most likely codes, up to that share of the probability.
 SAMPLING = {
