@@ -20,7 +20,9 @@ tokenize and the overview), download in minildm/checkpoints/download.py, train i
 """
 
 import argparse
+import os
 import sys
+from contextlib import contextmanager
 
 from minildm import __version__
 from minildm.tools.generate import (
@@ -32,6 +34,16 @@ from minildm.tools.generate import (
     generate,
 )
 from minildm.tools.info import STATUS, print_tokens
+
+EXIT_CODES_HELP = """exit statuses:
+  0    done (compare: the traces agree)
+  1    compare: the traces part; download: a file could not be fetched or verified
+  2    bad input: an argument, a file or a config value, which the message names
+  3    a file could not be read or written (a full disk, a read-only folder, ...)
+  4    a result was not finite; the message says where
+  70   a bug in minildm: please report it (--debug shows the traceback)
+  130  interrupted (Ctrl-C)
+  141  the program reading the output stopped reading (as | head does)"""
 
 
 def add_generation_arguments(parser, command: str):
@@ -83,13 +95,35 @@ def add_generation_arguments(parser, command: str):
 
 
 def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with error_boundary(args.command, getattr(args, "debug", False)):
+        status = run(args, parser)
+    if status:
+        sys.exit(status)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the command: every parser takes it from this parent
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, show the full Python traceback",
+    )
     parser = argparse.ArgumentParser(
-        prog="python -m minildm", description="minildm: minimal latent diffusion"
+        prog="python -m minildm",
+        description="minildm: minimal latent diffusion",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
     commands = parser.add_subparsers(dest="command")
     defaults = argparse.ArgumentDefaultsHelpFormatter
     sd_help = "Stable Diffusion v1.x text to image"
-    sd = commands.add_parser("sd", help=sd_help, formatter_class=defaults)
+    sd = commands.add_parser("sd", help=sd_help, formatter_class=defaults, parents=[common])
     add_generation_arguments(sd, "sd")
     sd.add_argument("--negative", help="negative prompt: what the image should not show")
     ema_help = "for a single file holding both the EMA and the trained UNet"
@@ -102,16 +136,20 @@ def main(argv=None):
         "defaults to 1.0, the scheduler is DDIM, the size is the image's)",
     )
     ldm_help = "LDM text to image (LDMBert; 256 px with the official weights)"
-    ldm = commands.add_parser("ldm", help=ldm_help, formatter_class=defaults)
+    ldm = commands.add_parser("ldm", help=ldm_help, formatter_class=defaults, parents=[common])
     add_generation_arguments(ldm, "ldm")
     uncond_help = (
         "LDM unconditional: the embedded model draws one shape on a plain background; "
         "--weights CompVis/ldm-celebahq-256 draws CelebA-HQ faces"
     )
-    uncond = commands.add_parser("ldm-uncond", help=uncond_help, formatter_class=defaults)
+    uncond = commands.add_parser(
+        "ldm-uncond", help=uncond_help, formatter_class=defaults, parents=[common]
+    )
     add_generation_arguments(uncond, "ldm-uncond")
     vq_help = "VQ-Diffusion text to image"
-    vq = commands.add_parser("vq-diffusion", help=vq_help, formatter_class=defaults)
+    vq = commands.add_parser(
+        "vq-diffusion", help=vq_help, formatter_class=defaults, parents=[common]
+    )
     add_generation_arguments(vq, "vq-diffusion")
     vq.add_argument(
         "--truncation",
@@ -124,6 +162,7 @@ def main(argv=None):
         "download",
         help="fetch official weights listed in weights_manifest.txt, verified by sha256",
         formatter_class=defaults,
+        parents=[common],
     )
     name_help = (
         "a system (stable-diffusion-v1-4, sd-v1-4-ckpt, ldm-text2im-large-256, ldm-celebahq-256, "
@@ -141,6 +180,7 @@ def main(argv=None):
         "train",
         help="train a tiny model on the shapes world (minildm/train/)",
         formatter_class=defaults,
+        parents=[common],
     )
     train.add_argument(
         "system", choices=["sd", "ldm", "ldm-uncond", "vq-diffusion"], help="which system to train"
@@ -181,6 +221,7 @@ def main(argv=None):
         "bench",
         help="time minildm (and diffusers) on the same work at SD v1's official sizes",
         formatter_class=defaults,
+        parents=[common],
     )
     bench.add_argument(
         "--part", choices=["unet", "vae", "text", "pipeline", "load"], default="unet"
@@ -208,57 +249,50 @@ def main(argv=None):
         "float32 result, and the SD UNet's steps per second against diffusers' in float16",
     )
 
-    add_trace_commands(commands, defaults)
+    add_trace_commands(commands, defaults, common)
 
     tokenize = commands.add_parser(
-        "tokenize", help="print the 77 token ids a text encoder would see"
+        "tokenize", help="print the 77 token ids a text encoder would see", parents=[common]
     )
     tokenize.add_argument("prompt")
     tokenize.add_argument(
         "--bert", action="store_true", help="the LDM BERT WordPiece tokenizer instead of CLIP's"
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args, parser) -> int:
+    """Run the parsed command; -> its exit status. Errors are raised, for error_boundary."""
     if args.command in DEFAULT_WEIGHTS:
-        try:
-            generate(args)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+        generate(args)
     elif args.command == "download":
         from minildm.checkpoints.download import main_download, main_list
 
         if args.list:
-            sys.exit(main_list())
+            return main_list()
         if args.name is None:
             parser.error("download: name a system or SYSTEM/PATH (or --list to see them)")
-        sys.exit(main_download(args.name, args.dir))
+        return main_download(args.name, args.dir)
     elif args.command == "train":
         from minildm.train.run import main_train
 
-        try:
-            if not 0 <= args.seed < 2**63:
-                raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
-            status = main_train(
-                args.system,
-                args.out,
-                args.minutes,
-                args.seed,
-                args.quick,
-                args.autoencoder,
-                args.timeline,
-            )
-            sys.exit(status)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        if not 0 <= args.seed < 2**63:
+            raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+        return main_train(
+            args.system,
+            args.out,
+            args.minutes,
+            args.seed,
+            args.quick,
+            args.autoencoder,
+            args.timeline,
+        )
     elif args.command == "bench":
         from minildm.tools.bench import bench, check_bench_arguments, gpu_check
 
-        try:
-            check_bench_arguments(args)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        check_bench_arguments(args)
         if args.gpu_check:
-            sys.exit(gpu_check(args.device, repeats=args.repeats)["status"])
+            return gpu_check(args.device, repeats=args.repeats)["status"]
         bench(
             args.part,
             args.size,
@@ -272,31 +306,27 @@ def main(argv=None):
     elif args.command == "trace":
         from minildm.tools.trace import main_trace
 
-        try:
-            main_trace(args)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+        main_trace(args)
     elif args.command == "compare":
         from minildm.tools.trace import main_compare
 
-        sys.exit(main_compare(args))
+        return main_compare(args)
     elif args.command == "tokenize":
-        try:
-            check_utf8(args.prompt, "prompt")
-            print_tokens(args.prompt, args.bert)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        check_utf8(args.prompt, "prompt")
+        print_tokens(args.prompt, args.bert)
     else:
         from minildm import schedulers
 
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
+    return 0
 
 
-def add_trace_commands(commands, formatter):
+def add_trace_commands(commands, formatter, common):
     trace = commands.add_parser(
         "trace",
         help="run a pipeline and record every named intermediate to a safetensors file",
         formatter_class=formatter,
+        parents=[common],
     )
     trace.add_argument("system", choices=list(DEFAULT_WEIGHTS))
     trace.add_argument("prompt", nargs="?", help="the prompt (not for ldm-uncond)")
@@ -328,6 +358,7 @@ def add_trace_commands(commands, formatter):
         "compare",
         help="compare two traces stage by stage; exit 0 when all agree, 1 when not, 2 on bad input",
         formatter_class=formatter,
+        parents=[common],
     )
     compare.add_argument("a", help="a trace file")
     compare.add_argument("b", help="the trace to compare it with")
@@ -337,6 +368,60 @@ def add_trace_commands(commands, formatter):
         default=1e-4,
         help="largest max|a - b| / max(|a|, |b|) of a stage that agrees (integer stages: equal)",
     )
+
+
+# --- the error boundary: one or two lines and an exit status, never a traceback but for a bug ------
+
+
+class CommandFailed(SystemExit):
+    """The command ended with `status` after printing `message` to stderr (str() gives it)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(status)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def describe(error: BaseException, command: str | None) -> tuple[str, int]:
+    """-> (what to print, the exit status of EXIT_CODES_HELP) for an error that ended `command`."""
+    if isinstance(error, KeyboardInterrupt):
+        if command == "train":
+            return "interrupted: run the same command again to resume from its last checkpoint", 130
+        return "interrupted", 130
+    if isinstance(error, BrokenPipeError):
+        return "", 141
+    # minildm checks its inputs and says what is wrong with ValueError and FileNotFoundError
+    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError)):
+        return f"error: {error}", 2
+    if isinstance(error, FloatingPointError):
+        return f"error: {error}", 4
+    if isinstance(error, OSError):  # the disk, the file system, the permissions
+        return f"error: {error}", 3
+    return (
+        f"internal error: {type(error).__name__}: {error}\n"
+        "This is a bug in minildm: please report it with the command you ran "
+        "(add --debug to see where it happened).",
+        70,
+    )
+
+
+@contextmanager
+def error_boundary(command: str | None, debug: bool):
+    """Every error that ends a command becomes describe()'s lines and status; --debug lets the
+    error (and its traceback) through instead."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as error:
+        if debug or isinstance(error, SystemExit):
+            raise
+        message, status = describe(error, command)
+        if isinstance(error, BrokenPipeError):  # nothing more reaches the reader, not even a flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if message:
+            print(message, file=sys.stderr)
+        raise CommandFailed(message, status) from None
 
 
 if __name__ == "__main__":

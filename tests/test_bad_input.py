@@ -32,7 +32,7 @@ def test_command_line_refuses_before_loading(arguments, words, monkeypatch, tmp_
     monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     with pytest.raises(SystemExit) as raised:
         main(arguments + ["--out", str(tmp_path)])
-    message = str(raised.value.code)
+    message = str(raised.value)
     print(f"{' '.join(arguments)}: {message}")
     assert message.startswith("error: ") and words in message
 
@@ -41,7 +41,7 @@ def test_a_device_without_a_gpu_is_refused_before_loading(monkeypatch, tmp_path)
     monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     with pytest.raises(SystemExit) as raised:
         main(["sd", "a cat", "--device", "cuda:99", "--out", str(tmp_path)])
-    message = str(raised.value.code)
+    message = str(raised.value)
     print(message)
     assert "sees no CUDA GPU" in message or "CUDA GPU(s) here" in message
 
@@ -53,7 +53,7 @@ def test_an_output_folder_that_is_a_file_is_refused_before_loading(monkeypatch, 
     for out in (a_file, a_file / "below"):
         with pytest.raises(SystemExit) as raised:
             main(["sd", "a cat", "--out", str(out)])
-        message = str(raised.value.code)
+        message = str(raised.value)
         print(message)
         assert f"{a_file} is a file, not a folder; choose another --out" in message
     assert a_file.read_bytes() == b"not a folder"
@@ -66,7 +66,7 @@ def test_guidance_scale_one_rule_for_the_three_systems(system, scale, tmp_path):
     half precision; VQ-Diffusion: silently); now each refuses it with the same words."""
     with pytest.raises(SystemExit) as raised:
         main([system, "a cat", "--guidance", scale, "--out", str(tmp_path)])
-    message = str(raised.value.code)
+    message = str(raised.value)
     print(f"{system} --guidance {scale}: {message}")
     assert "guidance_scale must be a finite number >= 0 (1 turns guidance off" in message
     assert not list(tmp_path.iterdir())  # nothing written
@@ -139,7 +139,7 @@ def test_checked_before_the_weights_load(arguments, words, monkeypatch, tmp_path
     out = [] if "--out" in arguments else ["--out", str(tmp_path)]
     with pytest.raises(SystemExit) as raised:
         main(arguments + out)
-    message = str(raised.value.code)
+    message = str(raised.value)
     print(f"{' '.join(arguments)!a}: {message}")
     assert message.startswith("error: ") and words in message
     assert not list(tmp_path.iterdir())
@@ -180,7 +180,7 @@ def test_weights_of_the_wrong_kind_are_named_before_loading(monkeypatch, tmp_pat
         prompt = [] if arguments[0] == "ldm-uncond" else ["a cat"]
         with pytest.raises(SystemExit) as raised:
             main([arguments[0], *prompt, *arguments[1:], "--out", str(tmp_path / "out")])
-        message = str(raised.value.code)
+        message = str(raised.value)
         print(f"{' '.join(arguments)}: {message}")
         assert words in message
         assert "huggingface-cli" not in message and "pass each component" not in message
@@ -468,7 +468,7 @@ def test_train_refuses_before_any_work(arguments, words, tmp_path, capsys):
     (tmp_path / "a-file").write_text("taken")
     with pytest.raises(SystemExit) as raised:
         main([a.format(tmp=tmp_path) for a in arguments])
-    message = str(raised.value.code)
+    message = str(raised.value)
     print(f"{' '.join(arguments)}: {message}")
     assert message.startswith("error: ") and words in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing made

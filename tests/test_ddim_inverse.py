@@ -226,4 +226,4 @@ def test_invert_command_line(tmp_path):
         (["--scheduler", "DDIMInverseScheduler"], "cannot generate one: sd --invert IMAGE"),
     ]:
         result = run_sd(caption, *arguments, cwd=tmp_path)
-        assert result.returncode == 1 and message in result.stderr, (arguments, result.stderr)
+        assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)

@@ -309,7 +309,7 @@ def test_trace_command_line(tmp_path):
         (["sd", "x", "--out", str(tmp_path / "nowhere" / "t.safetensors")], "does not exist"),
     ]:
         result = run_trace(*arguments, cwd=tmp_path)
-        assert result.returncode == 1 and re.search(message, result.stderr), (arguments, result)
+        assert result.returncode == 2 and re.search(message, result.stderr), (arguments, result)
 
 
 def test_the_documented_recipe_writes_a_trace_compare_reads(traces, tmp_path):
