@@ -60,9 +60,10 @@ def add_generation_arguments(parser, command: str):
     settings = ", ".join(f"{name} {value}" for name, value in embedded.items())
     official_settings = ", ".join(f"{name} {value}" for name, value in official.items())
     single_file = ", or an original .ckpt/.safetensors file" if command == "sd" else ""
+    trained = ", at the size their UNet was trained at" if command in ("sd", "ldm") else ""
     weights_help = (
         f"pipeline folder, repo id in the Hugging Face cache{single_file} (default: the embedded "
-        f"tiny-{command}, at {settings}; official weights default to {official_settings})"
+        f"tiny-{command}, at {settings}; other weights default to {official_settings}{trained})"
     )
     parser.add_argument("--weights", help=weights_help)
     parser.add_argument("--steps", type=int, help="denoising steps")

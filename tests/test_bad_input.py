@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+from PIL import Image
 
 import minildm
 from minildm.__main__ import main
@@ -20,6 +21,11 @@ CLI_CASES = [
     (["sd", "a cat", "--seed", "-1"], "--seed must lie in [0, 2**63)"),
     (["sd", "a cat", "--device", "gpu0"], "--device 'gpu0' is not a device: expected cpu, cuda"),
     (["sd", "a cat", "--device", "mps"], "--device mps: minildm runs on cpu or cuda"),
+    # empty values used to be ignored (the folder's scheduler, no inversion, the embedded model)
+    (["sd", "a cat", "--scheduler", ""], "--scheduler is empty: give it a value, or leave it out"),
+    (["sd", "a cat", "--invert", ""], "--invert is empty"),
+    (["ldm", "a cat", "--weights", " "], "--weights is empty"),
+    (["sd", "a cat", "--ema", "true"], "--ema true chooses between the two UNets of an original"),
 ]
 
 
@@ -486,3 +492,34 @@ def main_download_status(name, folder):
     with pytest.raises(SystemExit) as raised:
         main(["download", name, "--dir", str(folder)])
     return raised.value.code
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as raised:
+        main(["sd", "a cat", "--out", ""])
+    print(raised.value)
+    assert "--out is empty" in str(raised.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("system", ["sd", "ldm"])
+def test_other_weights_draw_at_the_size_their_unet_was_trained_at(system, tmp_path, capsys):
+    """A folder that is not the embedded one (here a copy of it) used to be drawn at the official
+    size (512 or 256): now at its UNet's sample_size times the autoencoder's factor, as the API
+    does; the LDM pipeline's own default follows the model too."""
+    import shutil
+
+    import minildm
+
+    copy = tmp_path / "weights"
+    shutil.copytree(minildm.TINY_MODELS[system], copy)
+    main([system, "a red circle", "--weights", str(copy), "--steps", "2", "--out", str(tmp_path)])
+    written = sorted(tmp_path.glob("*.png"))
+    sizes = [Image.open(path).size for path in written]
+    print(f"{system} --weights {copy.name}: {sizes}")
+    assert sizes == [(64, 64)]
+    if system == "ldm":
+        pipe = minildm.LDMTextToImagePipeline.from_pretrained(minildm.TINY_LDM)
+        image = pipe("a red circle", num_inference_steps=1).images[0]
+        assert image.size == (64, 64)

@@ -74,8 +74,8 @@ class LDMTextToImagePipeline:
     def __call__(
         self,
         prompt,
-        height: int = 256,
-        width: int = 256,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
@@ -85,12 +85,16 @@ class LDMTextToImagePipeline:
         return_dict: bool = True,
         callback=None,
     ):
-        """callback(i, t, latents) after every step (minildm's addition, for progress reports)."""
+        """callback(i, t, latents) after every step (minildm's addition, for progress reports).
+        height and width default to the size the UNet was trained at (256 for the official LDM,
+        64 for the embedded one), as in diffusers."""
+        f = self.vqvae.config.downsampling_factor
+        height = self.unet.config.sample_size * f if height is None else height
+        width = self.unet.config.sample_size * f if width is None else width
         self.check_inputs(
             prompt, height, width, guidance_scale, eta, generator, latents, output_type
         )
         prompts = prompt_list(prompt)
-        f = self.vqvae.config.downsampling_factor
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         dtype = next(self.unet.parameters()).dtype
         guided = guidance_scale != 1.0  # as in diffusers: any scale but 1 runs the empty prompt too

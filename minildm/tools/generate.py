@@ -46,9 +46,10 @@ EMBEDDED_DEFAULTS = {
     # VQ-Diffusion's best measured settings (train/recipes.py, SAMPLING, says how they were found)
     "vq-diffusion": {"steps": 50, "guidance": 2.0, "truncation": 0.9},
 }
+# (height and width, for any --weights: the size the folder's UNet was trained at, trained_size)
 OFFICIAL_DEFAULTS = {
-    "sd": {"steps": 50, "guidance": 7.5, "height": 512, "width": 512},
-    "ldm": {"steps": 50, "guidance": 1.0, "height": 256, "width": 256},
+    "sd": {"steps": 50, "guidance": 7.5},
+    "ldm": {"steps": 50, "guidance": 1.0},
     "ldm-uncond": {"steps": 50},
     "vq-diffusion": {"steps": 100, "guidance": 5.0, "truncation": 1.0},
 }
@@ -60,6 +61,15 @@ def generate(args):
         check_inversion_arguments(args)
     fill_defaults(args)
     check_weights_argument(args.command, args.weights)
+    if getattr(args, "ema", None) is not None and not is_single_file(args.weights):
+        raise ValueError(
+            f"--ema {args.ema} chooses between the two UNets of an original single-file "
+            f"checkpoint; {args.weights} is a pipeline folder, which holds one"
+        )
+    if args.command in ("sd", "ldm"):
+        size = trained_size(args.command, args.weights)
+        args.height = size if args.height is None else args.height
+        args.width = size if args.width is None else args.width
     warn_about_unknown_words(args)
     scheduler = plan_scheduler(args)
     files = output_files(args)
@@ -140,6 +150,12 @@ def generate(args):
 def check_generation_arguments(args):
     """What a generation command can check before loading any weights (which takes minutes with
     the official ones): counts, the seed, the text, the device and the output folder."""
+    for option in ("weights", "out", "scheduler", "invert"):
+        value = getattr(args, option, None)
+        if value is not None and not value.strip():
+            raise ValueError(
+                f"--{option} is empty: give it a value, or leave it out for its default"
+            )
     if args.n < 1:
         raise ValueError(f"-n is the number of images, at least 1; got {args.n}")
     if args.steps is not None and args.steps < 1:
@@ -311,6 +327,23 @@ def check_weights_argument(command: str, weights: str) -> Path:
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(missing_model_index_message(folder))
     return folder
+
+
+def trained_size(command: str, weights: str) -> int:
+    """The image size the UNet of `weights` was trained at, sd and ldm: its sample_size times the
+    autoencoder's downsampling factor, from the folder's configs (512 for SD v1, 256 for the LDM,
+    64 for the embedded models); 512 for an original SD v1 single file."""
+    from minildm.checkpoints.autoencoder import config_from_diffusers as autoencoder_config
+    from minildm.checkpoints.unet import config_from_diffusers as unet_config
+
+    if is_single_file(weights):
+        return 512
+    folder = resolve_folder(weights)
+    unet = unet_config(read_json(folder / "unet" / "config.json"))
+    autoencoder = autoencoder_config(
+        read_json(folder / ("vae" if command == "sd" else "vqvae") / "config.json")
+    )
+    return unet.sample_size * autoencoder.downsampling_factor
 
 
 def is_single_file(weights: str) -> bool:

@@ -69,6 +69,7 @@ from minildm.tools.generate import (
     OFFICIAL_DEFAULTS,
     check_device,
     check_utf8,
+    trained_size,
 )
 from minildm.unet import (
     Downsample,
@@ -764,7 +765,10 @@ def trace_settings(args):
     options the system has."""
     import minildm
 
-    defaults = (EMBEDDED_DEFAULTS if args.weights is None else OFFICIAL_DEFAULTS)[args.system]
+    defaults = dict((EMBEDDED_DEFAULTS if args.weights is None else OFFICIAL_DEFAULTS)[args.system])
+    if args.weights is not None and args.system in ("sd", "ldm"):
+        size = trained_size(args.system, args.weights)  # the size the folder's UNet was trained at
+        defaults.update(height=size, width=size)
     values = {}
     for name in ("steps", "guidance", "height", "width", "truncation"):
         given = getattr(args, name)
