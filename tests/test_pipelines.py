@@ -518,6 +518,9 @@ def test_image_to_image_matches_diffusers(sd, name):
     )
     with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
         pipe("a cat", image=random_pil(64, 64, 1), strength=1.5)
+    for strength, steps in [(0.0, 50), (0.09, 10), (0.5, 1)]:  # int(steps * strength) == 0
+        with pytest.raises(ValueError, match=f"strength {strength} with {steps} steps leaves no"):
+            pipe("a cat", image=random_pil(64, 64, 1), strength=strength, num_inference_steps=steps)
     with pytest.raises(ValueError, match="positive multiples of 8"):
         pipe("a cat", image=random_pil(60, 64, 1))
 

@@ -480,7 +480,8 @@ def image_tensor(image, device, dtype, factor: int = 8) -> torch.Tensor:
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     """Image-to-image (SDEdit, Meng et al. 2022, arXiv:2108.01073): encode the image, noise it to
     an intermediate timestep chosen by `strength`, and run the rest of the loop from there.
-    strength 1.0 starts from (almost) pure noise; 0.0 returns the image through the autoencoder."""
+    strength 1.0 starts from (almost) pure noise; a strength that leaves no step to run
+    (int(num_inference_steps * strength) == 0) is refused, as diffusers refuses it."""
 
     @torch.no_grad()
     def __call__(
@@ -515,15 +516,15 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         guided = guidance_scale > 1.0
 
         timesteps = self.timesteps_from_strength(num_inference_steps, strength)
+        check_steps_left(strength, num_inference_steps)
         pixels = self.image_batch(image, batch)
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
         # the image's latents, noised to the first timestep we run (drawn from `generator` in
         # diffusers' order)
         latents = self.encode_image(pixels, generator)
         latents = torch.cat([latents] * (batch // latents.shape[0]))  # (B, 4, h, w)
-        if len(timesteps):
-            noise = initial_noise(latents.shape, generator, self.device, self.dtype)
-            latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
+        noise = initial_noise(latents.shape, generator, self.device, self.dtype)
+        latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
         options = step_options(self.scheduler, eta, generator)
         latents = self.denoise(
             latents, timesteps, context, guidance_scale, options, callback, callback_steps
@@ -628,7 +629,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         channels = self.unet.config.in_channels
 
         timesteps = self.timesteps_from_strength(num_inference_steps, strength)
-        check_steps_left(timesteps, strength, num_inference_steps)
+        check_steps_left(strength, num_inference_steps)
         pixels = self.image_batch(image, batch)
         mask = mask_tensor(mask_image, pixels.shape, self.device, pixels.dtype)  # 1 = repaint
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guided)
@@ -719,9 +720,10 @@ def check_strength(strength):
         )
 
 
-def check_steps_left(timesteps, strength: float, num_inference_steps: int):
-    """Inpainting needs at least one step (image-to-image may run none and return the image)."""
-    if len(timesteps) == 0:
+def check_steps_left(strength: float, num_inference_steps: int):
+    """Image-to-image and inpainting need at least one step: without one they would hand back the
+    image through the autoencoder, which nobody asks for with a prompt."""
+    if int(num_inference_steps * strength) < 1:  # diffusers' count, whatever the scheduler
         raise ValueError(
             f"strength {strength} with {num_inference_steps} steps leaves no step to run: "
             "raise either"
