@@ -523,3 +523,35 @@ def test_other_weights_draw_at_the_size_their_unet_was_trained_at(system, tmp_pa
         pipe = minildm.LDMTextToImagePipeline.from_pretrained(minildm.TINY_LDM)
         image = pipe("a red circle", num_inference_steps=1).images[0]
         assert image.size == (64, 64)
+
+
+def test_a_scheduler_that_cannot_sample_here_is_refused_before_work():
+    """DDIMInverseScheduler used to run as a sampler and return garbage; a diffusers scheduler
+    failed inside step(); VQ-Diffusion's and the latent samplers belong to different pipelines."""
+    from conftest import oracle
+
+    from minildm import schedulers
+
+    diffusers = oracle("diffusers")
+    sd = minildm.StableDiffusionPipeline.from_pretrained(minildm.TINY_SD)
+    vq = minildm.VQDiffusionPipeline.from_pretrained(minildm.TINY_VQ_DIFFUSION)
+    ldm = minildm.LDMPipeline.from_pretrained(minildm.TINY_LDM_UNCOND)
+    cases = [
+        (sd, schedulers.DDIMInverseScheduler(), "cannot generate one"),
+        (sd, diffusers.DDIMScheduler(), "diffusers' DDIMScheduler: minildm's pipelines take"),
+        (sd, vq.scheduler, "this pipeline samples with a latent sampler"),
+        (ldm, schedulers.DDIMInverseScheduler(), "cannot generate one"),
+        (vq, schedulers.DDIMScheduler(), "this pipeline samples with VQDiffusionScheduler"),
+        (sd, object(), "expected one of minildm.schedulers"),
+    ]
+    for pipe, scheduler, words in cases:
+        original = pipe.scheduler
+        pipe.scheduler = scheduler
+        with pytest.raises(ValueError) as raised:
+            if pipe is ldm:
+                pipe(batch_size=1, num_inference_steps=2)
+            else:
+                pipe("a red circle", num_inference_steps=2)
+        pipe.scheduler = original
+        print(f"{type(pipe).__name__} with {type(scheduler).__name__}: {raised.value}")
+        assert words in str(raised.value)

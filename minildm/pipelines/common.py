@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minildm import schedulers
 from minildm.layers import randn
 
 
@@ -96,6 +97,30 @@ def check_eta(eta):
     direction term's square root (eq. 12) turns NaN, so [0, 1] is the range."""
     if not is_number(eta) or not 0 <= eta <= 1:
         raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
+
+
+def check_sampler(scheduler, discrete: bool = False):
+    """pipe.scheduler must be a minildm scheduler that samples: VQDiffusionScheduler for the codes
+    of VQ-Diffusion (discrete), any other but DDIMInverseScheduler for the latents of the UNet
+    pipelines. A diffusers scheduler has other step() arguments and outputs; the inverse one runs
+    from an image towards noise."""
+    name = type(scheduler).__name__
+    if type(scheduler).__module__.split(".")[0] == "diffusers":
+        raise ValueError(
+            f"pipe.scheduler is diffusers' {name}: minildm's pipelines take minildm's schedulers, "
+            f"e.g. minildm.schedulers.{name}.from_config(its config)"
+        )
+    if discrete != isinstance(scheduler, schedulers.VQDiffusionScheduler):
+        wanted = "VQDiffusionScheduler" if discrete else "a latent sampler (DDIMScheduler, ...)"
+        raise ValueError(f"pipe.scheduler is a {name}; this pipeline samples with {wanted}")
+    if isinstance(scheduler, schedulers.DDIMInverseScheduler):
+        raise ValueError(
+            "pipe.scheduler is a DDIMInverseScheduler, which runs from an image towards noise and "
+            "cannot generate one: StableDiffusionPipeline.invert uses it; sample with DDIMScheduler"
+        )
+    known = tuple(getattr(schedulers, name) for name in schedulers.__all__)
+    if not isinstance(scheduler, known):
+        raise ValueError(f"pipe.scheduler is a {name}; expected one of minildm.schedulers")
 
 
 def check_count(name: str, value):

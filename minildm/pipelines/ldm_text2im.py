@@ -33,6 +33,7 @@ from minildm.pipelines.common import (
     check_image_size,
     check_latents,
     check_output_type,
+    check_sampler,
     images_out,
     initial_noise,
     prompt_list,
@@ -145,5 +146,6 @@ class LDMTextToImagePipeline:
         check_output_type(output_type)
         check_eta(eta)
         check_generator(generator)
+        check_sampler(self.scheduler)
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         check_latents(latents, shape)

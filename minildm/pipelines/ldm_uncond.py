@@ -24,6 +24,7 @@ from minildm.pipelines.common import (
     check_finite_step,
     check_generator,
     check_output_type,
+    check_sampler,
     images_out,
     initial_noise,
     step_options,
@@ -97,3 +98,4 @@ class LDMPipeline:
         check_output_type(output_type)
         check_eta(eta)
         check_generator(generator)
+        check_sampler(self.scheduler)

@@ -44,6 +44,7 @@ from minildm.pipelines.common import (
     check_image_size,
     check_latents,
     check_output_type,
+    check_sampler,
     images_out,
     initial_noise,
     is_number,
@@ -424,6 +425,7 @@ class StableDiffusionPipeline:
         check_eta(eta)
         check_generator(generator)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
+        check_sampler(self.scheduler)
         return prompts
 
 

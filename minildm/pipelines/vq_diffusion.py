@@ -36,6 +36,7 @@ from minildm.pipelines.common import (
     check_generator,
     check_guidance_scale,
     check_output_type,
+    check_sampler,
     images_out,
     is_number,
     prompt_list,
@@ -204,6 +205,7 @@ class VQDiffusionPipeline:
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         check_generator(generator)
+        check_sampler(self.scheduler, discrete=True)
         config = self.transformer.config
         shape = (len(prompts) * num_images_per_prompt, config.height * config.width)
         check_codes(latents, shape, config.height, config.width, config.mask_index)
