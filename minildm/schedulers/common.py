@@ -177,6 +177,26 @@ LEGACY_KEYS = {"timestep_values": None, "timesteps": 1000}
 NEUTRAL_KEYS = {"clip_sample": False}
 
 
+class FrozenConfig(dict):
+    """A dict that refuses changes, as diffusers' scheduler.config does (copies and pickles)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a scheduler's config is read-only: make a new scheduler with from_config")
+
+    __setitem__ = __delitem__ = __ior__ = update = setdefault = pop = popitem = clear = _refuse
+
+    def __reduce__(self):
+        return FrozenConfig, (dict(self),)
+
+
+def frozen_config(cls, arguments: dict) -> FrozenConfig:
+    """A scheduler's constructor arguments (its `locals()` before anything else is assigned), with
+    `_class_name` as diffusers writes it: the read-only `scheduler.config` that `from_config` of
+    this or another scheduler reads back."""
+    values = {key: value for key, value in arguments.items() if key not in ("self", "__class__")}
+    return FrozenConfig({"_class_name": cls.__name__, **values})
+
+
 def config_kwargs(cls, config: dict) -> dict:
     """The keyword arguments for `cls` from a diffusers scheduler_config.json.
 

@@ -26,6 +26,7 @@ from minildm.schedulers.common import (
     check_num_inference_steps,
     check_timesteps_set,
     config_kwargs,
+    frozen_config,
     make_betas,
     spaced_timesteps,
 )
@@ -48,6 +49,7 @@ class DDIMScheduler:
         prediction_type: str = "epsilon",
         timestep_spacing: str = "leading",
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
         check_choice("timestep_spacing", timestep_spacing, ("leading", "trailing", "linspace"))
         self.num_train_timesteps = num_train_timesteps

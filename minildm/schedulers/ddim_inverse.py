@@ -27,6 +27,7 @@ from minildm.schedulers.common import (
     check_num_inference_steps,
     check_timesteps_set,
     config_kwargs,
+    frozen_config,
     make_betas,
     spaced_timesteps,
 )
@@ -50,6 +51,7 @@ class DDIMInverseScheduler:
         clip_sample_range: float = 1.0,
         timestep_spacing: str = "leading",
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
         # diffusers' inverse offers no "linspace"
         check_choice("timestep_spacing", timestep_spacing, ("leading", "trailing"))

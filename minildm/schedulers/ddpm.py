@@ -20,6 +20,7 @@ from minildm.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     config_kwargs,
+    frozen_config,
     make_betas,
     spaced_timesteps,
     timestep_index,
@@ -43,6 +44,7 @@ class DDPMScheduler:
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice(
             "variance_type",
             variance_type,

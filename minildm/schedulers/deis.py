@@ -51,7 +51,13 @@ Pitfalls met while matching diffusers (tests/test_scheduler_deis.py shows each):
 import numpy as np
 import torch
 
-from minildm.schedulers.common import check_choice, config_kwargs, make_betas, timestep_index
+from minildm.schedulers.common import (
+    check_choice,
+    config_kwargs,
+    frozen_config,
+    make_betas,
+    timestep_index,
+)
 from minildm.schedulers.dpm_solver import (
     PREDICTION_TYPES,
     SPACINGS,
@@ -135,6 +141,7 @@ class DEISMultistepScheduler:
         steps_offset: int = 0,
     ):
         # a DPM-Solver or UniPC config: diffusers reads their algorithm and solver as DEIS's own
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         if algorithm_type in ("dpmsolver", "dpmsolver++"):
             algorithm_type = "deis"
         if solver_type in ("midpoint", "heun", "bh1", "bh2"):

@@ -41,6 +41,7 @@ from minildm.schedulers.common import (
     check_num_inference_steps,
     check_timesteps_in_range,
     config_kwargs,
+    frozen_config,
     make_betas,
     timestep_index,
 )
@@ -186,6 +187,7 @@ class DPMSolverMultistepScheduler:
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         if solver_type in ("bh1", "bh2", "logrho"):
             solver_type = "midpoint"  # a UniPC or DEIS config: diffusers reads it as the default
         check_choice("solver_order", solver_order, (1, 2), why=" (third order is not implemented)")

@@ -66,6 +66,7 @@ from minildm.schedulers.common import (
     NO_THRESHOLDING,
     check_choice,
     config_kwargs,
+    frozen_config,
     make_betas,
     timestep_index,
 )
@@ -142,6 +143,7 @@ class DPMSolverSinglestepScheduler:
         use_karras_sigmas: bool = False,
         final_sigmas_type: str = "zero",
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         if algorithm_type == "deis":
             algorithm_type = "dpmsolver++"  # a DEIS config: diffusers reads it as the default
         if solver_type in ("bh1", "bh2", "logrho"):

@@ -28,6 +28,7 @@ from minildm.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     config_kwargs,
+    frozen_config,
     make_betas,
     timestep_index,
 )
@@ -60,6 +61,7 @@ class EulerDiscreteScheduler:
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
         check_choice("timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
         self.num_train_timesteps = num_train_timesteps

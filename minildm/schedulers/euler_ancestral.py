@@ -26,6 +26,7 @@ from minildm.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     config_kwargs,
+    frozen_config,
     make_betas,
     timestep_index,
 )
@@ -49,6 +50,7 @@ class EulerAncestralDiscreteScheduler:
         steps_offset: int = 0,
     ):
         # diffusers' class offers neither "sample" prediction nor Karras sigmas
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
         check_choice("timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
         self.num_train_timesteps = num_train_timesteps

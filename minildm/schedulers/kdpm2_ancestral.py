@@ -45,6 +45,7 @@ from minildm.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     config_kwargs,
+    frozen_config,
     make_betas,
     timestep_index,
 )
@@ -78,6 +79,7 @@ class KDPM2AncestralDiscreteScheduler:
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice(
             "prediction_type", prediction_type, PREDICTION_TYPES, why=" (diffusers has no other)"
         )

@@ -31,6 +31,7 @@ from minildm.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     config_kwargs,
+    frozen_config,
     make_betas,
     timestep_index,
 )
@@ -73,6 +74,7 @@ class LMSDiscreteScheduler:
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
         check_choice("timestep_spacing", timestep_spacing, ("leading", "trailing", "linspace"))
         self.num_train_timesteps = num_train_timesteps

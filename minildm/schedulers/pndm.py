@@ -45,6 +45,7 @@ from minildm.schedulers.common import (
     check_num_inference_steps,
     check_timesteps_set,
     config_kwargs,
+    frozen_config,
     make_betas,
     spaced_timesteps,
 )
@@ -77,6 +78,7 @@ class PNDMScheduler:
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         check_choice(
             "prediction_type",
             prediction_type,

@@ -30,6 +30,7 @@ from minildm.schedulers.common import (
     NO_THRESHOLDING,
     check_choice,
     config_kwargs,
+    frozen_config,
     make_betas,
     timestep_index,
 )
@@ -76,6 +77,7 @@ class UniPCMultistepScheduler:
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         if solver_type in ("midpoint", "heun", "logrho"):
             solver_type = "bh2"  # a DPM-Solver or DEIS config: diffusers reads it as the default
         check_choice("solver_order", solver_order, (1, 2, 3))

@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from minildm.layers import rand
-from minildm.schedulers.common import check_num_inference_steps, check_timesteps_set, config_kwargs
+from minildm.schedulers.common import (
+    check_num_inference_steps,
+    check_timesteps_set,
+    config_kwargs,
+    frozen_config,
+)
 
 
 def _at(values: torch.Tensor, t) -> torch.Tensor:
@@ -73,6 +78,7 @@ class VQDiffusionScheduler:
         gamma_cum_start: float = 0.000009,
         gamma_cum_end: float = 0.99999,
     ):
+        self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
         self.num_train_timesteps = num_train_timesteps
         # the last class; the K = num_vec_classes - 1 others are codes
         self.mask_class = num_vec_classes - 1
