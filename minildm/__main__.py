@@ -16,15 +16,15 @@ original single-file checkpoint. Images are written as PNGs, with a grid when th
 
 This file is the parser and the dispatch, nothing else: the commands run in minildm/tools/
 (generate.py: sd, ldm, ldm-uncond, vq-diffusion; trace.py: trace, compare; bench.py: bench; info.py:
-tokenize and the overview), download in minildm/checkpoints/download.py, train in minildm/train/.
+tokenize and the overview; errors.py: the error boundary every command runs in), download in
+minildm/checkpoints/download.py, train in minildm/train/.
 """
 
 import argparse
-import os
 import sys
-from contextlib import contextmanager
 
 from minildm import __version__
+from minildm.tools.errors import EXIT_CODES_HELP, error_boundary
 from minildm.tools.generate import (
     DEFAULT_WEIGHTS,
     DTYPES,
@@ -34,16 +34,6 @@ from minildm.tools.generate import (
     generate,
 )
 from minildm.tools.info import STATUS, print_tokens
-
-EXIT_CODES_HELP = """exit statuses:
-  0    done (compare: the traces agree)
-  1    compare: the traces part; download: a file could not be fetched or verified
-  2    bad input: an argument, a file or a config value, which the message names
-  3    a file could not be read or written (a full disk, a read-only folder, ...)
-  4    a result was not finite; the message says where
-  70   a bug in minildm: please report it (--debug shows the traceback)
-  130  interrupted (Ctrl-C)
-  141  the program reading the output stopped reading (as | head does)"""
 
 
 def add_generation_arguments(parser, command: str):
@@ -369,60 +359,6 @@ def add_trace_commands(commands, formatter, common):
         default=1e-4,
         help="largest max|a - b| / max(|a|, |b|) of a stage that agrees (integer stages: equal)",
     )
-
-
-# --- the error boundary: one or two lines and an exit status, never a traceback but for a bug ------
-
-
-class CommandFailed(SystemExit):
-    """The command ended with `status` after printing `message` to stderr (str() gives it)."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(status)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def describe(error: BaseException, command: str | None) -> tuple[str, int]:
-    """-> (what to print, the exit status of EXIT_CODES_HELP) for an error that ended `command`."""
-    if isinstance(error, KeyboardInterrupt):
-        if command == "train":
-            return "interrupted: run the same command again to resume from its last checkpoint", 130
-        return "interrupted", 130
-    if isinstance(error, BrokenPipeError):
-        return "", 141
-    # minildm checks its inputs and says what is wrong with ValueError and FileNotFoundError
-    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError)):
-        return f"error: {error}", 2
-    if isinstance(error, FloatingPointError):
-        return f"error: {error}", 4
-    if isinstance(error, OSError):  # the disk, the file system, the permissions
-        return f"error: {error}", 3
-    return (
-        f"internal error: {type(error).__name__}: {error}\n"
-        "This is a bug in minildm: please report it with the command you ran "
-        "(add --debug to see where it happened).",
-        70,
-    )
-
-
-@contextmanager
-def error_boundary(command: str | None, debug: bool):
-    """Every error that ends a command becomes describe()'s lines and status; --debug lets the
-    error (and its traceback) through instead."""
-    try:
-        yield
-    except (Exception, KeyboardInterrupt) as error:
-        if debug or isinstance(error, SystemExit):
-            raise
-        message, status = describe(error, command)
-        if isinstance(error, BrokenPipeError):  # nothing more reaches the reader, not even a flush
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if message:
-            print(message, file=sys.stderr)
-        raise CommandFailed(message, status) from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The command line's error boundary (minildm/__main__.py): every error that ends a command becomes
-one or two lines on stderr and a documented exit status; a traceback appears only for a bug, and
-with --debug.
+"""The command line's error boundary (minildm/tools/errors.py): every error that ends a command
+becomes one or two lines on stderr and a documented exit status; a traceback appears only for a
+bug, and with --debug.
 
 One case per cause, raised where the command's work would run, then real commands for the causes
 a user meets: a bad argument, a non-finite result, a reader that closes the pipe.
