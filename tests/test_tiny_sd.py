@@ -342,7 +342,8 @@ def test_a_resumed_timeline_drops_the_points_after_its_checkpoint(tmp_path):
 
     points = [{"step": step, "seconds": step / 10} for step in (0, 100, 200, 300)]
     (tmp_path / "timeline.json").write_text(json.dumps({"points": points}))
-    timeline = Timeline(tmp_path, "sd", every_minutes=1)
+    assert Timeline(tmp_path, "sd", every_minutes=1).points == []  # a fresh run starts empty
+    timeline = Timeline(tmp_path, "sd", every_minutes=1, resuming=True)
     timeline.forget_after(200)  # the checkpoint was written at step 250
     assert [point["step"] for point in timeline.points] == [0, 100, 200]
     assert not timeline.due(200 / 10 + 59) and timeline.due(200 / 10 + 60)

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -215,12 +216,33 @@ def download(
             "or copy them there yourself."
         )
 
+    for folder in sorted({target.parent for _, target in missing}):
+        check_destination(folder)  # before the first byte is fetched
     for number, (entry, target) in enumerate(missing, start=1):
         size = "size unknown" if entry.size is None else format_bytes(entry.size)
         label = f"{entry.system}/{entry.path}"
         progress(f"[{number}/{len(missing)}] {label} ({size}) from {entry.url(base_url)}")
         fetch(entry, target, base_url, progress)
     return targets
+
+
+def check_destination(folder: Path):
+    """Make the folder and write a file into it (os.access says yes to root even on a read-only
+    disk), so that an unwritable destination fails before the transfer, not after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise DownloadError(
+            f"cannot create the folder {folder}: {e}. "
+            "Choose a folder you can write to with --dir, or remove what is in the way."
+        ) from e
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DownloadError(
+            f"cannot write into the folder {folder}: {e}. Choose a folder you can write to with --dir."
+        ) from e
 
 
 def already_in_place(entry: ManifestEntry, target: Path, progress) -> bool:
@@ -256,13 +278,6 @@ def fetch(entry: ManifestEntry, target: Path, base_url: str, progress) -> None:
     only then give it its real name."""
     url = entry.url(base_url)
     part = target.with_name(target.name + ".part")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission, a read-only disk
-        raise DownloadError(
-            f"cannot create the folder {target.parent}: {e}. "
-            "Choose a folder you can write to with --dir, or remove what is in the way."
-        ) from e
     have = part.stat().st_size if part.exists() else 0
     if entry.size is not None and have > entry.size:
         progress(

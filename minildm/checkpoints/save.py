@@ -21,6 +21,7 @@ from minildm.checkpoints.autoencoder import config_to_diffusers as vae_config
 from minildm.checkpoints.autoencoder import diffusers_name as vae_file_name
 from minildm.checkpoints.clip import text_config_to_diffusers as clip_config
 from minildm.checkpoints.clip import transformers_name
+from minildm.checkpoints.files import write_file, write_text
 from minildm.checkpoints.ldm_bert import config_to_diffusers as bert_config
 from minildm.checkpoints.ldm_bert import diffusers_name as bert_file_name
 from minildm.checkpoints.unet import config_to_diffusers as unet_config
@@ -124,8 +125,11 @@ def save_component(folder: Path, module, dtype: torch.dtype = torch.float16):
         weights = _file_tensors(module.state_dict(), lambda n: n, dtype)
         file = "diffusion_pytorch_model"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(weights, folder / f"{file}.safetensors", metadata={"format": "pt"})
+    write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    write_file(
+        folder / f"{file}.safetensors",
+        lambda temporary: save_file(weights, temporary, metadata={"format": "pt"}),
+    )
 
 
 def save_pipeline_folder(
@@ -146,7 +150,8 @@ def save_pipeline_folder(
         "_diffusers_version": "0.42.1",
         **COMPONENT_CLASSES[system],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
     for name, part in components.items():
         if isinstance(part, Path):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -154,8 +159,8 @@ def save_pipeline_folder(
         else:
             save_component(out / name, part, dtype)
     (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config, indent=2) + "\n"
+    write_text(
+        out / "scheduler" / "scheduler_config.json", json.dumps(scheduler_config, indent=2) + "\n"
     )
     if isinstance(tokenizer, Path):
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
@@ -171,9 +176,9 @@ def save_tokenizer_folder(folder: Path, tokenizer: CLIPTokenizer):
     length."""
     folder.mkdir(exist_ok=True)
     vocab, merges = CLIPTokenizer._vocab_from_bpe_file(ASSETS / "clip_bpe_simple_vocab_16e6.txt.gz")
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text(
+        folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
     )
     end = CLIPTokenizer.END
     special = {
@@ -189,15 +194,16 @@ def save_tokenizer_folder(folder: Path, tokenizer: CLIPTokenizer):
         "do_lower_case": True,
         "clean_up_tokenization_spaces": True,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
 
 
 def save_bert_tokenizer_folder(folder: Path, tokenizer: BertTokenizer):
     """bert-base-uncased's vocab.txt (the shipped copy) and its settings, at the tokenizer's length
     (LDM's 77 tokens)."""
     folder.mkdir(exist_ok=True)
-    (folder / "vocab.txt").write_bytes((ASSETS / "bert_base_uncased_vocab.txt").read_bytes())
+    vocab = (ASSETS / "bert_base_uncased_vocab.txt").read_bytes()
+    write_file(folder / "vocab.txt", lambda temporary: temporary.write_bytes(vocab))
     special = {
         "cls_token": "[CLS]",
         "mask_token": "[MASK]",
@@ -211,5 +217,5 @@ def save_bert_tokenizer_folder(folder: Path, tokenizer: BertTokenizer):
         "do_lower_case": True,
         **special,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")

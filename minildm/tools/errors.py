@@ -44,7 +44,8 @@ def describe(error: BaseException, command: str | None) -> tuple[str, int]:
     if isinstance(error, FloatingPointError):
         return f"error: {error}", 4
     if isinstance(error, OSError):  # the disk, the file system, the permissions
-        return f"error: {error}", 3
+        said = error.strerror or str(error)
+        return f"error: {error.filename}: {said}" if error.filename else f"error: {said}", 3
     return (
         f"internal error: {type(error).__name__}: {error}\n"
         "This is a bug in minildm: please report it with the command you ran "

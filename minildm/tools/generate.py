@@ -16,14 +16,18 @@ import inspect
 import math
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from minildm import shapes
-from minildm.checkpoints.load import missing_model_index_message
+from minildm.checkpoints.files import check_writable_folder, claim_files, write_file
+from minildm.checkpoints.load import (
+    missing_model_index_message,
+    read_component_config,
+    translated,
+)
 from minildm.checkpoints.weights import read_json, resolve_folder
 from minildm.cpu_speed import warn_if_slow_precision
 
@@ -72,7 +76,7 @@ def generate(args):
         args.width = size if args.width is None else args.width
     warn_about_unknown_words(args)
     scheduler = plan_scheduler(args)
-    files = output_files(args)
+    run = first_free_run(args)  # the names it will most likely get (checked again at the end)
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
     if torch.device(args.device).type == "cpu":
         from minildm.cpu_speed import retain_freed_memory
@@ -137,8 +141,7 @@ def generate(args):
     print()
     if len(images) > 1:
         images = [*images, image_grid(images)]
-    for image, path in zip(images, files):
-        image.save(path)
+    files = write_images(args, images, run)
     print(f"wrote {len(files)} file(s):")
     for path in files:
         print(f"  {path}")
@@ -201,21 +204,7 @@ def check_device(name: str):
 
 def check_output_folder(out: Path):
     """The folder must be one we can write the PNGs into: made now, so a bad --out fails at once."""
-    for path in [out, *out.parents]:
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"--out {out}: {path} is a file, not a folder; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    # a file made and removed: os.access alone says yes to root, even on a read-only file system
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"--out {out}: cannot write into the folder ({e.strerror}); choose another --out"
-        ) from None
+    check_writable_folder(out, "--out")
 
 
 def check_inversion_arguments(args):
@@ -339,9 +328,15 @@ def trained_size(command: str, weights: str) -> int:
     if is_single_file(weights):
         return 512
     folder = resolve_folder(weights)
-    unet = unet_config(read_json(folder / "unet" / "config.json"))
-    autoencoder = autoencoder_config(
-        read_json(folder / ("vae" if command == "sd" else "vqvae") / "config.json")
+    unet_folder, autoencoder_folder = (
+        folder / "unet",
+        folder / ("vae" if command == "sd" else "vqvae"),
+    )
+    unet = translated(unet_config, read_component_config(unet_folder), unet_folder / "config.json")
+    autoencoder = translated(
+        autoencoder_config,
+        read_component_config(autoencoder_folder),
+        autoencoder_folder / "config.json",
     )
     return unet.sample_size * autoencoder.downsampling_factor
 
@@ -469,33 +464,58 @@ def invert_and_sample(pipe, args, progress) -> list:
 # write
 
 
-def output_files(args) -> list:
-    """The PNGs this run will write, chosen before it runs: COMMAND_PROMPT_seedSEED_I.png, and a
-    _grid.png for several images. A run never overwrites another's: when any of the names is taken,
-    the run gets the first free _runK suffix. With --overwrite the names are reused, and the files
-    an earlier run of the same names wrote beyond this run's count (its _3.png, its grid) are
-    removed, so that the folder does not mix two runs."""
+def output_names(args):
+    """-> names(k): the PNGs run k of this command writes, COMMAND_PROMPT_seedSEED_I.png (k = 1)
+    or COMMAND_PROMPT_seedSEED_runK_I.png, and a _grid.png for several images."""
     out = Path(args.out)
     command = "sd-invert" if getattr(args, "invert", None) else args.command
     stem = command if command == "ldm-uncond" else f"{command}_{slug(args.prompt)}"
     stem = f"{stem}_seed{args.seed}"
 
-    def names(stem):
-        paths = [out / f"{stem}_{i}.png" for i in range(args.n)]
-        return paths + [out / f"{stem}_grid.png"] if args.n > 1 else paths
+    def names(run: int) -> list:
+        run_stem = stem if run == 1 else f"{stem}_run{run}"
+        paths = [out / f"{run_stem}_{i}.png" for i in range(args.n)]
+        return paths + [out / f"{run_stem}_grid.png"] if args.n > 1 else paths
 
-    if args.overwrite:
-        ours = set(names(stem))
-        for old in sorted(out.glob(f"{stem}_*.png")):
-            if old not in ours and re.fullmatch(rf"{re.escape(stem)}_(\d+|grid)\.png", old.name):
-                old.unlink()
-                print(f"--overwrite: removed {old} (an earlier run's)")
-        return names(stem)
-    run, run_stem = 1, stem
-    while any(path.exists() for path in names(run_stem)):
+    return names
+
+
+def first_free_run(args) -> int:
+    """The run whose names are all free now (1 with --overwrite, whose names are reused)."""
+    names, run = output_names(args), 1
+    while not args.overwrite and any(path.exists() for path in names(run)):
         run += 1
-        run_stem = f"{stem}_run{run}"
-    return names(run_stem)
+    return run
+
+
+def output_files(args) -> list:
+    """The PNGs this run plans to write, chosen before it runs. A run never overwrites another's:
+    when any of the names is taken, the run gets the first free _runK suffix (write_images claims
+    them exclusively at the end, and moves on if a concurrent run took them meanwhile)."""
+    return output_names(args)(first_free_run(args))
+
+
+def write_images(args, images: list, run: int) -> list:
+    """Each PNG written whole under a temporary name, then given its final name (a full disk or
+    Ctrl-C leaves no partial PNG). -> the paths written."""
+    names = output_names(args)
+    if not args.overwrite:
+        return claim_files(
+            lambda temporaries: [image.save(t) for image, t in zip(images, temporaries)],
+            names,
+            run,
+        )
+    planned = names(1)
+    for image, path in zip(images, planned):
+        write_file(path, image.save)
+    # the files an earlier run of the same names wrote beyond this run's count (its _3.png, its
+    # grid) are removed, so that the folder does not mix two runs
+    stem = planned[0].name.rsplit("_", 1)[0]
+    for old in sorted(Path(args.out).glob(f"{stem}_*.png")):
+        if old not in planned and re.fullmatch(rf"{re.escape(stem)}_(\d+|grid)\.png", old.name):
+            old.unlink()
+            print(f"--overwrite: removed {old} (an earlier run's)")
+    return planned
 
 
 def slug(text: str, most: int = 40) -> str:

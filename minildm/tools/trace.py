@@ -58,6 +58,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minildm import pipelines
+from minildm.checkpoints.files import check_writable_file, write_file
 from minildm.checkpoints.unet import config_from_diffusers as unet_config_from_diffusers
 from minildm.checkpoints.unet import diffusers_name as unet_diffusers_name
 from minildm.checkpoints.vq_transformer import config_from_diffusers as vq_config_from_diffusers
@@ -540,7 +541,7 @@ def versions(implementation: str) -> dict:
 
 
 def write(path, tensors: dict, metadata: dict):
-    save_file(tensors, str(path), metadata=metadata)
+    write_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 # --- reading and comparing ----------------------------------------------------------------------
@@ -793,8 +794,7 @@ def main_trace(args):
     check_settings(args.system, settings, layers_step)
     check_device(args.device)
     out = Path(args.out or f"{args.system}-{implementation}.safetensors")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    check_writable_file(out, "--out")  # before the recording, which can take minutes
     folder = resolve_folder(folder)
     started = time.perf_counter()
     tensors, metadata = record(

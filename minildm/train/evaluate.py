@@ -14,6 +14,7 @@ import torch
 
 from minildm import shapes
 from minildm.autoencoder import AutoencoderKL, VQModel
+from minildm.checkpoints.files import write_file
 from minildm.clip import CLIPTextModel
 from minildm.ldm_bert import LDMBert
 from minildm.pipelines import (
@@ -202,9 +203,8 @@ def evaluate(out: Path, system: str, settings: Settings, state: dict, reused: di
         report.update(evaluation_steps=steps, unconditional_scores=scores)
         from PIL import Image
 
-        image_grid([Image.fromarray(image) for image in images], columns=8).save(
-            out / "samples.png", optimize=True
-        )
+        grid = image_grid([Image.fromarray(image) for image in images], columns=8)
+        write_file(out / "samples.png", lambda temporary: grid.save(temporary, optimize=True))
         print(f"unconditional samples: {scores}", flush=True)
         return report
     # VQ-Diffusion samples its whole chain (50 steps); the UNets are scored at 25 DDIM steps
@@ -227,7 +227,8 @@ def evaluate(out: Path, system: str, settings: Settings, state: dict, reused: di
         seen_triples=len(seen),
         seen_scores=pipeline_scores(pipe, seen, seeds, steps, **sampling),
     )
-    held_out_grid(pipe, steps=steps, **sampling).save(out / "samples.png", optimize=True)
+    grid = held_out_grid(pipe, steps=steps, **sampling)
+    write_file(out / "samples.png", lambda temporary: grid.save(temporary, optimize=True))
     for title, key in [("held-out triples", "held_out_scores"), ("seen triples", "seen_scores")]:
         print(shapes.format_scores(title, report[key]), flush=True)
     return report

@@ -32,7 +32,6 @@ text, which classifier-free guidance needs (Ho & Salimans 2022, arXiv:2207.12598
 
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from minildm.autoencoder import AutoencoderKL
+from minildm.checkpoints.files import write_file
 from minildm.schedulers import DDIMScheduler, VQDiffusionScheduler
 from minildm.train.recipes import VQ_SCHEDULER_CONFIG, Settings
 
@@ -106,9 +106,7 @@ def averaged_weights(params: list, ema: list | None):
 
 def save_checkpoint(out: Path, state: dict):
     """Atomically: a crash while writing leaves the previous checkpoint intact."""
-    temporary = out / "checkpoint.pt.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, out / "checkpoint.pt")
+    write_file(out / "checkpoint.pt", lambda temporary: torch.save(state, temporary))
 
 
 # --- the one training loop ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 
 from minildm import shapes
 from minildm.autoencoder import AutoencoderKL, VQModel
+from minildm.checkpoints.files import check_writable_folder, write_text
 from minildm.checkpoints.load import load_component, load_tokenizer
 from minildm.checkpoints.save import save_component, save_pipeline_folder
 from minildm.checkpoints.weights import read_config
@@ -77,7 +78,8 @@ def check_output_folder(out: Path, settings: Settings) -> dict | None:
             raise ValueError(
                 f"--out {out}: {path} is a file; give a folder (new, or one this trainer wrote)"
             )
-    if not out.exists() or not any(out.iterdir()):
+    check_writable_folder(out, "--out")  # made now: an unwritable --out fails before any work
+    if not any(out.iterdir()):
         return None
     if not (out / MARKER).is_file():
         raise ValueError(
@@ -86,10 +88,8 @@ def check_output_folder(out: Path, settings: Settings) -> dict | None:
         )
     path = out / "checkpoint.pt"
     if not path.is_file():
-        raise ValueError(
-            f"{out} is a minildm training folder without checkpoint.pt, nothing to resume: "
-            "give a new folder"
-        )
+        print(f"{out} stopped before its first checkpoint: starting it again", flush=True)
+        return None
     # tensors and plain values only, never code
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("system", "sd") != settings.system:
@@ -227,15 +227,15 @@ def train(
     settings = Settings(system, float(minutes), seed, quick, "autoencoder" in reused)
     checkpoint = check_output_folder(out, settings)
     if timeline_minutes is not None:
-        timeline = Timeline(out, system, timeline_minutes)
-    out.mkdir(parents=True, exist_ok=True)
+        timeline = Timeline(out, system, timeline_minutes, resuming=checkpoint is not None)
     command = f"python -m minildm train {system} --out {out} --minutes {minutes:g} --seed {seed}"
     if autoencoder_from is not None:
         command += f" --autoencoder {autoencoder_from}"
     command += " --quick" if quick else ""
     command += f" --timeline {timeline_minutes:g}" if timeline is not None else ""
-    (out / MARKER).write_text(
-        json.dumps({"trainer": f"minildm train {system}", "command": command}, indent=2) + "\n"
+    write_text(
+        out / MARKER,
+        json.dumps({"trainer": f"minildm train {system}", "command": command}, indent=2) + "\n",
     )
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -411,10 +411,10 @@ def train(
         describe_model(name, module, sources.get(name)) for name, module in every_model.items()
     ]
     report["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
-    (out / MARKER).write_text(
-        json.dumps({"trainer": f"minildm train {system}", **report}, indent=2) + "\n"
+    write_text(
+        out / MARKER, json.dumps({"trainer": f"minildm train {system}", **report}, indent=2) + "\n"
     )
-    (out / "README.md").write_text(folder_readme(report))
+    write_text(out / "README.md", folder_readme(report))
     return report
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minildm import shapes
+from minildm.checkpoints.files import write_file, write_text
 from minildm.pipelines import LDMTextToImagePipeline, StableDiffusionPipeline
 from minildm.schedulers import DDIMScheduler
 from minildm.train.evaluate import generate, prompt_scenes
@@ -35,7 +36,9 @@ BANDS = 10  # timestep bands of 100: [0, 100), [100, 200), ... [900, 1000)
 
 
 class Timeline:
-    def __init__(self, out: Path, system: str, every_minutes: float, steps: int = 25):
+    def __init__(
+        self, out: Path, system: str, every_minutes: float, steps: int = 25, resuming=False
+    ):
         self.out, self.system, self.every_s, self.steps = (
             Path(out),
             system,
@@ -43,7 +46,9 @@ class Timeline:
             steps,
         )
         self.path = self.out / "timeline.json"
-        self.points = json.loads(self.path.read_text())["points"] if self.path.exists() else []
+        # a resumed run keeps the points up to its checkpoint (forget_after); a fresh one none
+        resumed = resuming and self.path.exists()
+        self.points = json.loads(self.path.read_text())["points"] if resumed else []
 
     def forget_after(self, step: int):
         """A resumed run starts from its last checkpoint: drop the points recorded after it."""
@@ -115,7 +120,10 @@ class Timeline:
             if name == "held_out":  # (12, 64, 64, 3) -> one row, 12 x 64 pixels wide
                 row = Image.fromarray(np.concatenate(list(images), axis=1))
         (self.out / "timeline").mkdir(exist_ok=True)
-        row.save(self.out / "timeline" / f"step_{step:06d}.png", optimize=True)
+        write_file(
+            self.out / "timeline" / f"step_{step:06d}.png",
+            lambda temporary: row.save(temporary, optimize=True),
+        )
         point = {
             "step": step,
             "seconds": round(elapsed_s, 1),
@@ -126,9 +134,10 @@ class Timeline:
             "loss_by_band": self.loss_by_band(),
         }
         self.points.append(point)
-        self.path.write_text(
+        write_text(
+            self.path,
             json.dumps({"bands": f"{BANDS} bands of timesteps", "points": self.points}, indent=1)
-            + "\n"
+            + "\n",
         )
         print(
             f"timeline: step {step}, {point['minutes']:.1f} min: held-out "
@@ -145,4 +154,6 @@ class Timeline:
         strip = Image.new("RGB", (rows[0].width, sum(row.height for row in rows)))
         for i, row in enumerate(rows):
             strip.paste(row, (0, i * row.height))
-        strip.save(self.out / "timeline.png", optimize=True)
+        write_file(
+            self.out / "timeline.png", lambda temporary: strip.save(temporary, optimize=True)
+        )
