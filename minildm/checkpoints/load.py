@@ -17,14 +17,23 @@ from minildm.checkpoints import (
     unet,
     vq_transformer,
 )
+from minildm.checkpoints.configs import (
+    SCHEDULER_VALUES,
+    check_component_config,
+    check_model_index,
+    check_tokenizer_folder,
+    check_values,
+)
 from minildm.checkpoints.weights import (
     CheckpointError,
+    check_dtype,
     download_hint,
     find_weights_file,
     read_config,
     read_json,
     read_state_dict,
     resolve_folder,
+    usable_device,
 )
 from minildm.tokenizer import BertTokenizer, CLIPTokenizer
 
@@ -52,7 +61,15 @@ COMPONENTS = {
 
 
 def component_class_name(config: dict, folder) -> str:
-    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    architectures = config.get("architectures") or [None]
+    if type(architectures) is not list:
+        raise CheckpointError(
+            f"{folder}/config.json: architectures must be a list of class names, found "
+            f"{architectures!r}"
+        )
+    name = config.get("_class_name") or architectures[0]
+    if name is not None and type(name) is not str:
+        raise CheckpointError(f"{folder}/config.json names its class with {name!r}, not a string")
     if name is None:
         raise CheckpointError(
             f"{folder}/config.json names no class (neither '_class_name' nor 'architectures')"
@@ -67,16 +84,48 @@ def load_component(folder, device=None, dtype=None, variant: str | None = None):
     device, dtype: where the weights go (default: CPU, float32). variant: e.g. "fp16" to read the
     `*.fp16.safetensors` file of a hub folder.
     """
+    if device is not None:
+        usable_device(device)  # before any file is read
+    check_dtype(dtype)
     folder = _resolve_component_folder(folder)
-    config = read_config(folder)
+    config = read_component_config(folder)
     name = component_class_name(config, folder)
     if name not in COMPONENTS:
         raise CheckpointError(
             f"{folder}/config.json names class {name!r}; minildm can load {sorted(COMPONENTS)}"
         )
     make_config, load = COMPONENTS[name]
-    state_dict = read_state_dict(find_weights_file(folder, variant))
-    return load(make_config(config), state_dict, device=device, dtype=dtype)
+    model_config = translated(make_config, config, folder / "config.json")
+    weights_file = find_weights_file(folder, variant)
+    state_dict = read_state_dict(weights_file)
+    try:
+        return load(model_config, state_dict, device=device, dtype=dtype)
+    except CheckpointError as error:
+        if str(weights_file) in str(error):
+            raise
+        raise CheckpointError(f"{weights_file}: {error}") from None
+    except ValueError as error:  # the module itself refused the sizes (GroupNorm's groups, ...)
+        raise CheckpointError(
+            f"{folder / 'config.json'} describes a model that cannot be built: {error}"
+        ) from None
+
+
+def read_component_config(folder) -> dict:
+    """A model folder's config.json, its values checked (checkpoints/configs.py)."""
+    config = read_config(folder)
+    name = component_class_name(config, folder)
+    check_component_config(Path(folder) / "config.json", config, name)
+    return config
+
+
+def translated(make_config, config: dict, path: Path):
+    """`make_config(config)`, its refusals naming the file."""
+    try:
+        return make_config(config)
+    except KeyError as error:
+        raise CheckpointError(f"{path}: the key {error} is missing") from None
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def _resolve_component_folder(folder) -> Path:
@@ -115,6 +164,7 @@ def read_model_index(folder, expected_class: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(missing_model_index_message(folder))
     index = read_json(path)
+    check_model_index(path, index)
     if index.get("_class_name") != expected_class:
         raise CheckpointError(
             f"{folder} holds a {index.get('_class_name')!r}, not a {expected_class}: "
@@ -127,6 +177,8 @@ def load_tokenizer(folder):
     """CLIPTokenizer (vocab.json + merges.txt) or BertTokenizer (vocab.txt), from what the folder
     holds."""
     folder = Path(folder)
+    if (folder / "vocab.json").is_file() or (folder / "vocab.txt").is_file():
+        check_tokenizer_folder(folder)
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_folder(folder)
     if (folder / "vocab.txt").is_file():
@@ -142,13 +194,26 @@ def load_scheduler(folder):
     path = Path(folder) / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no scheduler_config.json")
-    config = read_json(path)
+    config = read_scheduler_config(folder)
     name = config.get("_class_name")
     if name not in schedulers.__all__:
         raise CheckpointError(
             f"{path} names scheduler {name!r}; minildm implements {schedulers.__all__}"
         )
-    return getattr(schedulers, name).from_config(config)
+    return translated(getattr(schedulers, name).from_config, config, path)
+
+
+def read_scheduler_config(folder) -> dict:
+    """A scheduler folder's scheduler_config.json, its values checked (checkpoints/configs.py)."""
+    path = Path(folder) / "scheduler_config.json"
+    config = read_json(path)
+    check_values(path, config, SCHEDULER_VALUES)
+    return config
+
+
+def build_scheduler(cls, config: dict, path):
+    """`cls.from_config(config)`, a refusal naming the file the config came from."""
+    return translated(cls.from_config, config, path)
 
 
 # --- original single-file checkpoints -----------------------------------------------------------

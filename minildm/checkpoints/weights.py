@@ -106,6 +106,17 @@ def _read_sharded_safetensors(index_path: Path) -> dict:
         raise CheckpointError(
             f"{index_path}: expected a JSON object with a 'weight_map' ({e})"
         ) from None
+    if type(weight_map) is not dict or not all(type(f) is str for f in weight_map.values()):
+        raise CheckpointError(
+            f"{index_path}: weight_map must be an object of tensor names to shard file names"
+        )
+    for shard in set(weight_map.values()):
+        # by its name, not where it resolves: the Hugging Face cache links every file to a blob
+        if os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] in ("..", "."):
+            raise CheckpointError(
+                f"{index_path}: weight_map names {shard!r}, outside the index's folder; the "
+                "shards of a checkpoint lie beside its index"
+            )
     state_dict = {}
     for shard in sorted(set(weight_map.values())):
         tensors = _read_safetensors(index_path.parent / shard)
@@ -471,6 +482,32 @@ def _listing(names, shown: int = 5) -> str:
     return f"{len(names)}: " + ", ".join(names[:shown]) + more
 
 
+def usable_device(device, option: str = "device") -> torch.device:
+    """`device` (a name or a torch.device) if this machine can run on it, else a ValueError that
+    says why; `option` names it in the message (--device on the command line)."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{option} {device!r} is not a device: expected cpu, cuda or cuda:N"
+        ) from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {device}: this torch sees no CUDA GPU; use {option} cpu")
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{option} {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if found.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {device}: minildm runs on cpu or cuda")
+    return found
+
+
+def check_dtype(dtype):
+    """The floating-point types minildm's models run in (None: float32)."""
+    if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}"
+        )
+
+
 def load_into(
     module: nn.Module,
     state_dict: dict,
@@ -489,6 +526,9 @@ def load_into(
     Floating-point tensors are cast to `dtype` (float32 when None); tensors that are already on the
     right device and dtype are used as they are, without a copy (`assign=True`).
     """
+    if device is not None and torch.device(device).type == "cuda":
+        usable_device(device)  # before any tensor moves (torch's own error is an AssertionError)
+    check_dtype(dtype)
     expected = module.state_dict(keep_vars=True)
     missing = expected.keys() - state_dict.keys()
     unexpected = state_dict.keys() - expected.keys()
@@ -520,6 +560,18 @@ def load_into(
         lines.append("  likely cause: " + cause)
         raise CheckpointError("\n".join(lines))
 
+    not_floating = sorted(
+        k
+        for k in expected
+        if expected[k].is_floating_point() and not state_dict[k].is_floating_point()
+    )
+    if not_floating:
+        first = not_floating[0]
+        raise CheckpointError(
+            f"the checkpoint holds {len(not_floating)} of the {what}'s floating-point tensors as "
+            f"{state_dict[first].dtype} (e.g. {(file_names or {}).get(first, first)}): weights are "
+            "saved as float16, bfloat16 or float32; convert the file again"
+        )
     dtype = dtype or torch.float32
     converted = {}
     for name, tensor in state_dict.items():

@@ -9,6 +9,7 @@ scheduler here starts from the same betas (`make_betas`) and differs in how it w
 
 import inspect
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -29,6 +30,7 @@ def make_betas(
     ldm/modules/diffusionmodules/util.py make_beta_schedule). squaredcos_cap_v2: the cosine schedule
     of Nichol & Dhariwal 2021 (arXiv:2102.09672, eq. 17), betas capped at 0.999.
     """
+    check_schedule(num_train_timesteps, beta_start, beta_end)
     if trained_betas is not None:
         return torch.tensor(trained_betas, dtype=torch.float32)
     if beta_schedule == "linear":
@@ -63,6 +65,26 @@ def check_choice(name: str, value, choices: tuple, why: str = ""):
         names = [repr(choice) for choice in choices]
         listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
         raise ValueError(f"{name} must be {listed}{why}, got {value!r}")
+
+
+def check_schedule(num_train_timesteps, beta_start=0.5, beta_end=0.5):
+    """The training schedule's arguments, before a table of num_train_timesteps values is made
+    (a config's 1e12 would ask for 4 TB)."""
+    whole = (
+        isinstance(num_train_timesteps, numbers.Integral) and type(num_train_timesteps) is not bool
+    )
+    if not whole or not 1 <= num_train_timesteps <= 100_000:
+        raise ValueError(
+            "num_train_timesteps must be an integer from 1 to 100000 (SD trains with 1000), "
+            f"got {num_train_timesteps!r}"
+        )
+    for name, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if not isinstance(beta, numbers.Real) or type(beta) is bool or not 0 < beta < 1:
+            raise ValueError(f"{name} must be a number in (0, 1), got {beta!r}")
+
+
+def is_probability(value) -> bool:
+    return isinstance(value, numbers.Real) and type(value) is not bool and 0 <= value <= 1
 
 
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int):

@@ -44,6 +44,7 @@ from minildm.layers import randn
 from minildm.schedulers.common import (
     check_choice,
     check_num_inference_steps,
+    check_timesteps_set,
     config_kwargs,
     frozen_config,
     make_betas,
@@ -208,7 +209,9 @@ class KDPM2AncestralDiscreteScheduler:
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """x_0 + sigma * noise at a level's timestep (img2img starts at one)."""
-        return add_noise_at_sigmas(
-            self.sigmas, self.level_timesteps, original_samples, noise, timesteps
-        )
+        """x_0 + sigma * noise at any of the schedule's timesteps (img2img starts at a level's).
+        A midpoint's timestep gets the level its step lands on, as diffusers' KDPM2 gives it (its
+        sigmas, one per model call, repeat each level after the first)."""
+        check_timesteps_set(self.timesteps, "add_noise")
+        per_call = self.sigmas[(torch.arange(len(self.timesteps)) + 1) // 2]  # (2n - 1,)
+        return add_noise_at_sigmas(per_call, self.timesteps, original_samples, noise, timesteps)

@@ -16,6 +16,7 @@ image_synthesis/modeling/transformers/diffusion_transformer.py `DiffusionTransfo
 Shapes: B batch, K codes (4096), N positions (1024). Log-probabilities are (B, K or K+1, N).
 """
 
+import numbers
 import warnings
 
 import numpy as np
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 from minildm.layers import rand
 from minildm.schedulers.common import (
     check_num_inference_steps,
+    check_schedule,
     check_timesteps_set,
     config_kwargs,
     frozen_config,
+    is_probability,
 )
 
 
@@ -79,6 +82,22 @@ class VQDiffusionScheduler:
         gamma_cum_end: float = 0.99999,
     ):
         self.config = frozen_config(type(self), locals())  # diffusers' scheduler.config
+        whole = isinstance(num_vec_classes, numbers.Integral) and type(num_vec_classes) is not bool
+        if not whole or not 2 <= num_vec_classes <= 1 << 20:
+            raise ValueError(
+                "num_vec_classes must be an integer from 2 (one code and [MASK]) to 2**20, got "
+                f"{num_vec_classes!r}"
+            )
+        check_schedule(num_train_timesteps)
+        ends = {
+            "alpha_cum_start": alpha_cum_start,
+            "alpha_cum_end": alpha_cum_end,
+            "gamma_cum_start": gamma_cum_start,
+            "gamma_cum_end": gamma_cum_end,
+        }
+        for name, value in ends.items():
+            if not is_probability(value):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         self.num_train_timesteps = num_train_timesteps
         # the last class; the K = num_vec_classes - 1 others are codes
         self.mask_class = num_vec_classes - 1

@@ -24,12 +24,15 @@ import torch
 from minildm import shapes
 from minildm.checkpoints.files import check_writable_folder, claim_files, write_file
 from minildm.checkpoints.load import (
+    build_scheduler,
     missing_model_index_message,
     read_component_config,
+    read_scheduler_config,
     translated,
 )
-from minildm.checkpoints.weights import read_json, resolve_folder
+from minildm.checkpoints.weights import resolve_folder, usable_device
 from minildm.cpu_speed import warn_if_slow_precision
+from minildm.pipelines.common import image_array
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_WEIGHTS = {
@@ -188,18 +191,7 @@ def check_utf8(text: str | None, option: str):
 
 
 def check_device(name: str):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(
-            f"--device {name!r} is not a device: expected cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: minildm runs on cpu or cuda")
+    usable_device(name, "--device")
 
 
 def check_output_folder(out: Path):
@@ -218,8 +210,11 @@ def check_inversion_arguments(args):
     try:
         with Image.open(path) as image:
             size = image.size  # (width, height)
+            image_array(image)  # its mode's range, checked before the weights load
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"--invert {path}: not an image PIL can read ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"--invert {path}: {e}") from None
     if size[0] % 8 or size[1] % 8:
         raise ValueError(
             f"--invert {path}: {size[0]}x{size[1]} pixels; the autoencoder needs multiples of 8 "
@@ -355,8 +350,10 @@ def plan_scheduler(args):
 
     if args.command == "sd" and is_single_file(args.weights):
         config = {"_class_name": "PNDMScheduler", **SINGLE_FILE_SCHEDULER}
+        source = "the single file's default scheduler"
     else:
-        config = read_json(resolve_folder(args.weights) / "scheduler" / "scheduler_config.json")
+        folder = resolve_folder(args.weights) / "scheduler"
+        config, source = read_scheduler_config(folder), folder / "scheduler_config.json"
     chosen = getattr(args, "scheduler", None)  # --scheduler (sd, ldm, ldm-uncond only)
     name = chosen or config.get("_class_name")
     if name not in schedulers.__all__:
@@ -377,7 +374,7 @@ def plan_scheduler(args):
         # swapping the scheduler is what the user asked for
         accepted = inspect.signature(cls).parameters
         config = {key: value for key, value in config.items() if key in accepted}
-    scheduler = cls.from_config(config)
+    scheduler = build_scheduler(cls, config, source)
     scheduler.set_timesteps(args.steps)  # refuses what the scheduler cannot do, e.g. PNDM's 2 steps
     return scheduler
 
@@ -433,8 +430,9 @@ def invert_and_sample(pipe, args, progress) -> list:
     import numpy as np
     from PIL import Image
 
-    with Image.open(args.invert) as image:
-        image = image.convert("RGB")
+    with Image.open(args.invert) as opened:
+        original = image_array(opened)  # (H, W, 3) in [0, 1], 16-bit and float images included
+    image = torch.from_numpy(original).permute(2, 0, 1)[None]  # (1, 3, H, W)
     print(f"inverting {args.invert} ({args.steps} steps, guidance {args.guidance:g})")
     latents = pipe.invert(image, args.prompt, args.steps, args.guidance, callback=progress)
     print(
@@ -450,7 +448,6 @@ def invert_and_sample(pipe, args, progress) -> list:
         callback=progress,
         output_type="np",
     )
-    original = np.asarray(image, dtype=np.float32) / 255
     error = out.images[0] - original
     psnr = 10 * np.log10(1 / max(float(np.mean(error**2)), 1e-12))
     print(
