@@ -3,6 +3,7 @@ rounds them), the checks of their arguments, the starting noise and the schedule
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from minildm import schedulers
+from minildm.checkpoints.weights import check_dtype, usable_device
 from minildm.layers import randn
 
 
@@ -17,6 +19,41 @@ from minildm.layers import randn
 class PipelineOutput:
     # a list of PIL images, (B, H, W, 3) numpy, or (B, 3, H, W) torch, in [0, 1]
     images: list | np.ndarray | torch.Tensor
+
+
+def move_models(models: list, device=None, dtype=None):
+    """A pipeline's `to`: each model (None for one left out) to `device` and `dtype`; a dtype
+    given first is taken as the dtype, as diffusers does."""
+    if isinstance(device, torch.dtype):
+        device, dtype = None, device
+    if device is not None:
+        usable_device(device)
+    check_dtype(dtype)
+    for model in models:
+        if model is not None:
+            model.to(device=device, dtype=dtype)
+
+
+def image_array(image: Image.Image, channels: int = 3) -> np.ndarray:
+    """A PIL image -> (H, W, channels) float32 in [0, 1], each mode by its own range: 8 bits per
+    channel (L, RGB, P, RGBA ...) / 255; 16-bit grayscale (I;16, as 16-bit PNGs open, and I, as
+    they convert) / 65535; float (F) as it is, which must lie in [0, 1]. PIL's convert("RGB")
+    would clip those to 0 or 255: an all-white or all-black image."""
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)  # (H, W), one channel
+        top = 1.0 if mode == "F" else 65535.0
+        finite = np.isfinite(values).all()
+        if not finite or values.min() < 0 or values.max() > top:
+            found = f"[{values.min():g}, {values.max():g}]" if finite else "inf/nan values"
+            raise ValueError(
+                f"a mode-{mode} image must hold values in [0, {top:g}], this one holds {found}: "
+                "convert it to an 8- or 16-bit image first"
+            )
+        gray = (values / top).astype(np.float32)
+        return np.repeat(gray[..., None], channels, axis=2)
+    converted = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+    return (converted / 255).reshape(*converted.shape[:2], channels)
 
 
 def images_out(images: torch.Tensor, output_type: str):
@@ -65,14 +102,24 @@ def check_image_size(height: int, width: int, factor: int = 8):
         )
 
 
-def check_guidance_scale(guidance_scale):
-    """One rule for the three systems: a finite number >= 0 (1 turns classifier-free guidance off in
-    SD and VQ-Diffusion, as in diffusers). NaN would run and give NaN images, and a negative or
-    string scale would fail deep inside torch, so all are refused here, before any work."""
+def check_guidance_scale(guidance_scale, off_below_one: bool = False):
+    """One rule for the three systems: a finite number >= 0. NaN would run and give NaN images,
+    and a negative or string scale would fail deep inside torch, so all are refused here, before
+    any work. 1 turns classifier-free guidance off everywhere; below 1, SD and VQ-Diffusion
+    (`off_below_one`) run unguided too, as diffusers' pipelines do (guidance only when the scale
+    is above 1), while LDM blends toward the unconditional prediction (diffusers guides at any
+    scale but 1): the same number means two things, so SD and VQ-Diffusion say so."""
     if not is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(
             f"guidance_scale must be a finite number >= 0 (1 turns guidance off), "
             f"got {guidance_scale!r}"
+        )
+    if off_below_one and guidance_scale < 1:
+        warnings.warn(
+            f"guidance_scale={guidance_scale:g} is below 1: this pipeline, as diffusers', then runs "
+            "unguided, the same as guidance_scale=1 (only the LDM pipeline blends toward the "
+            "unconditional prediction below 1)",
+            stacklevel=3,
         )
 
 
@@ -144,8 +191,11 @@ def check_latents(latents: torch.Tensor | None, shape: tuple):
         raise ValueError(f"latents hold {bad} inf/nan value(s): pass finite starting latents")
 
 
+EXPLODED = 1e4  # a UNet input this large means an earlier step blew the latents up
+
+
 def check_finite_step(
-    latents, model_output, noise_prediction, guidance_scale, step: int, t, scheduler
+    latents, model_input, model_output, noise_prediction, guidance_scale, step: int, t, scheduler
 ):
     """After each step: latents that turned inf/nan are reported at the step they appeared, with
     their cause, rather than surfacing at decode as a black image or an error about the
@@ -157,6 +207,20 @@ def check_finite_step(
     if torch.isfinite(latents).all():
         return
     where = f"the latents became inf/nan at step {step + 1} (timestep {int(t)})"
+    largest_input = float(model_input.abs().max())
+    if not torch.isfinite(model_output).all() and largest_input > EXPLODED:
+        # the UNet only failed on latents an earlier step had already blown up (its input is
+        # normally within about +-10: unit-variance x_t, or scaled so by scale_model_input)
+        cause = (
+            f"guidance_scale={guidance_scale:g} amplified the difference of the UNet's two "
+            "predictions; use a smaller scale (7.5 is SD's usual)"
+            if guidance_scale is not None and guidance_scale > 100
+            else f"{type(scheduler).__name__}.step made them grow"
+        )
+        raise FloatingPointError(
+            f"{where}: the UNet's input had already grown to {largest_input:.3g} (normally within "
+            f"about 10) in the steps before: {cause}"
+        )
     if not torch.isfinite(model_output).all():
         if model_output.dtype == torch.float16:
             raise FloatingPointError(
@@ -175,6 +239,22 @@ def check_finite_step(
         )
     raise FloatingPointError(
         f"{where}: the UNet's prediction is finite; {type(scheduler).__name__}.step produced them"
+    )
+
+
+def check_finite_text(context: torch.Tensor, encoder: str = "text encoder"):
+    """The prompt's embeddings, before the UNet sees them: inf/nan here would otherwise surface
+    as the UNet's failure."""
+    if torch.isfinite(context).all():
+        return
+    if context.dtype == torch.float16:
+        raise FloatingPointError(
+            f"the {encoder} overflowed float16 (largest value 65504) on the prompt; run it in "
+            "float32 or bfloat16 (dtype=torch.float32, or --dtype bfloat16)"
+        )
+    raise FloatingPointError(
+        f"the {encoder} returned inf/nan in {context.dtype} for the prompt; its weights may be "
+        "damaged (download them again) or not the model's"
     )
 
 

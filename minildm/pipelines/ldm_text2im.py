@@ -28,6 +28,7 @@ from minildm.pipelines.common import (
     PipelineOutput,
     check_eta,
     check_finite_step,
+    check_finite_text,
     check_generator,
     check_guidance_scale,
     check_image_size,
@@ -36,6 +37,7 @@ from minildm.pipelines.common import (
     check_sampler,
     images_out,
     initial_noise,
+    move_models,
     prompt_list,
     step_options,
 )
@@ -70,6 +72,12 @@ class LDMTextToImagePipeline:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def to(self, device=None, dtype=None):
+        """Every model to `device` and/or `dtype`, as diffusers' pipe.to("cuda"),
+        pipe.to(torch.float16) or pipe.to("cuda", torch.float16). -> the pipeline."""
+        move_models([self.vqvae, self.bert, self.unet], device, dtype)
+        return self
 
     @torch.no_grad()
     def __call__(
@@ -107,6 +115,7 @@ class LDMTextToImagePipeline:
             no_text = self.tokenizer([""] * len(prompts)).to(self.device)
             empty = self.bert(no_text)  # LDMBert's own "no text": [CLS] [SEP] [PAD]...
             context = torch.cat([empty, context])  # (2B, 77, 1280)
+        check_finite_text(context, "text encoder (LDMBert)")
         context = context.to(dtype)
 
         if latents is None:
@@ -123,7 +132,9 @@ class LDMTextToImagePipeline:
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
             scale = guidance_scale if guided else None
-            check_finite_step(latents, model_output, noise_prediction, scale, i, t, self.scheduler)
+            check_finite_step(
+                latents, model_input, model_output, noise_prediction, scale, i, t, self.scheduler
+            )
             if callback is not None:
                 callback(i, t, latents)
 

@@ -27,6 +27,7 @@ from minildm.pipelines.common import (
     check_sampler,
     images_out,
     initial_noise,
+    move_models,
     step_options,
 )
 
@@ -54,6 +55,12 @@ class LDMPipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def to(self, device=None, dtype=None):
+        """Every model to `device` and/or `dtype`, as diffusers' pipe.to("cuda"),
+        pipe.to(torch.float16) or pipe.to("cuda", torch.float16). -> the pipeline."""
+        move_models([self.vqvae, self.unet], device, dtype)
+        return self
+
     @torch.no_grad()
     def __call__(
         self,
@@ -79,7 +86,7 @@ class LDMPipeline:
             noise_prediction = self.unet(model_input, t)  # no text: self-attention only
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
             check_finite_step(
-                latents, noise_prediction, noise_prediction, None, i, t, self.scheduler
+                latents, model_input, noise_prediction, noise_prediction, None, i, t, self.scheduler
             )
             if callback is not None:
                 callback(i, t, latents)

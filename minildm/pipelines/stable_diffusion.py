@@ -39,15 +39,18 @@ from minildm.pipelines.common import (
     check_count,
     check_eta,
     check_finite_step,
+    check_finite_text,
     check_generator,
     check_guidance_scale,
     check_image_size,
     check_latents,
     check_output_type,
     check_sampler,
+    image_array,
     images_out,
     initial_noise,
     is_number,
+    move_models,
     prompt_list,
     step_options,
 )
@@ -155,6 +158,12 @@ class StableDiffusionPipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def to(self, device=None, dtype=None):
+        """Every model to `device` and/or `dtype`, as diffusers' pipe.to("cuda"),
+        pipe.to(torch.float16) or pipe.to("cuda", torch.float16). -> the pipeline."""
+        move_models([self.vae, self.text_encoder, self.unet, self.safety_checker], device, dtype)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
@@ -232,7 +241,7 @@ class StableDiffusionPipeline:
                 "pipe.scheduler = DDIMScheduler(...) with the folder's training schedule first "
                 f"(this pipeline's is a {type(self.scheduler).__name__})"
             )
-        check_guidance_scale(guidance_scale)
+        check_guidance_scale(guidance_scale, off_below_one=True)
         factor = self.vae.config.downsampling_factor
         pixels = image_tensor(image, self.device, next(self.vae.parameters()).dtype, factor)
         prompts = prompt_list(prompt)
@@ -257,7 +266,9 @@ class StableDiffusionPipeline:
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = inverse.step(noise_prediction, t, latents)
             scale = guidance_scale if guided else None
-            check_finite_step(latents, model_output, noise_prediction, scale, i, t, inverse)
+            check_finite_step(
+                latents, model_input, model_output, noise_prediction, scale, i, t, inverse
+            )
             if callback is not None:
                 callback(i, t, latents)
         return latents
@@ -270,6 +281,7 @@ class StableDiffusionPipeline:
 
         def encode(texts):
             context = self.text_encoder(self.tokenizer(texts).to(self.device))  # (P, 77, 768)
+            check_finite_text(context)
             # (B, 77, 768), each prompt's images together
             return context.repeat_interleave(num_images_per_prompt, dim=0)
 
@@ -332,7 +344,9 @@ class StableDiffusionPipeline:
                 noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_prediction, t, latents, **options)
             scale = guidance_scale if guided else None
-            check_finite_step(latents, model_output, noise_prediction, scale, i, t, self.scheduler)
+            check_finite_step(
+                latents, model_input, model_output, noise_prediction, scale, i, t, self.scheduler
+            )
             if after_step is not None:
                 latents = after_step(i, latents)
             if callback is not None and i % callback_steps == 0:
@@ -421,7 +435,7 @@ class StableDiffusionPipeline:
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
-        check_guidance_scale(guidance_scale)
+        check_guidance_scale(guidance_scale, off_below_one=True)
         check_eta(eta)
         check_generator(generator)
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
@@ -461,7 +475,7 @@ def image_tensor(image, device, dtype, factor: int = 8) -> torch.Tensor:
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, list) and image and all(isinstance(i, Image.Image) for i in image):
-        arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255 for i in image]
+        arrays = [image_array(i) for i in image]  # (H, W, 3) in [0, 1], by the image's mode
         image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(
@@ -569,8 +583,8 @@ def mask_tensor(mask_image, image_shape, device, dtype) -> torch.Tensor:
         mask_image = [mask_image]
     is_list = isinstance(mask_image, list) and mask_image
     if is_list and all(isinstance(m, Image.Image) for m in mask_image):
-        arrays = [np.asarray(m.convert("L"), dtype=np.float32) / 255 for m in mask_image]
-        mask_image = torch.from_numpy(np.stack(arrays))[:, None]  # (B, 1, H, W)
+        arrays = [image_array(m, channels=1) for m in mask_image]  # (H, W, 1)
+        mask_image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 1, H, W)
     if not isinstance(mask_image, torch.Tensor) or mask_image.ndim != 4 or mask_image.shape[1] != 1:
         raise ValueError(
             "mask_image must be a PIL image, a list of them, or a (B, 1, H, W) tensor in [0, 1]; "

@@ -33,12 +33,14 @@ from minildm.cpu_speed import warn_if_models_slow
 from minildm.pipelines.common import (
     PipelineOutput,
     check_count,
+    check_finite_text,
     check_generator,
     check_guidance_scale,
     check_output_type,
     check_sampler,
     images_out,
     is_number,
+    move_models,
     prompt_list,
 )
 
@@ -108,6 +110,13 @@ class VQDiffusionPipeline:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    def to(self, device=None, dtype=None):
+        """Every model to `device` and/or `dtype`, as diffusers' pipe.to("cuda"),
+        pipe.to(torch.float16) or pipe.to("cuda", torch.float16). -> the pipeline."""
+        embeddings = self.learned_classifier_free_sampling_embeddings
+        move_models([self.vqvae, self.text_encoder, self.transformer, embeddings], device, dtype)
+        return self
+
     @torch.no_grad()
     def __call__(
         self,
@@ -172,6 +181,7 @@ class VQDiffusionPipeline:
         guided."""
         dtype = next(self.transformer.parameters()).dtype
         text = self.text_encoder(self.tokenizer(prompts).to(self.device))  # (P, 77, D)
+        check_finite_text(text)
         text = text / text.norm(dim=-1, keepdim=True)  # unit length per token, as in training
         text = text.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
         if not guided:
@@ -201,14 +211,28 @@ class VQDiffusionPipeline:
         prompts = prompt_list(prompt)
         check_count("num_images_per_prompt", num_images_per_prompt)
         check_truncation_rate(truncation_rate)
-        check_guidance_scale(guidance_scale)
+        check_guidance_scale(guidance_scale, off_below_one=True)
         check_count("callback_steps", callback_steps)
         check_output_type(output_type)
         check_generator(generator)
         check_sampler(self.scheduler, discrete=True)
         config = self.transformer.config
+        check_scheduler_fits(self.scheduler, config)
         shape = (len(prompts) * num_images_per_prompt, config.height * config.width)
         check_codes(latents, shape, config.height, config.width, config.mask_index)
+
+
+def check_scheduler_fits(scheduler, config):
+    """The scheduler's classes and steps must be the transformer's: another model's scheduler
+    would index past its code or step embeddings."""
+    classes, steps = scheduler.mask_class + 1, scheduler.num_train_timesteps
+    if classes != config.num_classes or steps != (config.num_timesteps or steps):
+        raise ValueError(
+            f"the scheduler has {classes} classes and {steps} steps, the transformer "
+            f"{config.num_classes} (num_vector_embeds) and {config.num_timesteps} "
+            "(num_embeds_ada_norm): the scheduler is another model's; use the folder's "
+            "scheduler/scheduler_config.json"
+        )
 
 
 def check_log_probabilities(log_p_x_0: torch.Tensor, step: int, t):
