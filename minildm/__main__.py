@@ -58,7 +58,11 @@ def add_generation_arguments(parser, command: str):
     parser.add_argument("--weights", help=weights_help)
     parser.add_argument("--steps", type=int, help="denoising steps")
     if command != "ldm-uncond":
-        guidance_help = "classifier-free guidance scale; 1 turns it off"
+        guidance_help = (
+            "classifier-free guidance scale: 1 turns it off, above 1 follows the prompt more "
+            "closely; below 1, sd and vq-diffusion run unguided as at 1 (as diffusers does; with a "
+            "warning), ldm blends toward the unconditional image (0: the prompt is ignored)"
+        )
         parser.add_argument("--guidance", type=float, help=guidance_help)
     if command in ("sd", "ldm"):
         parser.add_argument("--height", type=int, help="image height, a multiple of 8")

@@ -555,3 +555,99 @@ def test_a_scheduler_that_cannot_sample_here_is_refused_before_work():
         pipe.scheduler = original
         print(f"{type(pipe).__name__} with {type(scheduler).__name__}: {raised.value}")
         assert words in str(raised.value)
+
+
+# --- images of every PIL mode, by their own range (16-bit and float images were clipped to white
+# or black by convert("RGB")) ----------------------------------------------------------------------
+
+
+def gradient_images():
+    """One picture in several modes: (mode, image, its values in [0, 1] as (H, W))."""
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 1, 64), (64, 1))  # (64, 64), left black, right white
+    images = [
+        ("L", Image.fromarray(np.round(ramp * 255).astype(np.uint8)), np.round(ramp * 255) / 255),
+        (
+            "I;16",
+            Image.fromarray(np.round(ramp * 65535).astype(np.uint16)),
+            np.round(ramp * 65535) / 65535,
+        ),
+        ("F", Image.fromarray(ramp.astype(np.float32)), ramp.astype(np.float32)),
+    ]
+    sixteen = images[1][1]
+    images.append(("I", sixteen.convert("I"), images[1][2]))
+    return images
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "I", "F"])
+def test_every_image_mode_is_read_with_its_range(mode, tmp_path):
+    import numpy as np
+
+    from minildm.pipelines.common import image_array
+
+    _, image, expected = next(case for case in gradient_images() if case[0] == mode)
+    path = tmp_path / ("image.tiff" if mode in ("F", "I") else "image.png")
+    image.save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode or (mode == "I" and opened.mode.startswith("I"))
+        got = image_array(opened)
+    error = float(np.abs(got - expected[..., None]).max())
+    print(f"{mode}: read back within {error:.2e}, range [{got.min():.3f}, {got.max():.3f}]")
+    assert got.shape == (64, 64, 3) and error < 1e-6
+
+
+def test_img2img_and_masks_read_a_16_bit_or_float_image_as_its_8_bit_twin():
+    import numpy as np
+
+    img2img = minildm.StableDiffusionImg2ImgPipeline.from_pretrained(minildm.TINY_SD)
+    inpaint = minildm.StableDiffusionInpaintPipeline.from_pretrained(minildm.TINY_SD)
+    images = {mode: image for mode, image, _ in gradient_images()}
+
+    def draw(image):
+        generator = torch.Generator().manual_seed(0)
+        return img2img(
+            "a red circle",
+            image=image,
+            strength=0.5,
+            num_inference_steps=4,
+            generator=generator,
+            output_type="np",
+        ).images[0]
+
+    reference = draw(images["L"].convert("RGB"))
+    for mode in ("I;16", "I", "F"):
+        difference = float(np.abs(draw(images[mode]) - reference).max())
+        print(f"img2img of the {mode} image against the 8-bit one: max difference {difference:.4f}")
+        assert difference < 0.02  # 16-bit against 8-bit rounding; a clipped image differs by ~1
+    half = np.zeros((64, 64), np.float32)
+    half[:, 32:] = 1
+
+    def repaint(mask):
+        generator = torch.Generator().manual_seed(0)
+        return inpaint(
+            "a red circle",
+            image=images["L"].convert("RGB"),
+            mask_image=mask,
+            num_inference_steps=4,
+            generator=generator,
+            output_type="np",
+        ).images[0]
+
+    reference = repaint(Image.fromarray((half * 255).astype(np.uint8)))
+    for mask in (Image.fromarray(half), Image.fromarray((half * 65535).astype(np.uint16))):
+        difference = float(np.abs(repaint(mask) - reference).max())
+        print(f"inpainting with a mode-{mask.mode} mask: max difference {difference:.2e}")
+        assert difference < 1e-6
+
+
+def test_an_image_outside_its_modes_range_is_refused_before_loading(monkeypatch, tmp_path):
+    import numpy as np
+
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
+    path = tmp_path / "bright.tiff"
+    Image.fromarray(np.full((64, 64), 255.0, np.float32)).save(path)  # float, but 0..255
+    with pytest.raises(SystemExit) as raised:
+        main(["sd", "a red circle", "--invert", str(path), "--out", str(tmp_path)])
+    print(raised.value)
+    assert "mode-F image must hold values in [0, 1], this one holds [255, 255]" in str(raised.value)

@@ -241,7 +241,8 @@ def check_destination(folder: Path):
             pass
     except OSError as e:
         raise DownloadError(
-            f"cannot write into the folder {folder}: {e}. Choose a folder you can write to with --dir."
+            f"cannot write into the folder {folder}: {e}. "
+            "Choose a folder you can write to with --dir."
         ) from e
 
 
