@@ -183,7 +183,7 @@ def test_random_config_values_get_the_error_that_names_the_file(
     keys = sorted(set(original) | set(rules))
     counts = COUNTS[name]
 
-    @settings(derandomize=True, max_examples=EXAMPLES, deadline=None)
+    @settings(derandomize=True, max_examples=EXAMPLES, deadline=None, database=None)
     @given(st.sampled_from(keys), st.one_of(JSON, st.just("<removed>")))
     def run(key, value):
         config = dict(original)

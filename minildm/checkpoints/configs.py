@@ -139,7 +139,7 @@ COMPONENT_VALUES = {
         "num_attention_heads": COUNT,
         "attention_head_dim": WIDTH,
         "cross_attention_dim": optional(WIDTH),
-        "num_embeds_ada_norm": optional(integer(1, 100000)),
+        "num_embeds_ada_norm": integer(1, 100000),
         "norm_type": TEXT,
     },
     "LearnedClassifierFreeSamplingEmbeddings": {
@@ -155,8 +155,8 @@ TIMESTEPS = integer(1, 100000)  # SD trains on 1000, VQ-Diffusion on 100
 SCHEDULER_VALUES = {
     "_class_name": TEXT,
     "num_train_timesteps": TIMESTEPS,
-    "beta_start": number(0, 1, above_low=True),
-    "beta_end": number(0, 1, above_low=True),
+    "beta_start": number(0, 1),
+    "beta_end": number(0, 1),
     "beta_schedule": TEXT,
     "trained_betas": optional(
         Rule(

@@ -87,6 +87,11 @@ def config_from_diffusers(config: dict) -> UNetConfig:
         # (docs/parity/models.md, attention_head_dim counts heads in UNet2DConditionModel).
         context_dim = config.get("cross_attention_dim", 1280)
         heads = config.get("num_attention_heads") or head_setting
+        if heads is None:
+            raise ValueError(
+                "a UNet2DConditionModel needs attention_head_dim (its number of heads) or "
+                "num_attention_heads; both are null"
+            )
         head_channels = None
     else:  # UNet2DModel: `attention_head_dim` really is the channels per head (CelebA-HQ: 32)
         context_dim = None

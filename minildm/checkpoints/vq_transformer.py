@@ -53,6 +53,11 @@ def config_from_diffusers(config: dict) -> VQTransformerConfig:
                 f"transformer (expected {value!r})"
             )
     size = config.get("sample_size", 32)
+    if config.get("num_embeds_ada_norm") is None:
+        raise ValueError(
+            "num_embeds_ada_norm, the number of diffusion steps the AdaLayerNorms embed, is "
+            "missing or null; VQ-Diffusion's transformer needs it"
+        )
     return VQTransformerConfig(
         num_classes=config["num_vector_embeds"],
         height=size,

@@ -79,8 +79,8 @@ def check_schedule(num_train_timesteps, beta_start=0.5, beta_end=0.5):
             f"got {num_train_timesteps!r}"
         )
     for name, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
-        if not isinstance(beta, numbers.Real) or type(beta) is bool or not 0 < beta < 1:
-            raise ValueError(f"{name} must be a number in (0, 1), got {beta!r}")
+        if not is_probability(beta):  # 0 is fine where the schedule ignores it (cosine)
+            raise ValueError(f"{name} must be a number in [0, 1], got {beta!r}")
 
 
 def is_probability(value) -> bool:
