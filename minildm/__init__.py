@@ -30,12 +30,14 @@ from minildm.ldm_bert import (
     LDMBertConfig,
 )
 from minildm.pipelines import (
+    AttentionMaps,
     LDMPipeline,
     LDMTextToImagePipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     VQDiffusionPipeline,
+    attention_maps,
 )
 from minildm.tokenizer import (
     ASSETS,
@@ -80,6 +82,8 @@ __all__ = [
     "LDMTextToImagePipeline",
     "LDMPipeline",
     "VQDiffusionPipeline",
+    "attention_maps",
+    "AttentionMaps",
     "schedulers",
     # models and their configs
     "CLIPTextModel",

@@ -233,9 +233,13 @@ def read_image(image: np.ndarray) -> dict:
     return _read(image)[0]
 
 
-def _read(image: np.ndarray):
-    """-> (the attributes, the best template's intersection over union, the distance of the
-    shape's median colour to the nearest shape colour)."""
+def shape_mask(image: np.ndarray) -> np.ndarray | None:
+    """The shape's pixels, (64, 64) bool, as the scorer finds them; None when there is no shape."""
+    return _segment(image)[0]
+
+
+def _segment(image: np.ndarray):
+    """-> (the shape's mask or None, its median colour, the background's), colours as float RGB."""
     if image.shape != (SIZE, SIZE, 3):
         raise ValueError(f"expected a (64, 64, 3) image, got {image.shape}")
     if image.dtype != np.uint8:  # floats in [0, 1] would all read as a black background
@@ -246,16 +250,25 @@ def _read(image: np.ndarray):
     pixels = image.astype(np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (252, 3)
     background_rgb = np.median(border, axis=0)
-    background = _nearest(background_rgb, BACKGROUNDS)
     # First guess at the shape: pixels clearly unlike the background; its colour is their median.
     distance_to_background = np.linalg.norm(pixels - background_rgb, axis=-1)  # (64, 64)
     rough = distance_to_background > 40
     if rough.sum() < 20:
-        return dict(colour=None, shape=None, background=background, position=None), 0.0, np.inf
+        return None, None, background_rgb
     shape_rgb = np.median(pixels[rough], axis=0)
     # Then every pixel nearer the shape's colour than the background's: anti-aliased edge pixels
     # split at the halfway colour, so the mask's area is the shape's.
     mask = np.linalg.norm(pixels - shape_rgb, axis=-1) < distance_to_background
+    return mask, shape_rgb, background_rgb
+
+
+def _read(image: np.ndarray):
+    """-> (the attributes, the best template's intersection over union, the distance of the
+    shape's median colour to the nearest shape colour)."""
+    mask, shape_rgb, background_rgb = _segment(image)
+    background = _nearest(background_rgb, BACKGROUNDS)
+    if mask is None:
+        return dict(colour=None, shape=None, background=background, position=None), 0.0, np.inf
     colour = _nearest(shape_rgb, SHAPE_COLOURS)
     ys, xs = np.nonzero(mask)
     cx = xs.mean()

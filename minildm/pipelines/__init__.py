@@ -1,5 +1,6 @@
 """One pipeline per system, each reading like the Stable Diffusion blog post's denoising loop."""
 
+from minildm.pipelines.attention_maps import AttentionMaps, attention_maps
 from minildm.pipelines.common import PipelineOutput
 from minildm.pipelines.ldm_text2im import LDMTextToImagePipeline
 from minildm.pipelines.ldm_uncond import LDMPipeline
@@ -12,6 +13,7 @@ from minildm.pipelines.stable_diffusion import (
 from minildm.pipelines.vq_diffusion import VQDiffusionPipeline
 
 __all__ = [
+    "AttentionMaps",
     "LDMPipeline",
     "LDMTextToImagePipeline",
     "PipelineOutput",
@@ -20,4 +22,5 @@ __all__ = [
     "StableDiffusionOutput",
     "StableDiffusionPipeline",
     "VQDiffusionPipeline",
+    "attention_maps",
 ]
