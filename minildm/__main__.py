@@ -246,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_trace_commands(commands, defaults, common)
 
+    explore = commands.add_parser(
+        "explore",
+        help="a live explorer in the browser: the image building up, a step scrubber, per-word "
+        "attention maps, image-to-image and inpainting, on the CPU",
+        formatter_class=defaults,
+        parents=[common],
+    )
+    explore.add_argument("--port", type=int, default=8765, help="0: any free port")
+    explore.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (others reach it only if set)"
+    )
+    explore.add_argument(
+        "--weights",
+        action="append",
+        metavar="SYSTEM=FOLDER",
+        help="official weights for a system, e.g. sd=weights/stable-diffusion-v1-4 (repeatable; "
+        "default: the embedded tiny models)",
+    )
+
     tokenize = commands.add_parser(
         "tokenize", help="print the 77 token ids a text encoder would see", parents=[common]
     )
@@ -306,6 +325,10 @@ def run(args, parser) -> int:
         from minildm.tools.trace import main_compare
 
         return main_compare(args)
+    elif args.command == "explore":
+        from minildm.tools.explore import main_explore
+
+        main_explore(args)
     elif args.command == "tokenize":
         check_utf8(args.prompt, "prompt")
         print_tokens(args.prompt, args.bert)
