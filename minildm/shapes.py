@@ -67,10 +67,29 @@ HELD_OUT = (
 # templates.
 AREA_PER_R2 = {"circle": np.pi, "square": 4.0, "triangle": np.sqrt(3.0)}
 
+# The world's extension, for fine-tuning: a colour and a shape the embedded models never saw. They
+# are drawn and read like the others, but take no part in all_triples, training_triples or
+# VOCABULARY, so the shipped models' training data and scores stay as they were; the scorer reads
+# them only when asked (extended=True). Pink is far from every palette colour (126 from purple, the
+# nearest); the star's five points make it overlap no other template well.
+NEW_COLOURS = {"pink": (250, 110, 190)}
+NEW_SHAPES = ("star",)
+STAR_INNER = 0.45  # the star's inner radius over its outer one (r)
+# ten triangles (centre, a point, the next notch), each 1/2 r (STAR_INNER r) sin(36 degrees)
+AREA_PER_R2["star"] = 5 * STAR_INNER * np.sin(np.pi / 5)
+COLOURS = {**PALETTE, **NEW_COLOURS}  # every colour a shape can be drawn in
+
 
 def all_triples() -> list:
     """Every (colour, shape, background) the world can draw: 6 x 3 x 8 = 144."""
     return [(c, s, b) for c in SHAPE_COLOURS for s in SHAPES for b in BACKGROUNDS if b != c]
+
+
+def extended_triples() -> list:
+    """Every (colour, shape, background) of the world and its extension: 6 x 4 x 8 + 4 x 9 = 228
+    (pink is a shape's colour only, never a background, so it goes on all nine)."""
+    colours, kinds = SHAPE_COLOURS + tuple(NEW_COLOURS), SHAPES + NEW_SHAPES
+    return [(c, s, b) for c in colours for s in kinds for b in BACKGROUNDS if b != c]
 
 
 def training_triples() -> list:
@@ -126,17 +145,27 @@ def triangle_vertices(cx: float, cy: float, r: float) -> list:
     return [(cx, cy - 2 * height / 3), (cx - r, cy + height / 3), (cx + r, cy + height / 3)]
 
 
+def star_vertices(cx: float, cy: float, r: float) -> list:
+    """Five points at radius r, the first straight up, and the notches between them at
+    STAR_INNER r: ten vertices, centroid at (cx, cy)."""
+    angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, r, STAR_INNER * r)
+    return [(cx + d * np.cos(a), cy + d * np.sin(a)) for d, a in zip(radii, angles, strict=True)]
+
+
 def draw(colour: str, shape: str, background: str, cx: float, cy: float, r: float) -> np.ndarray:
-    """One image, (64, 64, 3) uint8: the shape centred at (cx, cy) with half-width r, in pixels."""
+    """One image, (64, 64, 3) uint8: the shape centred at (cx, cy) with half-width r, in pixels.
+    The extension's pink and star draw too."""
+    colours, kinds = SHAPE_COLOURS + tuple(NEW_COLOURS), SHAPES + NEW_SHAPES
     if (
-        colour not in SHAPE_COLOURS
-        or shape not in SHAPES
+        colour not in colours
+        or shape not in kinds
         or background not in PALETTE
         or background == colour
     ):
         raise ValueError(
-            f"not a drawable scene: colour {colour!r} (one of {SHAPE_COLOURS}), shape {shape!r} "
-            f"(one of {SHAPES}), background {background!r} "
+            f"not a drawable scene: colour {colour!r} (one of {colours}), shape {shape!r} "
+            f"(one of {kinds}), background {background!r} "
             f"(one of {BACKGROUNDS}, not the shape's colour)"
         )
     s = SUPERSAMPLE
@@ -146,12 +175,15 @@ def draw(colour: str, shape: str, background: str, cx: float, cy: float, r: floa
     x = (cx + 0.5) * s
     y = (cy + 0.5) * s
     half = r * s
+    fill = COLOURS[colour]
     if shape == "circle":
-        pen.ellipse([x - half, y - half, x + half, y + half], fill=PALETTE[colour])
+        pen.ellipse([x - half, y - half, x + half, y + half], fill=fill)
     elif shape == "square":
-        pen.rectangle([x - half, y - half, x + half, y + half], fill=PALETTE[colour])
+        pen.rectangle([x - half, y - half, x + half, y + half], fill=fill)
+    elif shape == "star":
+        pen.polygon(star_vertices(x, y, half), fill=fill)
     else:
-        pen.polygon(triangle_vertices(x, y, half), fill=PALETTE[colour])
+        pen.polygon(triangle_vertices(x, y, half), fill=fill)
     return np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX))
 
 
@@ -184,12 +216,13 @@ def make_dataset(n: int, seed: int, triples: list | None = None):
     return np.stack([draw_scene(s) for s in scenes]), scenes
 
 
-def every_combination(per_combination: int, seed: int):
-    """Fresh drawings of every (colour, shape, background), held-out triples included, in every
-    position, jitter and radius random: (n, 64, 64, 3) uint8 images and their scenes."""
+def every_combination(per_combination: int, seed: int, extended: bool = False):
+    """Fresh drawings of every (colour, shape, background), held-out triples included (and the
+    extension's with extended=True), in every position, jitter and radius random:
+    (n, 64, 64, 3) uint8 images and their scenes."""
     rng = np.random.default_rng(seed)
     scenes = []
-    for triple in all_triples():
+    for triple in extended_triples() if extended else all_triples():
         for position in POSITIONS:
             for _ in range(per_combination):
                 scene = sample_scene(rng, [triple])
@@ -205,7 +238,7 @@ def every_combination(per_combination: int, seed: int):
 
 def _nearest(colour: np.ndarray, names) -> str:
     distances = [
-        np.sum((colour - np.array(PALETTE[name], dtype=np.float64)) ** 2) for name in names
+        np.sum((colour - np.array(COLOURS[name], dtype=np.float64)) ** 2) for name in names
     ]
     return names[int(np.argmin(distances))]
 
@@ -218,6 +251,14 @@ def _template(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
     if shape == "square":
         return (np.abs(xs - cx) <= r) & (np.abs(ys - cy) <= r)
+    if shape == "star":  # inside the ten-sided polygon: an odd number of edges to the right
+        inside = np.zeros((SIZE, SIZE), dtype=bool)
+        vertices = star_vertices(cx, cy, r)
+        for (x0, y0), (x1, y1) in zip(vertices, vertices[1:] + vertices[:1], strict=True):
+            crosses = (y0 > ys) != (y1 > ys)
+            x_at = x0 + (ys - y0) * (x1 - x0) / (y1 - y0 + 1e-12)
+            inside ^= crosses & (xs < x_at)
+        return inside
     height = np.sqrt(3.0) * r
     top, base = cy - 2 * height / 3, cy + height / 3
     # inside: below the apex line pair and above the base; half-width grows linearly from the apex
@@ -225,12 +266,13 @@ def _template(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     return (ys >= top) & (ys <= base) & (np.abs(xs - cx) <= half_width)
 
 
-def read_image(image: np.ndarray) -> dict:
-    """Attributes read back from one image (64, 64, 3) uint8: colour, shape, background, position.
+def read_image(image: np.ndarray, extended: bool = False) -> dict:
+    """Attributes read back from one image (64, 64, 3) uint8: colour, shape, background, position;
+    with extended=True pink and the star are among the answers.
 
     Any attribute that cannot be read (no shape found) is None, which never matches a caption.
     """
-    return _read(image)[0]
+    return _read(image, extended)[0]
 
 
 def shape_mask(image: np.ndarray) -> np.ndarray | None:
@@ -262,26 +304,27 @@ def _segment(image: np.ndarray):
     return mask, shape_rgb, background_rgb
 
 
-def _read(image: np.ndarray):
+def _read(image: np.ndarray, extended: bool = False):
     """-> (the attributes, the best template's intersection over union, the distance of the
     shape's median colour to the nearest shape colour)."""
     mask, shape_rgb, background_rgb = _segment(image)
     background = _nearest(background_rgb, BACKGROUNDS)
     if mask is None:
         return dict(colour=None, shape=None, background=background, position=None), 0.0, np.inf
-    colour = _nearest(shape_rgb, SHAPE_COLOURS)
+    colour = _nearest(shape_rgb, SHAPE_COLOURS + (tuple(NEW_COLOURS) if extended else ()))
     ys, xs = np.nonzero(mask)
     cx = xs.mean()
     cy = ys.mean()
     area = float(mask.sum())
     position = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - cx))
     overlaps = {}
-    for shape, k in AREA_PER_R2.items():
+    for shape in SHAPES + (NEW_SHAPES if extended else ()):
+        k = AREA_PER_R2[shape]
         template = _template(shape, cx, cy, np.sqrt(area / k))
         overlaps[shape] = (template & mask).sum() / (template | mask).sum()  # intersection / union
     shape = max(overlaps, key=overlaps.get)
     read = dict(colour=colour, shape=shape, background=background, position=position)
-    colour_error = float(np.linalg.norm(shape_rgb - np.array(PALETTE[colour])))
+    colour_error = float(np.linalg.norm(shape_rgb - np.array(COLOURS[colour])))
     return read, float(overlaps[shape]), colour_error
 
 
@@ -308,13 +351,14 @@ def read_scene(image: np.ndarray) -> dict | None:
 ATTRIBUTES = ("colour", "shape", "background", "position")
 
 
-def score(images: np.ndarray, scenes: list) -> dict:
-    """Fraction of images whose read attributes match their scenes': per attribute and all four."""
+def score(images: np.ndarray, scenes: list, extended: bool = False) -> dict:
+    """Fraction of images whose read attributes match their scenes': per attribute and all four
+    (reading pink and the star too with extended=True)."""
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
     hits = {name: 0 for name in ATTRIBUTES + ("all",)}
     for image, scene in zip(images, scenes, strict=True):
-        read = read_image(image)
+        read = read_image(image, extended)
         right = [read[name] == scene[name] for name in ATTRIBUTES]
         for name, ok in zip(ATTRIBUTES, right, strict=True):
             hits[name] += ok

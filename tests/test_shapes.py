@@ -142,3 +142,27 @@ def test_vocabulary_is_the_words_of_the_captions():
         "in",
         "centre",
     ]
+
+
+def test_the_fine_tuning_extension_is_drawn_and_read_like_the_world():
+    """Pink and the star (what fine-tuning teaches; the embedded models never saw them): fresh
+    drawings of all 228 extended combinations in every position read right at least 99% of the
+    time per attribute; they take no part in the training triples or the vocabulary; the default
+    scorer never answers pink or star."""
+    assert len(shapes.extended_triples()) == 6 * 4 * 8 + 4 * 9  # pink on any of the nine
+    assert set(shapes.all_triples()) < set(shapes.extended_triples())
+    assert not {"pink", "star"} & shapes.VOCABULARY
+    assert all("pink" not in t and "star" not in t for t in shapes.training_triples())
+    images, scenes = shapes.every_combination(per_combination=2, seed=11, extended=True)
+    scores = shapes.score(images, scenes, extended=True)
+    print(shapes.format_scores(f"{len(images)} extended drawings", scores))
+    assert min(scores.values()) >= 0.99
+    new = [i for i, s in enumerate(scenes) if s["colour"] == "pink" or s["shape"] == "star"]
+    new_scores = shapes.score(images[new], [scenes[i] for i in new], extended=True)
+    print(shapes.format_scores(f"{len(new)} with pink or a star", new_scores))
+    assert min(new_scores.values()) >= 0.99
+    star = shapes.draw("pink", "star", "white", 32, 32, 14)
+    read = shapes.read_image(star, extended=True)
+    assert (read["colour"], read["shape"]) == ("pink", "star")
+    old_reading = shapes.read_image(star)  # the default scorer knows only the world's own
+    assert old_reading["colour"] != "pink" and old_reading["shape"] != "star"
