@@ -368,3 +368,27 @@ def test_every_system_and_mode_streams_its_steps(server):
                 generator=torch.Generator().manual_seed(0),
             ).images[0]
             assert np.array_equal(decode(result["image"]), np.asarray(expected))
+
+
+def test_an_error_after_the_first_step_ends_the_stream_with_its_message(server, monkeypatch):
+    """A failure mid-run (here the decoder, at the third step's picture) is the stream's last line,
+    not a silently cut answer; the server serves the next request."""
+    from minildm.tools import explore
+
+    calls = []
+    real = explore.to_pixels
+
+    def failing(images):
+        calls.append(1)
+        if len(calls) > 4:  # two pictures per step: fail in step 3
+            raise RuntimeError("decoder broke")
+        return real(images)
+
+    monkeypatch.setattr(explore, "to_pixels", failing)
+    status, lines = generate(server, {"system": "sd", "prompt": "a red circle", "steps": 6})
+    print(f"{status}: {len(lines)} lines, last {lines[-1]}")
+    assert status == 200 and len([line for line in lines if "step" in line]) == 2
+    assert "internal error: RuntimeError: decoder broke" in lines[-1]["error"]
+    monkeypatch.undo()
+    status, lines = generate(server, {"system": "sd", "prompt": "a red circle", "steps": 2})
+    assert status == 200 and lines[-1].get("done")

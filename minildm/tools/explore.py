@@ -417,17 +417,21 @@ class Handler(BaseHTTPRequestHandler):
         except ClientGone:
             return
         except (ValueError, FloatingPointError) as error:  # the pipelines' own checks
-            if started:
-                try:
-                    send({"error": str(error)})
-                except ClientGone:
-                    pass
-            else:
-                self.answer(HTTPStatus.BAD_REQUEST, {"error": str(error)})
+            self.fail(started, HTTPStatus.BAD_REQUEST, str(error), send)
         except Exception as error:  # noqa: BLE001 - a bug: say so, keep serving
             message = f"internal error: {type(error).__name__}: {error} (a bug in minildm)"
-            if not started:
-                self.answer(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message})
+            self.fail(started, HTTPStatus.INTERNAL_SERVER_ERROR, message, send)
+
+    def fail(self, started: list, status: HTTPStatus, message: str, send):
+        """The error as the answer, or, once steps were streamed, as the stream's last line (the
+        page shows either)."""
+        if not started:
+            self.answer(status, {"error": message})
+            return
+        try:
+            send({"error": message})
+        except ClientGone:
+            pass
 
 
 def make_server(host: str, port: int, weights: dict) -> ThreadingHTTPServer:
