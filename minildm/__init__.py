@@ -14,7 +14,9 @@ from minildm.autoencoder import (
     AutoencoderKL,
     VQModel,
 )
+from minildm.checkpoints.embeddings import read_embedding, write_embedding
 from minildm.checkpoints.load import load_component
+from minildm.checkpoints.lora import apply_lora, read_lora, write_lora
 from minildm.checkpoints.weights import (
     CheckpointError,
     read_state_dict,
@@ -112,6 +114,12 @@ __all__ = [
     "load_component",
     "read_state_dict",
     "CheckpointError",
+    # LoRA and textual-inversion files (the pipelines' load_lora and load_embedding read them)
+    "read_lora",
+    "apply_lora",
+    "write_lora",
+    "read_embedding",
+    "write_embedding",
     "TINY_SD",
     "TINY_LDM",
     "TINY_LDM_UNCOND",

@@ -111,12 +111,14 @@ class OneDNNConv2d(nn.Conv2d):
 
 class FusedGEGLU(GEGLU):
     """GEGLU (value * gelu(gate), [value, gate] = x W^T + b, then the output layer) with the gelu
-    fused into the gate's product and the multiply into the value's."""
+    fused into the gate's product and the multiply into the value's. When `proj` is no longer a
+    plain linear layer (a LoRA adapts it: a `minildm.lora.LoRALayer`), the unfused GEGLU runs, so
+    that the update is applied."""
 
     def forward(self, x):
-        weight, bias = self.proj.weight, self.proj.bias
-        if not onednn_runs(x, weight):
+        if not isinstance(self.proj, nn.Linear) or not onednn_runs(x, self.proj.weight):
             return super().forward(x)
+        weight, bias = self.proj.weight, self.proj.bias
         half = weight.shape[0] // 2  # rows [0, 4C) give the value, [4C, 8C) the gate: .chunk(2)
         # "none": gelu with erf, F.gelu's default
         gate = torch.ops.mkldnn._linear_pointwise(x, weight[half:], bias[half:], "gelu", [], "none")

@@ -79,6 +79,27 @@ STAR_INNER = 0.45  # the star's inner radius over its outer one (r)
 AREA_PER_R2["star"] = 5 * STAR_INNER * np.sin(np.pi / 5)
 COLOURS = {**PALETTE, **NEW_COLOURS}  # every colour a shape can be drawn in
 
+# What fine-tuning is scored on, never shown while it learns (minildm/train/finetune.py): pink
+# shapes on these (shape, background) pairs, and stars in these (colour, background) pairs.
+PINK_HELD_OUT = (
+    ("circle", "blue"),
+    ("square", "black"),
+    ("triangle", "green"),
+    ("circle", "white"),
+    ("square", "yellow"),
+    ("triangle", "gray"),
+)
+STAR_HELD_OUT = (
+    ("red", "star", "blue"),
+    ("green", "star", "white"),
+    ("blue", "star", "orange"),
+    ("yellow", "star", "purple"),
+    ("purple", "star", "yellow"),
+    ("orange", "star", "black"),
+    ("red", "star", "gray"),
+    ("blue", "star", "green"),
+)
+
 
 def all_triples() -> list:
     """Every (colour, shape, background) the world can draw: 6 x 3 x 8 = 144."""

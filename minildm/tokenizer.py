@@ -21,6 +21,7 @@ names the text that was cut off.
 import gzip
 import importlib.resources
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -169,6 +170,46 @@ class CLIPTokenizer:
         # the reference we keep (docs/parity/tokenizers.md, "VQ-Diffusion pads with !").
         tok.add_special_tokens(list(dict.fromkeys([self.START, self.END, pad_token])))
         self._tokenizer = tok
+        self.added = {}  # whole-word tokens added after the vocabulary (add_tokens): {token: id}
+
+    def add_tokens(self, tokens: list) -> list:
+        """Add whole-word tokens, such as a textual-inversion placeholder "<pink>", with the next
+        free ids; each is matched in the (lower-cased) text before BPE splits it. -> their ids.
+
+        A placeholder with several vectors is added as "<pink>", "<pink>_1", ...; a prompt's
+        "<pink>" then stands for all of them, in order, as in diffusers (`maybe_convert_prompt`)
+        and AUTOMATIC1111's web UI."""
+        for token in tokens:
+            taken = [t for t in (token, token + "</w>") if t in self.vocab or t in self.added]
+            if taken:
+                raise ValueError(
+                    f"the token {token!r} is already in the vocabulary (as {taken[0]!r}): a "
+                    "placeholder must be a new word; choose another, such as '<my-concept>'"
+                )
+            if token != token.lower() or not token.strip() or token != token.strip():
+                raise ValueError(
+                    f"the token {token!r} must be lower-case, without surrounding spaces: the "
+                    "tokenizer lower-cases prompts before it looks for added tokens"
+                )
+        start = len(self.vocab) + len(self.added)
+        self._tokenizer.add_tokens(list(tokens))
+        ids = [self._tokenizer.token_to_id(token) for token in tokens]
+        assert ids == list(range(start, start + len(tokens))), ids
+        self.added.update(zip(tokens, ids))
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.vocab) + len(self.added)
+
+    def expand_placeholders(self, text: str) -> str:
+        """ "<pink>" -> "<pink> <pink>_1 <pink>_2" for a placeholder added with three vectors."""
+        for token in self.added:
+            names = [token]
+            while f"{token}_{len(names)}" in self.added:
+                names.append(f"{token}_{len(names)}")
+            if len(names) > 1:  # "<pink>" alone, not the "<pink>" inside "<pink>_1"
+                text = re.sub(re.escape(token) + r"(?!_\d)", " ".join(names), text)
+        return text
 
     @staticmethod
     def _vocab_from_bpe_file(path: Path):
@@ -211,13 +252,13 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list:
         """Token ids of one text with the start and end tokens, neither padded nor truncated."""
         _as_prompt_list(text)  # the same checks (a str, valid Unicode) as for a call
-        return self._tokenizer.encode(text).ids
+        return self._tokenizer.encode(self.expand_placeholders(text)).ids
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids)).replace("</w>", " ").strip()
 
     def __call__(self, prompts) -> torch.Tensor:
-        prompts = _as_prompt_list(prompts)
+        prompts = [self.expand_placeholders(p) for p in _as_prompt_list(prompts)]
         return _pad_and_truncate(
             self._tokenizer.encode_batch(prompts), prompts, self.max_length, self.pad_id
         )  # (B, 77)

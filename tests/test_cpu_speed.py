@@ -79,6 +79,28 @@ def test_fused_geglu_equals_geglu():
     assert isinstance(fast, FusedGEGLU) and error < 1e-5
 
 
+def test_fused_geglu_applies_a_lora_on_its_projection():
+    """A LoRA on ff.proj (kohya files adapt ff.net.0.proj) wraps the layer: the fused path, which
+    reads proj.weight directly, must step aside and let the update act."""
+    from minildm.lora import add_lora
+
+    torch.manual_seed(0)
+    plain = GEGLU(64)
+    fast = sped_up_copy(plain)
+    x = torch.randn(2, 50, 64)
+    with torch.inference_mode():
+        before = fast(x)
+    for model in (plain, fast):
+        torch.manual_seed(1)  # the same random A and B in both
+        nn.init.normal_(add_lora(model, ["proj"], rank=4)["proj"].up.weight)
+    with torch.inference_mode():
+        expected, got = plain(x), fast(x)
+    error = relative_error(got, expected)
+    print(f"FusedGEGLU with a LoRA on proj: max relative error {error:.1e} (tolerance 1e-5)")
+    assert isinstance(fast, FusedGEGLU) and error < 1e-5
+    assert relative_error(before, expected) > 1e-2  # the update does change the output
+
+
 def test_training_takes_the_plain_path_with_the_same_gradients():
     """With autograd on, the sped-up modules run PyTorch's own ops: bit-equal outputs and
     gradients (oneDNN's pointwise ops have no backward)."""

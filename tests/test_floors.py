@@ -3,9 +3,9 @@ imports included): files stand on floors and import only from their own floor or
 files import nothing from minildm but `layers` (the safety checker also `clip`) and no library but
 torch, and no chain of imports comes back to where it started.
 
-Floors, from the ground: (1) layers, tokenizer, shapes; (2) the model files and schedulers/;
-(3) cpu_speed; (4) checkpoints/; (5) pipelines/ and the package's public names (__init__);
-(6) train/; (7) tools/; (8) __main__."""
+Floors, from the ground: (1) layers, tokenizer, shapes; (2) the model files and schedulers/, and
+lora and textual_inversion, the concepts that adapt the models; (3) cpu_speed; (4) checkpoints/;
+(5) pipelines/ and the package's public names (__init__); (6) train/; (7) tools/; (8) __main__."""
 
 import ast
 import sys
@@ -33,6 +33,8 @@ def floor(module: str) -> int:
     if top in ("layers", "tokenizer", "shapes"):
         return 1
     if top in MODEL_FILES or top == "schedulers":
+        return 2
+    if top in ("lora", "textual_inversion"):  # concepts that adapt the models: floor 2 beside them
         return 2
     if top == "cpu_speed":
         return 3

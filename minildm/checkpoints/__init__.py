@@ -27,6 +27,10 @@ model on the meta device, loads strictly, and hands it to cpu_speed's `speed_up`
     checkpoints/load.py      `load_component(folder)`: config.json's class -> the loader above;
                              tokenizers, schedulers, `split_stable_diffusion_checkpoint`
     checkpoints/download.py  weights_manifest.txt's files, fetched, resumed and verified
+    checkpoints/lora.py      LoRA files (diffusers/PEFT and kohya-ss layouts) <-> the updates of
+                             minildm/lora.py: `read_lora`, `apply_lora`, `write_lora`
+    checkpoints/embeddings.py  textual-inversion files (diffusers, AUTOMATIC1111, kohya-ss):
+                             `read_embedding`, `write_embedding`
 
 How names correspond, minildm <-> diffusers / transformers <-> the original repository (produced
 by the functions named; `model.diffusion_model.`, `first_stage_model.` and

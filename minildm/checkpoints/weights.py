@@ -159,10 +159,23 @@ _ALLOWED_CHECKPOINT_GLOBALS = [
 ]
 
 
-def _read_pickle(path: Path):
+def read_pickle(path, stand_ins: list = ()):
+    """The object a `.pt`/`.bin`/`.ckpt` pickle holds, whatever it is (a training checkpoint, an
+    embedding file's dict of names, steps and tensors), read as `read_state_dict` reads one:
+    `torch.load(weights_only=True)`, with CompVis' bookkeeping bound to an inert stand-in, and
+    `stand_ins` [(class, "module.Global")] binding more globals by exact name to classes of the
+    caller's (checkpoints/embeddings.py: the ParameterDict of 2022 textual-inversion files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    return _read_pickle(path, list(stand_ins))
+
+
+def _read_pickle(path: Path, extra_stand_ins: list = ()):
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): delete it and download it again")
     stand_ins = [(_InertStandIn, name) for name in _ALLOWED_CHECKPOINT_GLOBALS]
+    stand_ins += list(extra_stand_ins)
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))

@@ -15,15 +15,19 @@ The safety checker, when the folder has one, only reports: `nsfw_content_detecte
 image, and minildm never replaces an image by a black one.
 """
 
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from minildm import lora
 from minildm.autoencoder import KL_F8
 from minildm.checkpoints.autoencoder import load_autoencoder
 from minildm.checkpoints.clip import load_clip_text_model
+from minildm.checkpoints.embeddings import read_embedding
 from minildm.checkpoints.load import (
     load_component,
     load_scheduler,
@@ -31,6 +35,7 @@ from minildm.checkpoints.load import (
     read_model_index,
     split_stable_diffusion_checkpoint,
 )
+from minildm.checkpoints.lora import LoRAFile, apply_lora
 from minildm.checkpoints.unet import load_unet
 from minildm.checkpoints.weights import read_state_dict, resolve_folder
 from minildm.clip import CLIP_VIT_L_14
@@ -55,6 +60,7 @@ from minildm.pipelines.common import (
     step_options,
 )
 from minildm.schedulers import DDIMInverseScheduler, DDIMScheduler, PNDMScheduler
+from minildm.textual_inversion import add_placeholder
 from minildm.tokenizer import CLIPTokenizer
 from minildm.unet import SD_V1
 
@@ -441,6 +447,69 @@ class StableDiffusionPipeline:
         check_negative_prompt(negative_prompt, len(prompts), guidance_scale)
         check_sampler(self.scheduler)
         return prompts
+
+    # --- LoRA and textual inversion: what fine-tuning adds, from files -------------------------
+    # checkpoints/lora.py and checkpoints/embeddings.py read the files; minildm/lora.py and
+    # minildm/textual_inversion.py hold the math.
+
+    def load_lora(self, path, *, scale: float = 1.0, adapter_name: str | None = None) -> str:
+        """Add the LoRA in `path` (a diffusers/PEFT or kohya-ss file, or what `read_lora` made of
+        one) to the UNet and the text encoder, unfused, at `scale` (0: off, 1: as trained).
+        Several may be loaded, each under its own name with its own scale. -> the adapter's name
+        (by default the file's stem). Nothing changes when the file is refused. diffusers:
+        `load_lora_weights`."""
+        if adapter_name is None:
+            stem = Path(path.path if isinstance(path, LoRAFile) else path).stem
+            adapter_name = re.sub(r"\W", "_", stem)
+        apply_lora(self.unet, self.text_encoder, path, scale=scale, adapter=adapter_name)
+        return adapter_name
+
+    def set_lora_scale(self, adapter_name: str, scale: float):
+        """The weight of one loaded (unfused) LoRA from now on. diffusers:
+        `set_adapters([adapter_name], adapter_weights=[scale])`."""
+        loaded = self.lora_names()
+        if adapter_name not in loaded:
+            raise ValueError(
+                f"no unfused LoRA called {adapter_name!r} is loaded (loaded: {loaded or 'none'}; "
+                "a fused LoRA is part of the weights and keeps the scale it was fused at)"
+            )
+        if not is_number(scale) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        for model in (self.unet, self.text_encoder):
+            lora.set_lora_scale(model, adapter_name, scale)
+
+    def lora_names(self) -> list:
+        """The names of the unfused LoRAs loaded, sorted."""
+        names = set()
+        for model in (self.unet, self.text_encoder):
+            for layer in lora.lora_layers(model).values():
+                names.update(layer.updates)
+        return sorted(names)
+
+    def fuse_lora(self):
+        """Write every loaded LoRA, at its scale, into the weights: no cost per step from now on,
+        and no way back short of loading the model again. diffusers: `fuse_lora`."""
+        for model in (self.unet, self.text_encoder):
+            lora.fuse_lora(model)
+
+    def unload_lora(self):
+        """Take every unfused LoRA out: the UNet and text encoder as they were loaded (fused ones
+        stay). diffusers: `unload_lora_weights`."""
+        for model in (self.unet, self.text_encoder):
+            lora.remove_lora(model)
+
+    def load_embedding(self, path, token: str | None = None) -> str:
+        """Add the textual-inversion embedding in `path` (diffusers, AUTOMATIC1111 or kohya-ss
+        file) as a new token, by default the one the file names. -> the token to write in
+        prompts. diffusers: `load_textual_inversion`."""
+        token, vectors = read_embedding(path, token)
+        add_placeholder(self.tokenizer, self.text_encoder, token, vectors)
+        return token
+
+    # diffusers' names for the same calls, so that code written for one reads on the other
+    load_lora_weights = load_lora
+    unload_lora_weights = unload_lora
+    load_textual_inversion = load_embedding
 
 
 def check_negative_prompt(negative_prompt, count: int, guidance_scale: float):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minildm import shapes
+from minildm.checkpoints.embeddings import read_embedding
 from minildm.checkpoints.files import check_writable_folder, claim_files, write_file
 from minildm.checkpoints.load import (
     build_scheduler,
@@ -30,6 +31,7 @@ from minildm.checkpoints.load import (
     read_scheduler_config,
     translated,
 )
+from minildm.checkpoints.lora import read_lora
 from minildm.checkpoints.weights import resolve_folder, usable_device
 from minildm.cpu_speed import warn_if_slow_precision
 from minildm.pipelines.common import image_array
@@ -184,6 +186,39 @@ def check_generation_arguments(args):
     check_device(args.device)
     warn_if_slow_precision(DTYPES[args.dtype], args.device)
     check_output_folder(Path(args.out))
+    args.loras = [lora_argument(text) for text in getattr(args, "lora", None) or []]
+    args.embeddings = [embedding_argument(text) for text in getattr(args, "embedding", None) or []]
+
+
+def lora_argument(text: str) -> tuple:
+    """--lora FILE[:SCALE] -> (file, scale): the part after the last colon is a scale if it reads
+    as a number (a file name may hold colons too). The file is read and checked now, before any
+    weights load."""
+    path, scale = text, 1.0
+    head, _, tail = text.rpartition(":")
+    if head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale}")
+    if not Path(path).is_file():
+        raise ValueError(
+            f"--lora {path}: no such file (FILE or FILE:SCALE, e.g. star.safetensors:0.8)"
+        )
+    return read_lora(path), scale
+
+
+def embedding_argument(text: str) -> tuple:
+    """--embedding FILE[:TOKEN] -> (file, token or None), read and checked now."""
+    path, token = text, None
+    if not Path(text).is_file() and ":" in text:
+        path, _, token = text.rpartition(":")
+    if not Path(path).is_file():
+        raise ValueError(f"--embedding {path}: no such file (FILE or FILE:TOKEN)")
+    read_embedding(path, token)  # refuses a damaged or ambiguous file before the model loads
+    return path, token
 
 
 def check_utf8(text: str | None, option: str):
@@ -426,6 +461,11 @@ def load_pipeline(args, scheduler):
         }[args.command]
         pipe = cls.from_pretrained(args.weights, device=args.device, dtype=dtype)
     pipe.scheduler = scheduler
+    for path, token in getattr(args, "embeddings", []):
+        print(f"embedding {path}: {pipe.load_embedding(path, token)!r}")
+    for lora, scale in getattr(args, "loras", []):
+        name = pipe.load_lora(lora.path, scale=scale)
+        print(f"LoRA {lora.path}: {name!r} at scale {scale:g}")
     return pipe
 
 

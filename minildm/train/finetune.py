@@ -1,0 +1,279 @@
+"""Fine-tuning a trained text-to-image model on a few pictures, on a CPU in minutes: textual
+inversion (a new word, minildm/textual_inversion.py) and LoRA (low-rank updates of the attention
+projections, minildm/lora.py). Both lower the loss that trained the model (Ho et al. 2020,
+arXiv:2006.11239, eq. 14) with the model frozen and only the new parameters learning:
+
+    x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,     loss = || eps - unet(x_t, t, text) ||^2
+
+Three things make it work on the tiny SD and the shapes world (minildm/shapes.py):
+
+- The latents. The tiny autoencoder learned from the world's nine colours and three shapes; its
+  encoder misreads what it never saw (pink comes back red or yellow, a star comes back a circle),
+  though its decoder can draw both. So the latents x_0 fine-tuning learns from are found by
+  inverting the decoder: start from the encoder's guess and descend || decode(z) - x ||^2 in z
+  (`fit_latents`). SD's autoencoder saw the whole internet's pictures and needs no such step.
+- Textual inversion starts the new vector from a word near the concept (Gal et al. 2022,
+  arXiv:2208.01618, section 4: "initialized with ... a single-word coarse descriptor"): "<pink>"
+  starts as "red". Only that row of the embedding table learns.
+- LoRA keeps what the model knew by prior preservation (Ruiz et al. 2022, "DreamBooth",
+  arXiv:2208.12242, eq. 2): half of each batch is drawn from the world the model was trained on,
+  with its own captions, so the updates learn "star" without unlearning "circle".
+
+`world_examples` gives the drawings and captions of a world extension ("pink", "star");
+`finetune_scores` scores a pipeline on what fine-tuning never saw.
+"""
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minildm import shapes
+from minildm.lora import add_lora, attention_projections
+from minildm.textual_inversion import add_placeholder
+from minildm.train.evaluate import generate
+from minildm.train.loop import learning_rate, to_model_input
+
+# --- the data -------------------------------------------------------------------------------------
+
+WORLDS = ("pink", "star")
+PINK_TOKEN = "<pink>"
+
+
+def world_examples(world: str, count: int, seed: int = 0):
+    """`count` drawings of a world extension and their captions, never from its held-out set:
+    pink shapes ("a <pink> square on a gray background", the colour named by the placeholder)
+    or stars ("a red star on the left side of a blue background"). -> (images (N, 64, 64, 3)
+    uint8, captions, scenes). Every (triple, position) is drawn once before any twice."""
+    if world == "pink":
+        held_out = {("pink", s, b) for s, b in shapes.PINK_HELD_OUT}
+        triples = [t for t in shapes.extended_triples() if t[0] == "pink" and t[1] != "star"]
+    elif world == "star":
+        held_out = set(shapes.STAR_HELD_OUT)
+        triples = [t for t in shapes.extended_triples() if t[1] == "star" and t[0] != "pink"]
+    else:
+        raise ValueError(f"unknown world {world!r}: expected one of {', '.join(WORLDS)}")
+    triples = [t for t in triples if t not in held_out]
+    rng = np.random.default_rng(seed)
+    cells = [(t, p) for t in triples for p in shapes.POSITIONS]
+    order = np.concatenate([rng.permutation(len(cells)) for _ in range(-(-count // len(cells)))])
+    scenes = []
+    for index in order[:count]:
+        triple, position = cells[index]
+        scene = shapes.sample_scene(rng, [triple])
+        scene.update(position=position, cx=shapes.POSITIONS[position] + rng.uniform(-2, 2))
+        scenes.append(scene)
+    images = np.stack([shapes.draw_scene(s) for s in scenes])
+    named = PINK_TOKEN if world == "pink" else None
+    captions = [
+        shapes.caption(named or s["colour"], s["shape"], s["background"], s["position"])
+        for s in scenes
+    ]
+    return images, captions, scenes
+
+
+def fit_latents(vae, images: np.ndarray, steps: int = 100, lr: float = 0.1) -> torch.Tensor:
+    """Latents that the decoder turns into `images` (N, 64, 64, 3) uint8: the encoder's means,
+    then `steps` of Adam on the squared pixel error of decode(z). -> (N, 4, 8, 8), scaled by the
+    autoencoder's scaling factor as the UNet sees them."""
+    x = to_model_input(torch.from_numpy(images))  # (N, 3, 64, 64) in [-1, 1], channels-last
+    with torch.no_grad():
+        z, _ = vae.encode(x)  # (N, 4, 8, 8)
+    # channels-last, as the decoder's convolutions run fastest on a CPU (train/loop.py)
+    z = z.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    frozen = [p.requires_grad for p in vae.parameters()]
+    vae.requires_grad_(False)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        loss = F.mse_loss(vae.decode(z), x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for p, wanted in zip(vae.parameters(), frozen, strict=True):
+        p.requires_grad_(wanted)
+    return z.detach() * vae.config.scaling_factor
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def noise_prediction_loss(pipe, latents, ids, alphas_cumprod, generator):
+    """eq. 14 on one batch of latents (B, 4, 8, 8) and caption ids (B, L)."""
+    B = len(latents)
+    t = torch.randint(0, len(alphas_cumprod), (B,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    a = alphas_cumprod[t].view(B, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # eq. 4
+    return F.mse_loss(pipe.unet(noisy, t, pipe.text_encoder(ids)), noise)
+
+
+def optimise(params, batch_loss, seconds: float, lr: float, max_steps: int | None, seed: int):
+    """AdamW on `params` for `seconds` (or `max_steps`), the learning rate warmed up over 20 steps
+    then cosine-decayed over the time (train/loop.py's schedule). -> the losses, one per step."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses, start = [], time.perf_counter()
+    step = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds or (max_steps is not None and step >= max_steps):
+            break
+        fraction = elapsed / seconds if max_steps is None else step / max_steps
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(lr, fraction, step, warmup_steps=20)
+        loss = batch_loss(generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+    return losses
+
+
+def frozen(pipe):
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
+
+
+def textual_inversion(
+    pipe,
+    latents: torch.Tensor,
+    captions: list,
+    token: str = PINK_TOKEN,
+    init_word: str = "red",
+    vectors: int = 1,
+    seconds: float = 120.0,
+    max_steps: int | None = None,
+    batch: int = 16,
+    lr: float = 0.02,
+    seed: int = 0,
+) -> dict:
+    """Teach `pipe` the placeholder `token` from pictures' `latents` (N, 4, 8, 8) (fit_latents)
+    and their `captions` (which use the token), for `seconds` (or `max_steps`). The placeholder
+    is added to pipe's tokenizer and text encoder; -> a report with its ids, the losses, the
+    steps and seconds."""
+    start = time.perf_counter()
+    frozen(pipe)
+    init_ids = pipe.tokenizer.encode(init_word)[1:-1]
+    if len(init_ids) != 1:
+        raise ValueError(f"init_word {init_word!r} must be one token, got {len(init_ids)}")
+    init = pipe.text_encoder.token_embedding.weight[init_ids[0]].detach()
+    ids = add_placeholder(pipe.tokenizer, pipe.text_encoder, token, init.repeat(vectors, 1))
+    table = pipe.text_encoder.token_embedding.weight  # (V + n, D)
+    table.requires_grad_(True)
+    learns = torch.zeros(len(table), 1)
+    learns[ids] = 1.0
+    table.register_hook(lambda grad: grad * learns)  # only the placeholder's rows move
+    caption_ids = pipe.tokenizer(captions)  # (N, L)
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+
+    def batch_loss(generator):
+        index = torch.randint(len(latents), (batch,), generator=generator)
+        return noise_prediction_loss(
+            pipe, latents[index], caption_ids[index], alphas_cumprod, generator
+        )
+
+    # Adam moves only rows with a gradient: the other rows' moments stay zero
+    losses = optimise([table], batch_loss, seconds, lr, max_steps, seed)
+    table.requires_grad_(False)
+    return dict(
+        token=token,
+        ids=ids,
+        losses=losses,
+        steps=len(losses),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def lora_finetune(
+    pipe,
+    latents: torch.Tensor,
+    captions: list,
+    rank: int = 4,
+    alpha: float | None = None,
+    text_encoder: bool = True,
+    seconds: float = 240.0,
+    max_steps: int | None = None,
+    batch: int = 32,
+    prior_share: float = 0.5,
+    lr: float = 5e-3,
+    seed: int = 0,
+    adapter: str = "lora",
+) -> dict:
+    """Train rank-`rank` updates of the attention projections of pipe's UNet (and text encoder)
+    on pictures' `latents` (fit_latents) and their `captions`, with `prior_share` of each batch
+    drawn from the world the model already knows, for `seconds` (or `max_steps`). The updates
+    stay in pipe, unfused; -> a report as textual_inversion's."""
+    start = time.perf_counter()
+    frozen(pipe)
+    prior_images, prior_scenes = shapes.make_dataset(len(latents), seed + 1)
+    with torch.no_grad():
+        prior_mean, _ = pipe.vae.encode(to_model_input(torch.from_numpy(prior_images)))
+    prior_latents = prior_mean * pipe.vae.config.scaling_factor
+    prior_captions = [
+        shapes.caption(s["colour"], s["shape"], s["background"], s["position"])
+        for s in prior_scenes
+    ]
+    updates = add_lora(pipe.unet, attention_projections(pipe.unet), rank, alpha, adapter)
+    if text_encoder:
+        updates.update(
+            add_lora(
+                pipe.text_encoder, attention_projections(pipe.text_encoder), rank, alpha, adapter
+            )
+        )
+    params = [p for update in updates.values() for p in update.parameters()]
+    all_latents = torch.cat([latents, prior_latents])
+    all_ids = pipe.tokenizer(captions + prior_captions)
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+    new_count = len(latents)
+    prior_batch = int(round(batch * prior_share))
+
+    def batch_loss(generator):
+        new = torch.randint(new_count, (batch - prior_batch,), generator=generator)
+        prior = new_count + torch.randint(len(prior_latents), (prior_batch,), generator=generator)
+        index = torch.cat([new, prior])
+        return noise_prediction_loss(
+            pipe, all_latents[index], all_ids[index], alphas_cumprod, generator
+        )
+
+    losses = optimise(params, batch_loss, seconds, lr, max_steps, seed)
+    for p in params:
+        p.requires_grad_(False)
+    return dict(
+        adapter=adapter,
+        rank=rank,
+        parameters=sum(p.numel() for p in params),
+        losses=losses,
+        steps=len(losses),
+        seconds=time.perf_counter() - start,
+    )
+
+
+# --- scores -----------------------------------------------------------------------------------
+
+
+def finetune_scores(pipe, triples: list, colour_word=None, seeds=(0, 1), steps=25, guidance=4.0):
+    """Generate each (colour, shape, background) triple in the three positions with each seed and
+    score them with the extended scorer; `colour_word` replaces the colour in the prompt ("<pink>"
+    for pink). -> the scorer's fractions."""
+    scenes = [
+        dict(colour=c, shape=s, background=b, position=p)
+        for c, s, b in triples
+        for p in shapes.POSITIONS
+    ]
+    prompts = [
+        shapes.caption(colour_word or s["colour"], s["shape"], s["background"], s["position"])
+        for s in scenes
+    ]
+    images = np.concatenate([generate(pipe, prompts, seed, steps, guidance) for seed in seeds])
+    return shapes.score(images, scenes * len(seeds), extended=True)
+
+
+def pink_held_out() -> list:
+    return [("pink", s, b) for s, b in shapes.PINK_HELD_OUT]
+
+
+def elapsed_minutes(report: dict) -> float:
+    return math.ceil(report["seconds"] / 6) / 10
