@@ -168,6 +168,68 @@ def test_two_loras_each_at_its_scale_match_diffusers(reference, tmp_path):
     assert error == 0
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoRA and an embedding made by minildm's trainer (train/finetune.py), briefly: 40 steps
+    each on eight drawings of the star and pink worlds, their latents fitted for 20 steps."""
+    from minildm.train import finetune
+
+    folder = tmp_path_factory.mktemp("trained")
+    pipe = tiny()
+    images, captions, _ = finetune.world_examples("star", 8)
+    latents = finetune.fit_latents(pipe.vae, images, steps=20)
+    finetune.lora_finetune(pipe, latents, captions, max_steps=40, seconds=1e9, adapter="star")
+    files = {
+        layout: write_lora(folder / f"star-{layout}.safetensors", pipe.unet, pipe.text_encoder,
+                           "star", layout=layout)
+        for layout in ("diffusers", "kohya")
+    }  # fmt: skip
+    pipe = tiny()
+    images, captions, _ = finetune.world_examples("pink", 8)
+    latents = finetune.fit_latents(pipe.vae, images, steps=20)
+    report = finetune.textual_inversion(pipe, latents, captions, max_steps=40, seconds=1e9)
+    vectors = pipe.text_encoder.token_embedding.weight[report["ids"]].detach()
+    files["embedding"] = write_embedding(folder / "pink.safetensors", "<pink>", vectors)
+    return files
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_a_trained_lora_matches_diffusers(reference, trained, layout):
+    ours = tiny()
+    base = image(ours, prompt="a red star on a blue background")
+    ours.load_lora(trained[layout])
+    reference.load_lora_weights(str(trained[layout]), adapter_name="star")
+    try:
+        for scale in (1.0, 0.5):
+            ours.set_lora_scale(ours.lora_names()[0], scale)
+            reference.set_adapters(["star"], adapter_weights=[scale])
+            got = image(ours, prompt="a red star on a blue background")
+            expected = image(reference, prompt="a red star on a blue background")
+            error = float(np.abs(got - expected).max())
+            change = float(np.abs(got - base).max())
+            print(
+                f"trained LoRA, {layout} layout, scale {scale}: image max abs difference "
+                f"{error:.1e} (tolerance {TOLERANCE:.0e}); it changes the image by {change:.3f}"
+            )
+            assert error < TOLERANCE and change > 1e-3
+    finally:
+        reference.unload_lora_weights()
+
+
+def test_a_trained_embedding_matches_diffusers(reference, trained):
+    ours = tiny()
+    assert ours.load_embedding(trained["embedding"]) == "<pink>"
+    reference.load_textual_inversion(str(trained["embedding"]))
+    prompt = "a <pink> circle on a blue background"
+    try:
+        expected = image(reference, prompt=prompt)
+    finally:
+        reference.unload_textual_inversion()
+    error = float(np.abs(image(ours, prompt=prompt) - expected).max())
+    print(f"trained embedding: image max abs difference {error:.1e} (tolerance {TOLERANCE:.0e})")
+    assert error < TOLERANCE
+
+
 def random_weights(shapes: dict, seed=0) -> dict:
     """Uniform weights of variance about 1 / fan-in (norms near 1, biases small). Each matrix is a
     slice, at its own random offset, of one of a few pools of numbers (one per power of 2 of the

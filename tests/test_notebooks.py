@@ -25,9 +25,12 @@ LESSONS = [
     "07_vq_diffusion",
     "08_training",
     "09_how_minildm_is_checked",
+    "10_fine_tuning",
 ]
 SECONDS_EACH = 60  # on the 2-core CI machine, kernel start-up included
-SECONDS_ALL = 360
+# lesson 10 trains two fine-tunings live, each for under a minute
+SECONDS = {name: SECONDS_EACH for name in LESSONS} | {"10_fine_tuning": 180}
+SECONDS_ALL = 480
 MEGABYTES_EACH = 2.0  # stored outputs are pictures at modest resolution, not large binaries
 
 
@@ -87,14 +90,14 @@ def executed():
 @pytest.mark.parametrize("name", LESSONS)
 def test_notebook_runs_within_its_time(executed, name):
     seconds, error = executed[name]
-    print(f"{name}: ran in {seconds:.1f} s (limit {SECONDS_EACH} s)")
+    print(f"{name}: ran in {seconds:.1f} s (limit {SECONDS[name]} s)")
     assert error is None, f"{name} failed in a fresh kernel:\n{error[-3000:]}"
-    assert seconds < SECONDS_EACH, (
-        f"{name} took {seconds:.1f} s; each lesson must run in {SECONDS_EACH} s"
+    assert seconds < SECONDS[name], (
+        f"{name} took {seconds:.1f} s; this lesson must run in {SECONDS[name]} s"
     )
 
 
-def test_all_notebooks_run_within_six_minutes(executed):
+def test_all_notebooks_run_within_eight_minutes(executed):
     total = sum(seconds for seconds, _ in executed.values())
     print(f"all {len(executed)} lessons: {total:.1f} s (limit {SECONDS_ALL} s)")
     assert total < SECONDS_ALL

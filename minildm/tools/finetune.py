@@ -39,7 +39,7 @@ def main_finetune(args):
                 f"--world draws {shapes.SIZE}x{shapes.SIZE} pictures; {weights} makes {size}x"
                 f"{size} ones: give --images DIR for it"
             )
-        count = 16 if args.method == "textual-inversion" else 48
+        count = 16 if args.method == "textual-inversion" else 32
         images, captions, scenes = finetune.world_examples(args.world, count, args.seed)
     print(f"{args.method}: {len(images)} pictures, e.g. {captions[0]!r}; {args.minutes:g} min")
     before = world_scores(pipe, args) if scenes is not None else None

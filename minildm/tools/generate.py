@@ -217,7 +217,7 @@ def embedding_argument(text: str) -> tuple:
         path, _, token = text.rpartition(":")
     if not Path(path).is_file():
         raise ValueError(f"--embedding {path}: no such file (FILE or FILE:TOKEN)")
-    read_embedding(path, token)  # refuses a damaged or ambiguous file before the model loads
+    token, _ = read_embedding(path, token)  # refuses a damaged or ambiguous file now
     return path, token
 
 
@@ -331,12 +331,18 @@ def warn_about_unknown_words(args):
         return
     texts = [args.prompt, getattr(args, "negative", None)]
     unknown = shapes.unknown_words(" ".join(text for text in texts if text))
+    # an --embedding's token is a word the model now has
+    learned = {
+        w for _, token in getattr(args, "embeddings", []) for w in shapes.caption_words(token)
+    }
+    unknown = [word for word in unknown if word not in learned]
     if unknown:
         print(
             f"warning: the embedded {Path(args.weights).name} model never saw "
             f"{', '.join(repr(word) for word in unknown)} in training: it knows only the shapes "
             f"world's {len(shapes.VOCABULARY)} words ({', '.join(sorted(shapes.VOCABULARY))}; "
-            "minildm/shapes.py), so expect an image that ignores them",
+            "minildm/shapes.py), so expect an image that ignores them"
+            + (" (unless a --lora taught them)" if getattr(args, "loras", None) else ""),
             file=sys.stderr,
         )
     named = shapes.shape_words(args.prompt)
