@@ -8,6 +8,7 @@
     python -m minildm download stable-diffusion-v1-4 --dir weights    fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
     python -m minildm train sd --out runs/tiny-sd                     retrain the tiny model
+    python -m minildm finetune lora --out star.safetensors            teach it a star (LoRA)
     python -m minildm trace sd "a red circle" --out ours.safetensors  record a parity trace
     python -m minildm compare ours.safetensors theirs.safetensors     find where two runs part
 
@@ -16,8 +17,8 @@ original single-file checkpoint. Images are written as PNGs, with a grid when th
 
 This file is the parser and the dispatch, nothing else: the commands run in minildm/tools/
 (generate.py: sd, ldm, ldm-uncond, vq-diffusion; trace.py: trace, compare; bench.py: bench; info.py:
-tokenize and the overview; errors.py: the error boundary every command runs in), download in
-minildm/checkpoints/download.py, train in minildm/train/.
+tokenize and the overview; finetune.py: finetune; errors.py: the error boundary every command
+runs in), download in minildm/checkpoints/download.py, train in minildm/train/.
 """
 
 import argparse
@@ -25,11 +26,13 @@ import sys
 
 from minildm import __version__
 from minildm.tools.errors import EXIT_CODES_HELP, error_boundary
+from minildm.tools.finetune import add_finetune_command, main_finetune
 from minildm.tools.generate import (
     DEFAULT_WEIGHTS,
     DTYPES,
     EMBEDDED_DEFAULTS,
     OFFICIAL_DEFAULTS,
+    add_adapter_arguments,
     check_utf8,
     generate,
 )
@@ -130,19 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "samples it from, then sample them back and write the reconstruction (guidance "
         "defaults to 1.0, the scheduler is DDIM, the size is the image's)",
     )
-    sd.add_argument(
-        "--lora",
-        action="append",
-        metavar="FILE[:SCALE]",
-        help="add a LoRA (diffusers/PEFT or kohya-ss layout) at SCALE (default 1.0); repeatable",
-    )
-    sd.add_argument(
-        "--embedding",
-        action="append",
-        metavar="FILE[:TOKEN]",
-        help="add a textual-inversion embedding (diffusers or AUTOMATIC1111 file) as TOKEN "
-        "(default: the token the file names); repeatable",
-    )
+    add_adapter_arguments(sd)  # --lora, --embedding: tools/generate.py
     ldm_help = "LDM text to image (LDMBert; 256 px with the official weights)"
     ldm = commands.add_parser("ldm", help=ldm_help, formatter_class=defaults, parents=[common])
     add_generation_arguments(ldm, "ldm")
@@ -225,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "timeline.png (train/timeline.py)",
     )
 
-    add_finetune_command(commands, defaults, common)
+    add_finetune_command(commands, defaults, common)  # tools/finetune.py
 
     bench = commands.add_parser(
         "bench",
@@ -317,8 +308,6 @@ def run(args, parser) -> int:
             args.timeline,
         )
     elif args.command == "finetune":
-        from minildm.tools.finetune import main_finetune
-
         main_finetune(args)
     elif args.command == "bench":
         from minildm.tools.bench import bench, check_bench_arguments, gpu_check
@@ -356,48 +345,6 @@ def run(args, parser) -> int:
 
         print(STATUS.format(version=__version__, schedulers=", ".join(schedulers.__all__)))
     return 0
-
-
-def add_finetune_command(commands, formatter, common):
-    finetune = commands.add_parser(
-        "finetune",
-        help="teach an SD model a new word (textual inversion) or shape (LoRA) from a few "
-        "pictures, on a CPU in minutes (minildm/train/finetune.py)",
-        formatter_class=formatter,
-        parents=[common],
-    )
-    finetune.add_argument("method", choices=["textual-inversion", "lora"])
-    finetune.add_argument(
-        "--out", required=True, help="the file to write, NAME.safetensors (diffusers' layout)"
-    )
-    finetune.add_argument(
-        "--world",
-        choices=["pink", "star"],
-        help="the shapes world's extension to learn, drawn and scored on its held-out set "
-        "(default: pink for textual-inversion, star for lora)",
-    )
-    finetune.add_argument(
-        "--images", metavar="DIR", help="learn from the PNG/JPEG pictures in DIR instead"
-    )
-    finetune.add_argument(
-        "--caption",
-        help="with --images: the caption of every picture (a NAME.txt beside a picture gives "
-        "its own); textual inversion's must hold the --token",
-    )
-    finetune.add_argument("--token", default="<pink>", help="textual inversion's placeholder")
-    finetune.add_argument(
-        "--init-word", default="red", help="textual inversion: the word its vector starts from"
-    )
-    finetune.add_argument(
-        "--minutes",
-        type=float,
-        help="the whole run's time (default: textual-inversion 3, lora 5)",
-    )
-    finetune.add_argument("--rank", type=int, default=4, help="LoRA: the rank r of B A")
-    finetune.add_argument(
-        "--weights", help="the SD pipeline folder to fine-tune (default: the embedded tiny SD)"
-    )
-    finetune.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
 
 
 def add_trace_commands(commands, formatter, common):

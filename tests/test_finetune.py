@@ -37,6 +37,10 @@ def refuse_to_load(*args, **kwargs):
             "does not hold the placeholder",
         ),
         (["lora", "--weights", "{tmp}/nowhere"], "not a pipeline folder"),
+        # an option of the other method is refused, not ignored
+        (["textual-inversion", "--rank", "8"], "--rank does not go with textual-inversion"),
+        (["lora", "--token", "<x>", "--init-word", "red"], "--token, --init-word does not go"),
+        (["textual-inversion", "--token", "<x>"], "--token goes with --images"),
     ],
 )
 def test_finetune_arguments_are_refused_before_loading(arguments, words, monkeypatch, tmp_path):

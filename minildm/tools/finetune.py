@@ -90,6 +90,51 @@ def world_scores(pipe, args) -> dict:
     }
 
 
+def add_finetune_command(commands, formatter, common):
+    """The `finetune` subcommand's parser (__main__.py builds the others)."""
+    finetune = commands.add_parser(
+        "finetune",
+        help="teach an SD model a new word (textual inversion) or shape (LoRA) from a few "
+        "pictures, on a CPU in minutes (minildm/train/finetune.py)",
+        formatter_class=formatter,
+        parents=[common],
+    )
+    finetune.add_argument("method", choices=["textual-inversion", "lora"])
+    finetune.add_argument(
+        "--out", required=True, help="the file to write, NAME.safetensors (diffusers' layout)"
+    )
+    finetune.add_argument(
+        "--world",
+        choices=["pink", "star"],
+        help="the shapes world's extension to learn, drawn and scored on its held-out set "
+        "(default: pink for textual-inversion, star for lora)",
+    )
+    finetune.add_argument(
+        "--images", metavar="DIR", help="learn from the PNG/JPEG pictures in DIR instead"
+    )
+    finetune.add_argument(
+        "--caption",
+        help="with --images: the caption of every picture (a NAME.txt beside a picture gives "
+        "its own); textual inversion's must hold the --token",
+    )
+    finetune.add_argument(
+        "--token", help="textual inversion with --images: the placeholder (default <pink>)"
+    )
+    finetune.add_argument(
+        "--init-word", help="textual inversion: the word its vector starts from (default red)"
+    )
+    finetune.add_argument(
+        "--minutes",
+        type=float,
+        help="the whole run's time (default: textual-inversion 3, lora 5)",
+    )
+    finetune.add_argument("--rank", type=int, help="LoRA: the rank r of B A (default 4)")
+    finetune.add_argument(
+        "--weights", help="the SD pipeline folder to fine-tune (default: the embedded tiny SD)"
+    )
+    finetune.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
+
+
 def check_finetune_arguments(args):
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -101,6 +146,18 @@ def check_finetune_arguments(args):
         args.minutes = DEFAULT_MINUTES[args.method]
     if not 0.1 <= args.minutes <= 600:
         raise ValueError(f"--minutes must lie in [0.1, 600], got {args.minutes}")
+    # an option of the other method would be ignored: refused instead
+    other = ["--rank"] if args.method == "textual-inversion" else ["--token", "--init-word"]
+    given = [o for o in other if getattr(args, o[2:].replace("-", "_")) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} does not go with {args.method}")
+    args.rank = 4 if args.rank is None else args.rank
+    args.init_word = args.init_word or "red"
+    if args.token is not None and not args.images:
+        raise ValueError(
+            f"--token goes with --images: the pink world's captions say {finetune.PINK_TOKEN}"
+        )
+    args.token = args.token or finetune.PINK_TOKEN
     if not 1 <= args.rank <= 64:
         raise ValueError(f"--rank must lie in [1, 64], got {args.rank}")
     if not 0 <= args.seed < 2**63:

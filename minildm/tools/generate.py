@@ -190,6 +190,23 @@ def check_generation_arguments(args):
     args.embeddings = [embedding_argument(text) for text in getattr(args, "embedding", None) or []]
 
 
+def add_adapter_arguments(sd):
+    """`sd`'s --lora and --embedding (checked by lora_argument and embedding_argument)."""
+    sd.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="add a LoRA (diffusers/PEFT or kohya-ss layout) at SCALE (default 1.0); repeatable",
+    )
+    sd.add_argument(
+        "--embedding",
+        action="append",
+        metavar="FILE[:TOKEN]",
+        help="add a textual-inversion embedding (diffusers or AUTOMATIC1111 file) as TOKEN "
+        "(default: the token the file names); repeatable",
+    )
+
+
 def lora_argument(text: str) -> tuple:
     """--lora FILE[:SCALE] -> (file, scale): the part after the last colon is a scale if it reads
     as a number (a file name may hold colons too). The file is read and checked now, before any
