@@ -30,7 +30,6 @@ the encoder's), a hard target for a LoRA on the attention projections.
 `finetune_scores` scores a pipeline on what fine-tuning never saw.
 """
 
-import math
 import time
 
 import numpy as np
@@ -177,7 +176,7 @@ def textual_inversion(
     table.requires_grad_(True)
     learns = torch.zeros(len(table), 1)
     learns[ids] = 1.0
-    table.register_hook(lambda grad: grad * learns)  # only the placeholder's rows move
+    hook = table.register_hook(lambda grad: grad * learns)  # only the placeholder's rows move
     caption_ids = pipe.tokenizer(captions)  # (N, L)
     alphas_cumprod = pipe.scheduler.alphas_cumprod
 
@@ -189,6 +188,7 @@ def textual_inversion(
 
     # Adam moves only rows with a gradient: the other rows' moments stay zero
     losses = optimise([table], batch_loss, seconds, lr, max_steps, seed)
+    hook.remove()  # later training of the text encoder gets whole gradients again
     table.requires_grad_(False)
     return dict(
         token=token,
@@ -290,7 +290,3 @@ def finetune_scores(pipe, triples: list, colour_word=None, seeds=(0, 1), steps=2
 
 def pink_held_out() -> list:
     return [("pink", s, b) for s, b in shapes.PINK_HELD_OUT]
-
-
-def elapsed_minutes(report: dict) -> float:
-    return math.ceil(report["seconds"] / 6) / 10
