@@ -28,6 +28,15 @@ def remove_module_temporary_files(request, tmp_path_factory):
             shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def host_pace() -> float:
+    """How much slower than the CI machine of record this host runs, at least 1: a test's time
+    limit is written for that machine and multiplied by this (tests/pace.py)."""
+    from pace import measure_pace
+
+    return measure_pace()
+
+
 def oracle(module_name: str):
     """Import a reference library (diffusers, transformers). Without it a parity test skips locally,
     but fails under CI=true: a parity suite that silently skipped proves nothing."""

@@ -27,7 +27,9 @@ LESSONS = [
     "09_how_minildm_is_checked",
     "10_fine_tuning",
 ]
-SECONDS_EACH = 60  # on the 2-core CI machine, kernel start-up included
+# on the 2-core CI machine of record, kernel start-up included; a slower host multiplies them by its
+# pace, measured in the same run (tests/pace.py)
+SECONDS_EACH = 60
 # lesson 10 trains two fine-tunings live, each for under a minute
 SECONDS = {name: SECONDS_EACH for name in LESSONS} | {"10_fine_tuning": 240}
 SECONDS_ALL = 480
@@ -88,19 +90,21 @@ def executed():
 
 
 @pytest.mark.parametrize("name", LESSONS)
-def test_notebook_runs_within_its_time(executed, name):
+def test_notebook_runs_within_its_time(executed, host_pace, name):
     seconds, error = executed[name]
-    print(f"{name}: ran in {seconds:.1f} s (limit {SECONDS[name]} s)")
+    limit = SECONDS[name] * host_pace
+    print(f"{name}: ran in {seconds:.1f} s (limit {SECONDS[name]} s x pace {host_pace:.2f})")
     assert error is None, f"{name} failed in a fresh kernel:\n{error[-3000:]}"
-    assert seconds < SECONDS[name], (
-        f"{name} took {seconds:.1f} s; this lesson must run in {SECONDS[name]} s"
+    assert seconds < limit, (
+        f"{name} took {seconds:.1f} s; this lesson must run in {SECONDS[name]} s on the CI "
+        f"machine of record, {limit:.0f} s on this host (pace {host_pace:.2f}, tests/pace.py)"
     )
 
 
-def test_all_notebooks_run_within_eight_minutes(executed):
+def test_all_notebooks_run_within_eight_minutes(executed, host_pace):
     total = sum(seconds for seconds, _ in executed.values())
-    print(f"all {len(executed)} lessons: {total:.1f} s (limit {SECONDS_ALL} s)")
-    assert total < SECONDS_ALL
+    print(f"all {len(executed)} lessons: {total:.1f} s (limit {SECONDS_ALL} s x {host_pace:.2f})")
+    assert total < SECONDS_ALL * host_pace
 
 
 @pytest.mark.parametrize("name", LESSONS)
