@@ -8,6 +8,8 @@
     python -m minildm download stable-diffusion-v1-4 --dir weights    fetch + verify weights
     python -m minildm tokenize "a photograph of an astronaut riding a horse"
     python -m minildm train sd --out runs/tiny-sd                     retrain the tiny model
+    torchrun --standalone --nproc_per_node 2 -m minildm train sd ...  ... in 2 processes (DDP)
+    python -m minildm sd --prompts prompts.txt                        one image set per line
     python -m minildm finetune lora --out star.safetensors            teach it a star (LoRA)
     python -m minildm trace sd "a red circle" --out ours.safetensors  record a parity trace
     python -m minildm compare ours.safetensors theirs.safetensors     find where two runs part
@@ -33,6 +35,7 @@ from minildm.tools.generate import (
     EMBEDDED_DEFAULTS,
     OFFICIAL_DEFAULTS,
     add_adapter_arguments,
+    add_prompt_arguments,
     check_utf8,
     generate,
 )
@@ -41,11 +44,7 @@ from minildm.tools.info import STATUS, print_tokens
 
 def add_generation_arguments(parser, command: str):
     if command != "ldm-uncond":
-        prompt_help = (
-            "what the image should show (the embedded model knows only the shapes world's "
-            "words: a colour, a shape, left/right, a background colour)"
-        )
-        parser.add_argument("prompt", help=prompt_help)
+        add_prompt_arguments(parser)  # PROMPT or --prompts FILE: tools/generate.py
     # --steps, --guidance, --height, --width and --truncation default to None: their values depend
     # on the weights and are filled in by fill_defaults
     embedded = EMBEDDED_DEFAULTS[command]
@@ -203,10 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the drawn data and of every random choice"
     )
     train.add_argument(
-        "--quick",
-        action="store_true",
-        help="toy sizes and 250 steps a stage: the whole path in a minute",
+        "--quick", action="store_true", help="toy sizes and 250 steps a stage: the whole path"
     )
+    train.add_argument("--steps", type=int, help="stop each stage after STEPS steps (or sooner)")
     train.add_argument(
         "--timeline",
         type=float,
@@ -306,6 +304,7 @@ def run(args, parser) -> int:
             args.quick,
             args.autoencoder,
             args.timeline,
+            args.steps,
         )
     elif args.command == "finetune":
         main_finetune(args)

@@ -14,6 +14,7 @@ EXIT_CODES_HELP = """exit statuses:
   2    bad input: an argument, a file or a config value, which the message names
   3    a file could not be read or written (a full disk, a read-only folder, ...)
   4    a result was not finite; the message says where
+  5    under torchrun: another process of the run stopped (its own error says why)
   70   a bug in minildm: please report it (--debug shows the traceback)
   130  interrupted (Ctrl-C)
   141  the program reading the output stopped reading (as | head does)"""
@@ -43,6 +44,15 @@ def describe(error: BaseException, command: str | None) -> tuple[str, int]:
         return f"error: {error}", 2
     if isinstance(error, FloatingPointError):
         return f"error: {error}", 4
+    # torch.distributed's errors (DistError and its kinds): a rank waited for one that is gone
+    if any(kind.__name__ == "DistError" for kind in type(error).__mro__):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return (
+            f"error: another process of this torchrun run stopped or cannot be reached "
+            f"({type(error).__name__}: {first_line[:200]}); its own error, above or in its log, "
+            "says why" + (": run the same command again to resume" if command == "train" else ""),
+            5,
+        )
     if isinstance(error, OSError):  # the disk, the file system, the permissions
         said = error.strerror or str(error)
         return f"error: {error.filename}: {said}" if error.filename else f"error: {said}", 3

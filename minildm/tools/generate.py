@@ -8,12 +8,16 @@ what `python -m minildm sd "a red circle on a blue background"` runs to write PN
 3. run: the pipeline's call with a progress line (--invert: DDIM inversion, then sampling back);
 4. write: the PNGs, COMMAND_PROMPT_seedSEED_I.png, with a grid when there are several.
 
+`--prompts FILE` runs 3-4 once per line of FILE on the one loaded pipeline; under torchrun the
+lines are dealt out between the processes, and each image is the one a single process writes.
+
 With no --weights the embedded tiny models run, at the settings they were scored at
 (EMBEDDED_DEFAULTS); official weights get their own systems' defaults (OFFICIAL_DEFAULTS).
 """
 
 import inspect
 import math
+import os
 import re
 import sys
 import time
@@ -35,6 +39,7 @@ from minildm.checkpoints.lora import read_lora
 from minildm.checkpoints.weights import resolve_folder, usable_device
 from minildm.cpu_speed import warn_if_slow_precision
 from minildm.pipelines.common import image_array
+from minildm.train.distributed import rank, world_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_WEIGHTS = {
@@ -78,6 +83,13 @@ def generate_images(args):
     check_generation_arguments(args)
     if getattr(args, "invert", None):
         check_inversion_arguments(args)
+    # (prompt, seed) of each image set: one, or a line of --prompts each, this process's share
+    jobs = [(getattr(args, "prompt", None), args.seed)]
+    if getattr(args, "prompts", None):
+        jobs = read_prompts(args.prompts, args.seed)[rank() :: world_size()]
+        if not jobs:
+            print(f"process {rank()} of {world_size()}: more processes than prompts, none here")
+            return
     fill_defaults(args)
     check_weights_argument(args.command, args.weights)
     if getattr(args, "ema", None) is not None and not is_single_file(args.weights):
@@ -89,33 +101,51 @@ def generate_images(args):
         size = trained_size(args.command, args.weights)
         args.height = size if args.height is None else args.height
         args.width = size if args.width is None else args.width
-    warn_about_unknown_words(args)
+    for args.prompt, args.seed in jobs:
+        warn_about_unknown_words(args)
     use_one_thread_for_tiny_models(args)
     scheduler = plan_scheduler(args)
+    args.prompt, args.seed = jobs[0]
     run = first_free_run(args)  # the names it will most likely get (checked again at the end)
+    if world_size() > 1 and args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: a GPU per process
     print(f"loading {args.weights} ({args.dtype} on {args.device})")
     if torch.device(args.device).type == "cpu":
         from minildm.cpu_speed import retain_freed_memory
 
         retain_freed_memory()  # the whole process is this command's: no page faults per step
     pipe = load_pipeline(args, scheduler)
-    generator = torch.Generator().manual_seed(args.seed)
     model_calls = len(scheduler.timesteps)
     if model_calls != args.steps:
         print(
             f"{type(scheduler).__name__} calls the model {model_calls} times for {args.steps} steps"
         )
-    progress = progress_printer(args.steps, model_calls)
+    for number, (args.prompt, args.seed) in enumerate(jobs):
+        if len(jobs) > 1:
+            print(f"{number + 1}/{len(jobs)}: {args.prompt!r}, seed {args.seed}")
+        images = sample(pipe, args, progress_printer(args.steps, model_calls))
+        print()
+        if len(images) > 1:
+            images = [*images, image_grid(images)]
+        files = write_images(args, images, run if number == 0 else first_free_run(args))
+        print(f"wrote {len(files)} file(s):")
+        for path in files:
+            print(f"  {path}")
+
+
+def sample(pipe, args, progress) -> list:
+    """The pipeline's call for args.prompt and args.seed: -> PIL images."""
+    generator = torch.Generator().manual_seed(args.seed)
     if args.command == "ldm-uncond":
-        images = pipe(
+        return pipe(
             batch_size=args.n,
             generator=generator,
             num_inference_steps=args.steps,
             eta=args.eta,
             callback=progress,
         ).images
-    elif args.command == "vq-diffusion":
-        images = pipe(
+    if args.command == "vq-diffusion":
+        return pipe(
             [args.prompt] * args.n,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
@@ -123,8 +153,8 @@ def generate_images(args):
             generator=generator,
             callback=progress,
         ).images
-    elif args.command == "ldm":
-        images = pipe(
+    if args.command == "ldm":
+        return pipe(
             [args.prompt] * args.n,
             height=args.height,
             width=args.width,
@@ -134,33 +164,25 @@ def generate_images(args):
             generator=generator,
             callback=progress,
         ).images
-    elif getattr(args, "invert", None):
-        images = invert_and_sample(pipe, args, progress)
-    else:
-        images = pipe(
-            args.prompt,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            negative_prompt=args.negative,
-            num_images_per_prompt=args.n,
-            eta=args.eta,
-            generator=generator,
-            callback=progress,
-        )
-        flags = images.nsfw_content_detected
-        if flags and any(flags):
-            flagged = [i for i, flag in enumerate(flags) if flag]
-            print(f"\nthe safety checker flagged images {flagged} (kept as generated)")
-        images = images.images
-    print()
-    if len(images) > 1:
-        images = [*images, image_grid(images)]
-    files = write_images(args, images, run)
-    print(f"wrote {len(files)} file(s):")
-    for path in files:
-        print(f"  {path}")
+    if getattr(args, "invert", None):
+        return invert_and_sample(pipe, args, progress)
+    output = pipe(
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative,
+        num_images_per_prompt=args.n,
+        eta=args.eta,
+        generator=generator,
+        callback=progress,
+    )
+    flags = output.nsfw_content_detected
+    if flags and any(flags):
+        flagged = [i for i, flag in enumerate(flags) if flag]
+        print(f"\nthe safety checker flagged images {flagged} (kept as generated)")
+    return output.images
 
 
 # check: before any weights load
@@ -183,6 +205,12 @@ def check_generation_arguments(args):
         raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
     for option in ("prompt", "negative"):
         check_utf8(getattr(args, option, None), option)
+    prompts = getattr(args, "prompts", None)
+    if args.command != "ldm-uncond" and (args.prompt is None) == (prompts is None):
+        given = "both" if args.prompt is not None else "neither"
+        raise ValueError(
+            f"give a prompt or --prompts FILE (a file of prompts, one per line); {given} given"
+        )
     check_device(args.device)
     warn_if_slow_precision(DTYPES[args.dtype], args.device)
     check_output_folder(Path(args.out))
@@ -253,6 +281,65 @@ def check_utf8(text: str | None, option: str):
             )
 
 
+def add_prompt_arguments(parser):
+    """PROMPT, or --prompts FILE (read by read_prompts), for the commands that take a prompt."""
+    prompt_help = (
+        "what the image should show (the embedded model knows only the shapes world's "
+        "words: a colour, a shape, left/right, a background colour)"
+    )
+    parser.add_argument("prompt", nargs="?", help=prompt_help)
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="instead of PROMPT: a UTF-8 file of prompts, one per line (blank lines and lines "
+        "starting with # are skipped), each optionally ending in --seed N (otherwise --seed "
+        "plus the prompt's number, from 0); under torchrun the processes share the lines",
+    )
+
+
+def read_prompts(path: str, first_seed: int) -> list:
+    """--prompts FILE -> [(prompt, seed)], in the file's order, all checked before any weights
+    load: the file is UTF-8, holds at least one prompt, each seed is valid and no (prompt, seed)
+    comes twice (the same image twice, and two processes racing for one file name)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--prompts {path}: no such file (a text file, one prompt per line)")
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"--prompts {path}: line {line} holds the byte 0x{data[e.start]:02X}, which is not "
+            "UTF-8: save the file as UTF-8"
+        ) from None
+    jobs, seen = [], {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        prompt, seed = line, first_seed + len(jobs)
+        match = re.fullmatch(r"(.*?)\s*--seed\s+(\S+)", line)
+        if match:
+            prompt, given = match.groups()
+            if not given.isdigit() or int(given) >= 2**63:
+                raise ValueError(
+                    f"--prompts {path}, line {number}: --seed {given} is not a seed in [0, 2**63)"
+                )
+            seed = int(given)
+        if not prompt:
+            raise ValueError(f"--prompts {path}, line {number}: a --seed with no prompt before it")
+        if (prompt, seed) in seen:
+            raise ValueError(
+                f"--prompts {path}, line {number}: the same prompt and seed as line "
+                f"{seen[prompt, seed]}, so the same image: give it another --seed"
+            )
+        seen[prompt, seed] = number
+        jobs.append((prompt, seed))
+    if not jobs:
+        raise ValueError(f"--prompts {path}: the file holds no prompt (one per line)")
+    return jobs
+
+
 def check_device(name: str):
     usable_device(name, "--device")
 
@@ -287,6 +374,10 @@ def check_inversion_arguments(args):
         (args.n != 1, f"-n {args.n}: an inversion gives back one image"),
         (args.eta != 0, f"--eta {args.eta}: inversion follows DDIM's deterministic path (eta 0)"),
         (args.negative is not None, "--negative: the inversion encodes only the prompt"),
+        (
+            getattr(args, "prompts", None) is not None,
+            "--prompts: it inverts one image, described by one prompt",
+        ),
         (
             args.scheduler not in (None, "DDIMScheduler"),
             f"--scheduler {args.scheduler}: inversion runs DDIM backwards and samples with DDIM",

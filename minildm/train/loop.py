@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from minildm.autoencoder import AutoencoderKL
 from minildm.checkpoints.files import write_file
 from minildm.schedulers import DDIMScheduler, VQDiffusionScheduler
+from minildm.train import distributed
+from minildm.train.distributed import share
 from minildm.train.recipes import VQ_SCHEDULER_CONFIG, Settings
 
 # --- small parts ----------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ class Progress:
     def update(self, step: int, loss: float, elapsed_s: float, lr: float):
         self.losses.append(loss)
         now = time.perf_counter()
-        if now - self.last_print >= self.every:
+        if now - self.last_print >= self.every and distributed.is_main():
             rate = (step - self.last_step) * self.batch / (now - self.last_print)
             left = max(self.budget_s - elapsed_s, 0)
             print(
@@ -139,6 +141,9 @@ def train_stage(
 
     `timeline` (train/timeline.py), if given, records a point from the averaged weights whenever
     one is due and when the stage ends; its time is not counted in the stage's.
+
+    Under torchrun (train/distributed.py) each rank computes its share of every batch and the
+    gradients are averaged; rank 0's clock decides, and only rank 0 writes the checkpoint.
     """
     settings, state, out, history = run["settings"], run["state"], run["out"], run["history"]
     saved = state.get(stage, {})
@@ -161,6 +166,7 @@ def train_stage(
         ema = [t.clone() for t in saved["ema"]] if ema_decay else None
         step = saved["step"]
         elapsed_s = saved["seconds"]
+    batch_loss = distributed.averaged_gradients(models, batch_loss)  # one process: unchanged
     history.setdefault(f"{stage}_loss", [])
 
     def snapshot(done: bool) -> dict:
@@ -190,6 +196,7 @@ def train_stage(
     for module in models.values():
         module.train()
     progress = Progress(stage, budget_s, batch, every=10 if settings.quick else 30)
+    world = distributed.world_size()
     last_checkpoint = time.perf_counter()
     while elapsed_s < budget_s and (max_steps is None or step < max_steps):
         progress_fraction = elapsed_s / budget_s
@@ -210,14 +217,16 @@ def train_stage(
         step += 1
         if ema_decay:  # a short memory early (the weights change fast), the full decay later
             ema_update(ema, params, min(ema_decay, (1 + step) / (10 + step)))
-        elapsed_s += time.perf_counter() - started
-        progress.update(step, loss.item(), elapsed_s, current_lr)
+        elapsed_s += distributed.agreed(time.perf_counter() - started)
+        batch_mean = distributed.total(loss.detach().clone()) / world  # of the ranks' shares
+        progress.update(step, float(batch_mean), elapsed_s, current_lr)
         if step % 10 == 0:
             history[f"{stage}_loss"].append((step, float(np.mean(progress.losses[-10:]))))
         if time.perf_counter() - last_checkpoint > settings.checkpoint_every:
             state[stage] = snapshot(done=False)
             state["history"] = json.dumps(history)
-            save_checkpoint(out, state)
+            if distributed.is_main():
+                save_checkpoint(out, state)
             last_checkpoint = time.perf_counter()
     if ema_decay:  # the shipped weights are the average
         with torch.no_grad():
@@ -232,8 +241,9 @@ def train_stage(
         timeline.finish()
     state[stage] = snapshot(done=True)
     state["history"] = json.dumps(history)
-    save_checkpoint(out, state)
-    print(f"{stage}: {step} steps in {elapsed_s / 60:.1f} min", flush=True)
+    if distributed.is_main():
+        save_checkpoint(out, state)
+        print(f"{stage}: {step} steps in {elapsed_s / 60:.1f} min", flush=True)
 
 
 # --- the losses: what differs per system ----------------------------------------------------------
@@ -265,9 +275,9 @@ def kl_autoencoder_loss(vae, images: torch.Tensor, settings: Settings):
     """Reconstruction (L1 + squared) + KL for AutoencoderKL; leaves `vae` as it is."""
 
     def loss(generator):
-        x = random_images(images, settings.vae_batch, generator)
+        x = share(random_images(images, settings.vae_batch, generator))  # this process's share
         mean, logvar = vae.encode(x)  # each (B, 4, 8, 8)
-        noise = torch.randn(mean.shape, generator=generator)
+        noise = share(torch.randn((settings.vae_batch, *mean.shape[1:]), generator=generator))
         reconstruction = vae.decode(mean + torch.exp(0.5 * logvar) * noise)  # reparameterised
         # KL(N(mean, var) || N(0, 1)) summed over the latent, averaged over the batch (as in
         # CompVis' DiagonalGaussianDistribution.kl); L1 averaged over pixels
@@ -287,14 +297,17 @@ def vq_autoencoder_loss(vq, images: torch.Tensor, settings: Settings, fresh: boo
     steps = [0 if fresh else 1]
 
     def loss(generator):
-        x = random_images(images, settings.vae_batch, generator)
+        x = share(random_images(images, settings.vae_batch, generator))  # this process's share
         h = vq.encode(x)  # (B, D, 8, 8), before quantization
+        if steps[0] % 100 == 0:
+            whole = distributed.gather(h.detach())  # the whole batch's latents (one process: h)
         if steps[0] == 0:  # codes start as encoder outputs, not as N(0, 1) far from every latent
-            _restart_codes(vq, h, torch.ones_like(usage, dtype=torch.bool), generator)
+            _restart_codes(vq, whole, torch.ones_like(usage, dtype=torch.bool), generator)
         elif steps[0] % 100 == 0:
             # Codes no latent chose for 100 steps get no gradient and stay dead; restart them at
             # random latents of this batch (the "random restart" of Dhariwal et al. 2020, Jukebox).
-            _restart_codes(vq, h, usage == 0, generator)
+            dead = distributed.total(usage) == 0  # (under torchrun: chosen by no process)
+            _restart_codes(vq, whole, dead, generator)
             usage.zero_()
         steps[0] += 1
         e, indices = vq.quantize(h)  # nearest codes (B, D, 8, 8), their indices (B, 8, 8)
@@ -342,10 +355,8 @@ def epsilon_loss(unet, text_encoder, latents, captions, schedule: dict, settings
     def loss(generator):
         B = settings.unet_batch
         index = torch.randint(len(means), (B,), generator=generator)
-        context = None
         if text_encoder is not None:
             ids, _ = choose_captions(captions, index, settings, generator)  # (B, L)
-            context = text_encoder(ids)  # (B, L, D)
         # a fresh sample of each image's posterior, scaled to unit variance as SD's latents are
         posterior_noise = torch.randn(means[index].shape, generator=generator)
         x0 = (means[index] + stds[index] * posterior_noise) * scale  # (B, 4, 8, 8)
@@ -353,7 +364,9 @@ def epsilon_loss(unet, text_encoder, latents, captions, schedule: dict, settings
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas_cumprod[t].view(B, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise  # Ho et al. 2020, eq. 4
-        return F.mse_loss(unet(noisy, t, context), noise)  # eq. 14
+        context = None if text_encoder is None else text_encoder(share(ids))  # (B, L, D)
+        # (under torchrun each process computes its share of the batch: train/distributed.py)
+        return F.mse_loss(unet(share(noisy), share(t), context), share(noise))  # eq. 14
 
     return loss
 
@@ -391,15 +404,18 @@ def vq_diffusion_loss(transformer, embeddings, text_encoder, codes, captions, se
         index = torch.randint(len(codes), (B,), generator=generator)
         x_0 = codes[index]  # (B, N)
         ids, which = choose_captions(captions, index, settings, generator)
+        t = torch.randint(0, T, (B,), generator=generator)
+        log_q = scheduler.log_q_x_t_given_x_0(x_0, t)  # (B, K+1, N)
+        uniform = torch.rand(log_q.shape, generator=generator)
+        x_t = (log_q - torch.log(-torch.log(uniform + 1e-30) + 1e-30)).argmax(dim=1)  # Gumbel-max
+        # under torchrun each process computes its share of the batch (train/distributed.py)
+        x_0, ids, which, t, x_t = (share(x) for x in (x_0, ids, which, t, x_t))
+        B = len(x_0)
         with torch.no_grad():  # the text encoder is frozen, as VQ-Diffusion freezes CLIP
             context = text_context(text_encoder, ids)  # (B, L, D)
         # the empty caption is replaced by the learned embedding, used as it is (not normalised)
         empty = (which == 2).view(B, 1, 1)
         context = torch.where(empty, embeddings.embeddings[None], context)
-        t = torch.randint(0, T, (B,), generator=generator)
-        log_q = scheduler.log_q_x_t_given_x_0(x_0, t)  # (B, K+1, N)
-        uniform = torch.rand(log_q.shape, generator=generator)
-        x_t = (log_q - torch.log(-torch.log(uniform + 1e-30) + 1e-30)).argmax(dim=1)  # Gumbel-max
         log_p_x_0 = transformer(x_t, context, t)  # (B, K, N)
         # the true and the model's posterior of x_{t-1}, both (B, K+1, N); at t = 0 both are of x0
         log_onehot_x_0 = torch.log(F.one_hot(x_0, K).permute(0, 2, 1).float().clamp(min=1e-30))

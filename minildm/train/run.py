@@ -20,6 +20,9 @@ from it.
 The output folder is a diffusers-layout pipeline folder that both minildm's and diffusers' matching
 pipeline load (checkpoints/save.py), plus training.json (the run's settings, losses and scores),
 README.md, samples.png (train/evaluate.py) and checkpoint.pt.
+
+Under torchrun every rank runs this same function; train/distributed.py splits each batch between
+them, and only rank 0 writes the folder, prints and evaluates.
 """
 
 import json
@@ -39,6 +42,7 @@ from minildm.checkpoints.weights import read_config
 from minildm.clip import CLIPTextModel
 from minildm.ldm_bert import LDMBert
 from minildm.tokenizer import ASSETS, BertTokenizer, CLIPTokenizer
+from minildm.train import distributed
 from minildm.train.evaluate import describe_model, evaluate, folder_readme, host_description
 from minildm.train.loop import (
     epsilon_loss,
@@ -199,9 +203,11 @@ def train(
     quick: bool = False,
     autoencoder_from=None,
     timeline_minutes: float | None = None,
-) -> dict:
+    steps: int | None = None,
+) -> dict | None:
     """Train the tiny `system` into `out` (see the module docstring). Returns training.json's
-    content."""
+    content (under torchrun: rank 0; the other ranks None). `steps`: each stage stops after that
+    many steps, or sooner when its share of the minutes is spent."""
     if system not in SYSTEMS:
         raise ValueError(f"train {system!r}: expected one of {', '.join(SYSTEMS)}")
     if minutes is None:
@@ -223,20 +229,29 @@ def train(
                 f"--timeline records text-to-image samples: it is kept for "
                 f"{' and '.join(TIMELINE_SYSTEMS)}, not {system}"
             )
+    if steps is not None and not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"--steps must be a positive number of steps per stage, got {steps!r}")
     reused = reused_folders(system, autoencoder_from)
     settings = Settings(system, float(minutes), seed, quick, "autoencoder" in reused)
+    settings.max_steps = steps or settings.max_steps
+    distributed.check_batch(settings.unet_batch, f"train {system}")
+    distributed.check_batch(settings.vae_batch, f"train {system}'s autoencoder")
     checkpoint = check_output_folder(out, settings)
-    if timeline_minutes is not None:
+    distributed.barrier()  # every rank has read the folder before rank 0 writes to it
+    main = distributed.is_main()
+    if timeline_minutes is not None and main:
         timeline = Timeline(out, system, timeline_minutes, resuming=checkpoint is not None)
     command = f"python -m minildm train {system} --out {out} --minutes {minutes:g} --seed {seed}"
     if autoencoder_from is not None:
         command += f" --autoencoder {autoencoder_from}"
     command += " --quick" if quick else ""
-    command += f" --timeline {timeline_minutes:g}" if timeline is not None else ""
-    write_text(
-        out / MARKER,
-        json.dumps({"trainer": f"minildm train {system}", "command": command}, indent=2) + "\n",
-    )
+    command += f" --steps {steps}" if steps is not None else ""
+    command += f" --timeline {timeline_minutes:g}" if timeline_minutes is not None else ""
+    if main:
+        write_text(
+            out / MARKER,
+            json.dumps({"trainer": f"minildm train {system}", "command": command}, indent=2) + "\n",
+        )
     started = time.perf_counter()
     torch.manual_seed(seed)
     state = checkpoint or {
@@ -247,11 +262,13 @@ def train(
     }
     history = json.loads(state["history"]) if "history" in state else {}
     run = dict(settings=settings, state=state, out=out, history=history)
-    print(
-        f"{'resuming' if checkpoint else 'training'} tiny {system} in {out}: {minutes:g} min, "
-        f"seed {seed}{', quick' if quick else ''}; host: {host_description()}",
-        flush=True,
-    )
+    processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+    if main:
+        print(
+            f"{'resuming' if checkpoint else 'training'} tiny {system} in {out}: {minutes:g} min, "
+            f"seed {seed}{', quick' if quick else ''}{processes}; host: {host_description()}",
+            flush=True,
+        )
     budget_s = settings.minutes * 60
     autoencoder_s = budget_s * settings.autoencoder_share
 
@@ -303,13 +320,14 @@ def train(
     scale = state["scaling_factor"]
     if system == "sd":
         autoencoder.config = replace(autoencoder.config, scaling_factor=scale)
-    if stage == "vqvae":  # written now: vq-diffusion can start from it while the UNet trains
+    if stage == "vqvae" and main:  # written now: vq-diffusion can start from it meanwhile
         save_component(out / "vqvae", autoencoder)
-    print(
-        f"latents cached: {tuple(latents['means'].shape)}, std {latents['means'].std():.3f}, "
-        f"scaling factor {scale:.5f}",
-        flush=True,
-    )
+    if main:
+        print(
+            f"latents cached: {tuple(latents['means'].shape)}, std {latents['means'].std():.3f}, "
+            f"scaling factor {scale:.5f}",
+            flush=True,
+        )
 
     # --- stage 2: the denoising model (and, for sd and ldm, the text encoder with it)
     if system in ("sd", "ldm"):
@@ -382,6 +400,8 @@ def train(
     )
     for module in models.values():
         module.requires_grad_(False)
+    if not main:
+        return None  # rank 0 writes the folder and evaluates
 
     # --- the folder, read back as a user would (fp16 weights), with the folder's scheduler
     components = dict(models)
@@ -431,14 +451,20 @@ def main_train(
     quick: bool,
     autoencoder_from: str | None = None,
     timeline_minutes: float | None = None,
+    steps: int | None = None,
 ) -> int:
-    train(
-        system,
-        out,
-        minutes=minutes,
-        seed=seed,
-        quick=quick,
-        autoencoder_from=autoencoder_from,
-        timeline_minutes=timeline_minutes,
-    )
+    distributed.start()  # under torchrun: join the other ranks (train/distributed.py)
+    try:
+        train(
+            system,
+            out,
+            minutes=minutes,
+            seed=seed,
+            quick=quick,
+            autoencoder_from=autoencoder_from,
+            timeline_minutes=timeline_minutes,
+            steps=steps,
+        )
+    finally:
+        distributed.stop()
     return 0
