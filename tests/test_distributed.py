@@ -326,6 +326,8 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused(tmp_path):
         (b"\n# only a comment\n\n", "holds no prompt"),
         (b"a red circle\na blue \xe9toile\n", "line 2 holds the byte 0xE9"),
         (b"a red circle --seed -3\n", "line 1: --seed -3 is not a seed"),
+        (b"a red circle\na blue square --seed\n", "line 2: --seed goes at the end"),
+        (b"a red circle --seed 3 on blue\n", "line 1: --seed goes at the end"),
         # the second line's seed is --seed (0) plus its number (1): line 1's
         (b"a red circle --seed 1\na red circle\n", "line 2: the same prompt and seed as line 1"),
     ],
@@ -342,6 +344,15 @@ def test_bad_prompt_files_are_refused_before_loading(content, words, monkeypatch
         main(["sd", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "out")])
     print(raised.value)
     assert str(raised.value).startswith("error: ") and words in str(raised.value)
+
+
+@pytest.mark.parametrize("steps", ["0", "-2"])
+def test_train_refuses_steps_below_one(steps, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["train", "sd", "--out", str(tmp_path / "run"), "--quick", "--steps", steps])
+    print(raised.value)
+    assert f"--steps must be a positive number of steps per stage, got {steps}" in str(raised.value)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_a_prompt_and_prompts_together_are_refused(tmp_path):

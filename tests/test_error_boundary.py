@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed
 
 import minildm.__main__ as command_line
 from minildm.checkpoints.weights import CheckpointError
@@ -28,6 +30,12 @@ CAUSES = [
     (OSError(errno.ENOSPC, "No space left on device", "outputs/a.png"), 3, "No space left"),
     (PermissionError(errno.EACCES, "Permission denied", "outputs"), 3, "Permission denied"),
     (KeyboardInterrupt(), 130, "interrupted"),
+    # under torchrun, a rank whose partner died while it waited at a gradient average
+    (
+        torch.distributed.DistBackendError("Connection closed by peer [127.0.0.1]:29500"),
+        5,
+        "another process of this torchrun run stopped or cannot be reached (DistBackendError",
+    ),
     (TypeError("unsupported operand type(s)"), 70, "This is a bug in minildm: please report it"),
     (AssertionError("shapes differ"), 70, "internal error: AssertionError: shapes differ"),
 ]

@@ -326,6 +326,11 @@ def read_prompts(path: str, first_seed: int) -> list:
                     f"--prompts {path}, line {number}: --seed {given} is not a seed in [0, 2**63)"
                 )
             seed = int(given)
+        elif "--seed" in line:  # not silently part of the prompt
+            raise ValueError(
+                f"--prompts {path}, line {number}: --seed goes at the end of the line, followed "
+                "by one number: PROMPT --seed N"
+            )
         if not prompt:
             raise ValueError(f"--prompts {path}, line {number}: a --seed with no prompt before it")
         if (prompt, seed) in seen:

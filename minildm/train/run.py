@@ -208,6 +208,7 @@ def train(
     """Train the tiny `system` into `out` (see the module docstring). Returns training.json's
     content (under torchrun: rank 0; the other ranks None). `steps`: each stage stops after that
     many steps, or sooner when its share of the minutes is spent."""
+    distributed.start()  # under torchrun: join the other ranks (train/distributed.py)
     if system not in SYSTEMS:
         raise ValueError(f"train {system!r}: expected one of {', '.join(SYSTEMS)}")
     if minutes is None:
@@ -453,7 +454,6 @@ def main_train(
     timeline_minutes: float | None = None,
     steps: int | None = None,
 ) -> int:
-    distributed.start()  # under torchrun: join the other ranks (train/distributed.py)
     try:
         train(
             system,
