@@ -79,6 +79,67 @@ STAR_INNER = 0.45  # the star's inner radius over its outer one (r)
 AREA_PER_R2["star"] = 5 * STAR_INNER * np.sin(np.pi / 5)
 COLOURS = {**PALETTE, **NEW_COLOURS}  # every colour a shape can be drawn in
 
+# --- other colours and outlines, for the autoencoder alone ----------------------------------------
+# SD's autoencoder learned a wider world than its UNet's captions: CompVis/latent-diffusion's
+# configs/autoencoder/autoencoder_kl_32x32x4.yaml trains it on OpenImages. The tiny SD's first
+# stage likewise sees, beside the world's drawings, as many of any other colour and convex outline,
+# so that its latents can hold the colour and the shape fine-tuning teaches (a first stage trained on
+# nine colours alone decodes pink as red or purple). It never sees pink (other_colour keeps away
+# from it) nor a star (every outline is convex); the UNet and text encoder see the world only.
+PINK_GAP = 80.0
+OTHER_GAP = 60.0  # a shape's colour at least this far from its background's
+
+
+def other_colour(rng: np.random.Generator) -> tuple:
+    """Uniform over RGB but for pink's neighbourhood: every colour within PINK_GAP of it or nearer
+    to it than to any of the palette's nine (8.8% of the cube)."""
+    palette = np.array(list(PALETTE.values()), dtype=np.float64)
+    pink = np.array(NEW_COLOURS["pink"], dtype=np.float64)
+    while True:
+        rgb = rng.integers(0, 256, 3)
+        to_pink = np.linalg.norm(rgb - pink)
+        if to_pink > PINK_GAP and to_pink > np.linalg.norm(rgb - palette, axis=1).min():
+            return tuple(int(v) for v in rgb)
+
+
+def other_drawing(rng: np.random.Generator) -> np.ndarray:
+    """(64, 64, 3) uint8: one outline of a random colour on a random background, placed and sized
+    about as the world's shapes are: the world's circle, square or triangle, an ellipse, or a
+    convex polygon of 3 to 8 corners on a circle (regular and turned, or irregular)."""
+    s = SUPERSAMPLE
+    background = other_colour(rng)
+    fill = other_colour(rng)
+    while np.linalg.norm(np.subtract(fill, background)) < OTHER_GAP:
+        fill = other_colour(rng)
+    canvas = Image.new("RGB", (SIZE * s, SIZE * s), background)
+    pen = ImageDraw.Draw(canvas)
+    (x, y), r = rng.uniform(12, SIZE - 12, 2) * s, rng.uniform(6, 18) * s
+    kind = rng.integers(6)
+    if kind == 0:
+        pen.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif kind == 1:
+        pen.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif kind == 2:
+        pen.polygon(triangle_vertices(x, y, r), fill=fill)
+    elif kind == 3:
+        height = r * rng.uniform(0.4, 0.9)
+        pen.ellipse([x - r, y - height, x + r, y + height], fill=fill)
+    else:
+        corners = rng.integers(3, 9)
+        if kind == 4:  # corners anywhere on the circle: still convex
+            angles = np.sort(rng.uniform(0, 2 * np.pi, corners))
+        else:  # regular, turned at random
+            angles = rng.uniform(0, 2 * np.pi) + np.arange(corners) * 2 * np.pi / corners
+        pen.polygon([(x + r * np.cos(a), y + r * np.sin(a)) for a in angles], fill=fill)
+    return np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX))
+
+
+def other_drawings(n: int, seed: int) -> np.ndarray:
+    """n of other_drawing: (n, 64, 64, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    return np.stack([other_drawing(rng) for _ in range(n)])
+
+
 # What fine-tuning is scored on, never shown while it learns (minildm/train/finetune.py): pink
 # shapes on these (shape, background) pairs, and stars in these (colour, background) pairs.
 PINK_HELD_OUT = (

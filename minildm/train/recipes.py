@@ -163,6 +163,9 @@ class Settings:
         ]
         if reuse_autoencoder:
             self.autoencoder_share = 0.0
+        # the tiny SD's autoencoder also learns other colours and outlines (shapes.py,
+        # other_drawing): this share of its drawings, never the UNet's
+        self.other_share = 0.25 if system == "sd" else 0.0
         # drawn once; the second stage sees each image about 30 times, newly noised each time
         self.images = 1024 if quick else 10000
         self.vae_batch = 16  # small batches, many updates: they helped most in our measurements

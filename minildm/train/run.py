@@ -281,7 +281,10 @@ def train(
     if system == "sd":
         autoencoder = AutoencoderKL(settings.models["vae"]).to(memory_format=torch.channels_last)
         start_nearly_deterministic(autoencoder)  # a resumed run loads its weights over this
-        loss = kl_autoencoder_loss(autoencoder, images, settings)
+        # the world's drawings and, a quarter of them, other colours and outlines (shapes.py)
+        extra = round(len(images) * settings.other_share / (1 - settings.other_share))
+        others = torch.from_numpy(shapes.other_drawings(extra, seed + 1))
+        loss = kl_autoencoder_loss(autoencoder, torch.cat([images, others]), settings)
         stage = "vae"
     elif system == "ldm-uncond" and "autoencoder" not in reused:
         autoencoder = VQModel(settings.models["vqvae"]).to(memory_format=torch.channels_last)
