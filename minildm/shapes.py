@@ -82,10 +82,12 @@ COLOURS = {**PALETTE, **NEW_COLOURS}  # every colour a shape can be drawn in
 # --- other colours and outlines, for the autoencoder alone ----------------------------------------
 # SD's autoencoder learned a wider world than its UNet's captions: CompVis/latent-diffusion's
 # configs/autoencoder/autoencoder_kl_32x32x4.yaml trains it on OpenImages. The tiny SD's first
-# stage likewise sees, beside the world's drawings, as many of any other colour and convex outline,
-# so that its latents can hold the colour and the shape fine-tuning teaches (a first stage trained on
-# nine colours alone decodes pink as red or purple). It never sees pink (other_colour keeps away
-# from it) nor a star (every outline is convex); the UNet and text encoder see the world only.
+# stage likewise sees, beside the world's drawings, outlines of other colours and shapes, convex and
+# concave, so that its latents can hold the colour and the shape fine-tuning teaches (a first stage
+# trained on nine colours alone decodes pink as red or purple, and one that saw convex outlines only
+# decodes no star). It never sees pink (other_colour keeps away from it) nor a star
+# (concave_outline redraws whatever the scorer would take for one); the UNet and text encoder see
+# the world only.
 PINK_GAP = 80.0
 OTHER_GAP = 60.0  # a shape's colour at least this far from its background's
 
@@ -104,8 +106,9 @@ def other_colour(rng: np.random.Generator) -> tuple:
 
 def other_drawing(rng: np.random.Generator) -> np.ndarray:
     """(64, 64, 3) uint8: one outline of a random colour on a random background, placed and sized
-    about as the world's shapes are: the world's circle, square or triangle, an ellipse, or a
-    convex polygon of 3 to 8 corners on a circle (regular and turned, or irregular)."""
+    about as the world's shapes are: the world's circle, square or triangle, an ellipse, a convex
+    polygon of 3 to 8 corners on a circle (regular and turned, or irregular), or a concave one
+    (concave_outline)."""
     s = SUPERSAMPLE
     background = other_colour(rng)
     fill = other_colour(rng)
@@ -114,7 +117,7 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
     canvas = Image.new("RGB", (SIZE * s, SIZE * s), background)
     pen = ImageDraw.Draw(canvas)
     (x, y), r = rng.uniform(12, SIZE - 12, 2) * s, rng.uniform(6, 18) * s
-    kind = rng.integers(6)
+    kind = rng.integers(8)
     if kind == 0:
         pen.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif kind == 1:
@@ -124,6 +127,8 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
     elif kind == 3:
         height = r * rng.uniform(0.4, 0.9)
         pen.ellipse([x - r, y - height, x + r, y + height], fill=fill)
+    elif kind >= 6:
+        pen.polygon(concave_outline(rng, x / s, y / s, r / s, s), fill=fill)
     else:
         corners = rng.integers(3, 9)
         if kind == 4:  # corners anywhere on the circle: still convex
@@ -132,6 +137,28 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
             angles = rng.uniform(0, 2 * np.pi) + np.arange(corners) * 2 * np.pi / corners
         pen.polygon([(x + r * np.cos(a), y + r * np.sin(a)) for a in angles], fill=fill)
     return np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX))
+
+
+def concave_outline(rng: np.random.Generator, cx: float, cy: float, r: float, scale: int) -> list:
+    """The corners, times scale, of a polygon of 6 to 14 corners about evenly round its centre at
+    random radii between 0.35 r and r: dents and points as a star has, but never a star as the
+    scorer sees stars. Drawn at (cx,
+    cy) with half-width r in pixels, redrawn while the star is the template it fits best or fits
+    it with an intersection over union of 0.6 or more (drawn stars fit it at least 0.93)."""
+    while True:
+        corners = rng.integers(6, 15)
+        turns = np.arange(corners) + rng.uniform(-0.3, 0.3, corners)  # about evenly round
+        angles = rng.uniform(0, 2 * np.pi) + turns * 2 * np.pi / corners
+        radii = r * rng.uniform(0.35, 1.0, corners)
+        points = [(cx + d * np.cos(a), cy + d * np.sin(a)) for d, a in zip(radii, angles)]
+        canvas = Image.new("L", (SIZE * scale, SIZE * scale), 0)
+        ImageDraw.Draw(canvas).polygon([(x * scale, y * scale) for x, y in points], fill=255)
+        mask = np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX)) >= 128
+        if mask.sum() < 20:
+            continue
+        overlaps = _overlaps(mask, SHAPES + NEW_SHAPES)
+        if max(overlaps, key=overlaps.get) != "star" and overlaps["star"] < 0.6:
+            return [(x * scale, y * scale) for x, y in points]
 
 
 def other_drawings(n: int, seed: int) -> np.ndarray:
@@ -394,20 +421,24 @@ def _read(image: np.ndarray, extended: bool = False):
     if mask is None:
         return dict(colour=None, shape=None, background=background, position=None), 0.0, np.inf
     colour = _nearest(shape_rgb, SHAPE_COLOURS + (tuple(NEW_COLOURS) if extended else ()))
-    ys, xs = np.nonzero(mask)
-    cx = xs.mean()
-    cy = ys.mean()
-    area = float(mask.sum())
-    position = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - cx))
-    overlaps = {}
-    for shape in SHAPES + (NEW_SHAPES if extended else ()):
-        k = AREA_PER_R2[shape]
-        template = _template(shape, cx, cy, np.sqrt(area / k))
-        overlaps[shape] = (template & mask).sum() / (template | mask).sum()  # intersection / union
+    position = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - np.nonzero(mask)[1].mean()))
+    overlaps = _overlaps(mask, SHAPES + (NEW_SHAPES if extended else ()))
     shape = max(overlaps, key=overlaps.get)
     read = dict(colour=colour, shape=shape, background=background, position=position)
     colour_error = float(np.linalg.norm(shape_rgb - np.array(COLOURS[colour])))
     return read, float(overlaps[shape]), colour_error
+
+
+def _overlaps(mask: np.ndarray, kinds: tuple) -> dict:
+    """Each shape's template, of the mask's area and centroid, against the mask (64, 64) bool:
+    intersection over union."""
+    ys, xs = np.nonzero(mask)
+    area = float(mask.sum())
+    overlaps = {}
+    for shape in kinds:
+        template = _template(shape, xs.mean(), ys.mean(), np.sqrt(area / AREA_PER_R2[shape]))
+        overlaps[shape] = (template & mask).sum() / (template | mask).sum()
+    return overlaps
 
 
 # What read_scene accepts as "one recognisable shape": the template overlap and colour error of

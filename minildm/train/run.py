@@ -281,7 +281,7 @@ def train(
     if system == "sd":
         autoencoder = AutoencoderKL(settings.models["vae"]).to(memory_format=torch.channels_last)
         start_nearly_deterministic(autoencoder)  # a resumed run loads its weights over this
-        # the world's drawings and, a quarter of them, other colours and outlines (shapes.py)
+        # the world's drawings and other colours and outlines (shapes.py; settings.other_share)
         extra = round(len(images) * settings.other_share / (1 - settings.other_share))
         others = torch.from_numpy(shapes.other_drawings(extra, seed + 1))
         loss = kl_autoencoder_loss(autoencoder, torch.cat([images, others]), settings)
