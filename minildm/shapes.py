@@ -106,7 +106,7 @@ def other_colour(rng: np.random.Generator) -> tuple:
 
 def other_drawing(rng: np.random.Generator) -> np.ndarray:
     """(64, 64, 3) uint8: one outline of a random colour on a random background, placed and sized
-    about as the world's shapes are: the world's circle, square or triangle, an ellipse, a convex
+    as the world's shapes are: the world's circle, square or triangle, an ellipse, a convex
     polygon of 3 to 8 corners on a circle (regular and turned, or irregular), or a concave one
     (concave_outline)."""
     s = SUPERSAMPLE
@@ -116,7 +116,11 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
         fill = other_colour(rng)
     canvas = Image.new("RGB", (SIZE * s, SIZE * s), background)
     pen = ImageDraw.Draw(canvas)
-    (x, y), r = rng.uniform(12, SIZE - 12, 2) * s, rng.uniform(6, 18) * s
+    # where and how large the world draws its shapes: drawn anywhere and at any size (centres in
+    # 12-52, half-widths 6-18), outlines came back as blobs of the wrong colour, often elsewhere
+    x = (rng.choice(list(POSITIONS.values())) + rng.uniform(-JITTER, JITTER)) * s
+    y = (CENTRE_Y + rng.uniform(-JITTER, JITTER)) * s
+    r = rng.uniform(RADII[0], RADII[1]) * s
     kind = rng.integers(8)
     if kind == 0:
         pen.ellipse([x - r, y - r, x + r, y + r], fill=fill)
