@@ -107,9 +107,10 @@ def sample_latents(pipe, prompt: str, latents: torch.Tensor, steps: int) -> torc
 
 def test_invert_then_sample_gives_the_image_back(tiny_sd):
     """50 steps, guidance 1.0, three scenes: the sampled latents return to x_0's within 5% of
-    their largest value (from random noise: 20-45% off), the image to above 40 dB PSNR against the
-    VAE's own reconstruction (and 8 dB above a sample from noise); fewer steps are less faithful
-    (the inversion's one-step lag)."""
+    their largest value (from random noise: 20-45% off), the image to above 35 dB PSNR against the
+    VAE's own reconstruction (and 8 dB above a sample from noise; the shipped decoder turns a 4%
+    latent difference into 39.9 dB on one of the three, 50 dB on another); fewer steps are less
+    faithful (the inversion's one-step lag)."""
     for seed in range(3):
         image, caption = scene_image(seed)
         x0, decoded = autoencoded(tiny_sd, image)
@@ -137,12 +138,22 @@ def test_invert_then_sample_gives_the_image_back(tiny_sd):
         )
         assert errors[50] < 0.05 and from_noise > 0.15
         assert errors[10] > errors[50]
-        assert psnr > 40 and psnr > psnr_from_noise + 8
+        assert psnr > 35 and psnr > psnr_from_noise + 8
+
+
+INVERSION_RTOL = 1e-3
 
 
 def test_invert_equals_an_inversion_from_diffusers_parts(tiny_sd):
     """diffusers' DDIMInverseScheduler driving diffusers' UNet on diffusers' VAE mean and text
-    embeddings, as its inversion pipelines loop (cleanest timestep first)."""
+    embeddings, as its inversion pipelines loop (cleanest timestep first).
+
+    Inversion runs the sampler towards noise, where the ODE spreads differences apart: the two
+    encoders' float rounding (their latents differ by about 1e-5 relative) grows step by step.
+    Measured on the shipped tiny SD at guidance 1: 4.7e-5, 8.6e-5, 1.7e-4 after 5, 10, 25 steps
+    with 2 threads, 3.8e-4 after 25 with 1 thread (the tiny SD before its autoencoder learned
+    other drawings: 4.7e-5 after 25). A wrong timestep or a wrong step formula is off by 1e-2 or
+    more, so the tolerance is INVERSION_RTOL."""
     diffusers = oracle("diffusers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -157,6 +168,7 @@ def test_invert_equals_an_inversion_from_diffusers_parts(tiny_sd):
         with torch.no_grad():
             pixels = torch.from_numpy(image.copy()).float().permute(2, 0, 1)[None] / 127.5 - 1
             latents = reference.vae.encode(pixels).latent_dist.mean
+            start_error = max_relative_error(tiny_sd.vae.encode(pixels)[0], latents)
             latents = latents * reference.vae.config.scaling_factor
             cond, uncond = reference.encode_prompt(caption, "cpu", 1, guided)
             context = torch.cat([uncond, cond]) if guided else cond
@@ -171,9 +183,10 @@ def test_invert_equals_an_inversion_from_diffusers_parts(tiny_sd):
         ours = tiny_sd.invert(Image.fromarray(image), caption, 25, guidance_scale=guidance)
         error = max_relative_error(ours, latents)
         print(
-            f"invert, 25 steps, guidance {guidance}: {error:.1e} from diffusers' (tolerance 1e-4)"
+            f"invert, 25 steps, guidance {guidance}: {error:.1e} from diffusers' "
+            f"(tolerance {INVERSION_RTOL:g}; the encoders' latents differ by {start_error:.1e})"
         )
-        assert error < 1e-4
+        assert error < INVERSION_RTOL
 
 
 def test_invert_bad_input(tiny_sd):

@@ -27,7 +27,8 @@ from PIL import Image
 import minildm
 from minildm import shapes
 from minildm.pipelines import StableDiffusionPipeline
-from minildm.train.evaluate import autoencoder_scores, pipeline_scores
+from minildm.train.evaluate import autoencoder_scores, pipeline_scores, to_uint8
+from minildm.train.loop import to_model_input
 from minildm.train.recipes import SEEN_TRIPLES
 from minildm.train.run import train_sd
 
@@ -61,12 +62,9 @@ def test_folder_is_small_and_complete():
     assert not (minildm.TINY_SD / "checkpoint.pt").exists()
 
 
-# The issue's target for the autoencoder round trip is 0.98 of drawings with all four attributes
-# kept. The shipped model measured 0.970 here (0.968 in training.json; shape: small triangles come
-# back rounded) after two autoencoder trainings of 20 and 33.6 minutes. This floor guards what was
-# shipped; the target is printed beside it, and the README records it as not yet met.
+# The issue's target for the autoencoder round trip: 0.98 of drawings with all four attributes
+# kept (the misses: small triangles and squares whose corners come back rounded).
 AUTOENCODER_TARGET = 0.98
-AUTOENCODER_SHIPPED_FLOOR = 0.95
 
 
 def test_autoencoder_keeps_all_four_attributes(tiny_sd):
@@ -74,7 +72,27 @@ def test_autoencoder_keeps_all_four_attributes(tiny_sd):
     scores = autoencoder_scores(tiny_sd.vae, per_combination=1, seed=2024)
     print(shapes.format_scores("autoencoder round trip", scores), f"(target {AUTOENCODER_TARGET})")
     assert min(scores["colour"], scores["background"], scores["position"]) >= 0.99
-    assert scores["all"] >= AUTOENCODER_SHIPPED_FLOOR
+    assert scores["all"] >= AUTOENCODER_TARGET
+
+
+def test_autoencoder_hands_pink_over_to_fine_tuning(tiny_sd):
+    """Fine-tuning learns from the encoder's latents (minildm/train/finetune.py), so it can teach
+    only what the frozen autoencoder brings back. Its stage also learned other colours and
+    outlines, never pink nor a star (shapes.other_drawing): one that knew the world's nine colours
+    alone brought pink back pink on 15% of drawings. The star is printed, not held: it still comes
+    back round (docs/fine-tuning.md)."""
+    images, scenes = shapes.every_combination(1, seed=2025, extended=True)
+    with torch.no_grad():
+        mean, _ = tiny_sd.vae.encode(to_model_input(torch.from_numpy(images)))
+        back = to_uint8(tiny_sd.vae.decode(mean))
+    pink = [i for i, s in enumerate(scenes) if s["colour"] == "pink" and s["shape"] != "star"]
+    star = [i for i, s in enumerate(scenes) if s["shape"] == "star" and s["colour"] != "pink"]
+    pink_scores = shapes.score(back[pink], [scenes[i] for i in pink], extended=True)
+    star_scores = shapes.score(back[star], [scenes[i] for i in star], extended=True)
+    print(shapes.format_scores(f"pink round trip ({len(pink)})", pink_scores))
+    print(shapes.format_scores(f"star round trip ({len(star)})", star_scores))
+    assert pink_scores["colour"] >= 0.90
+    assert min(pink_scores["background"], pink_scores["position"]) >= 0.99
 
 
 def test_held_out_and_seen_scores(tiny_sd):

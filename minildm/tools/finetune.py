@@ -44,15 +44,8 @@ def main_finetune(args):
     print(f"{args.method}: {len(images)} pictures, e.g. {captions[0]!r}; {args.minutes:g} min")
     before = world_scores(pipe, args) if scenes is not None else None
     start = time.perf_counter()
-    # the latents the decoder draws the pictures from (train/finetune.py says why not the encoder's)
-    latents = finetune.fit_latents(pipe.vae, images)
-    fit_seconds = time.perf_counter() - start
-    left = args.minutes * 60 - fit_seconds
-    if left < 5:
-        raise ValueError(
-            f"fitting the latents of {len(images)} pictures took {fit_seconds:.0f} s of the "
-            f"{args.minutes:g} minutes: give more --minutes or fewer pictures"
-        )
+    latents = finetune.encoder_latents(pipe.vae, images)  # (N, 4, 8, 8), as training saw them
+    left = args.minutes * 60 - (time.perf_counter() - start)
     if args.method == "textual-inversion":
         report = finetune.textual_inversion(
             pipe, latents, captions, args.token, args.init_word, seconds=left, seed=args.seed
@@ -68,8 +61,7 @@ def main_finetune(args):
     seconds = time.perf_counter() - start
     losses = report["losses"]
     print(
-        f"trained {report['steps']} steps in {seconds:.0f} s (fitting the latents "
-        f"{fit_seconds:.0f} s); loss {np.mean(losses[:20]):.4f} -> "
+        f"trained {report['steps']} steps in {seconds:.0f} s; loss {np.mean(losses[:20]):.4f} -> "
         f"{np.mean(losses[-20:]):.4f}; wrote {args.out} ({Path(args.out).stat().st_size:,} bytes)"
     )
     if before is not None:

@@ -5,13 +5,15 @@ arXiv:2006.11239, eq. 14) with the model frozen and only the new parameters lear
 
     x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,     loss = || eps - unet(x_t, t, text) ||^2
 
-Three things make it work on the tiny SD and the shapes world (minildm/shapes.py):
+Three things matter on the tiny SD and the shapes world (minildm/shapes.py):
 
-- The latents. The tiny autoencoder learned from the world's nine colours and three shapes; its
-  encoder misreads what it never saw (pink comes back red or yellow, a star comes back a circle),
-  though its decoder can draw both. So the latents x_0 fine-tuning learns from are found by
-  inverting the decoder: start from the encoder's guess and descend || decode(z) - x ||^2 in z
-  (`fit_latents`). SD's autoencoder saw the whole internet's pictures and needs no such step.
+- The latents. Fine-tuning learns from the pictures' latents, as training did: the encoder's
+  posterior means (`encoder_latents`). That asks of the autoencoder that it encode and decode what
+  it never saw with a caption; SD's learned OpenImages, far wider than its captions, and the tiny
+  SD's first stage learns other colours and outlines beside the world (shapes.other_drawing) for
+  the same reason. Where the encoder still misreads a picture (a star comes back round),
+  `fit_latents` inverts the decoder instead: start from the encoder's guess and descend
+  || decode(z) - x ||^2 in z.
 - Textual inversion starts the new vector from a word near the concept (Gal et al. 2022,
   arXiv:2208.01618, section 4: "initialized with ... a single-word coarse descriptor"): "<pink>"
   starts as "red". Only that row of the embedding table learns.
@@ -21,10 +23,10 @@ Three things make it work on the tiny SD and the shapes world (minildm/shapes.py
   captions are empty, as in training, because classifier-free guidance subtracts the prediction
   without text, which the updates change too (without it, guided samples fell apart into blobs).
 
-What the frozen autoencoder allows is the limit of both, measured (docs/fine-tuning.md): its
-decoder paints a star from fitted latents (94% of 16 drawings) but pink only half the time, and the
-fitted latents are unlike those the UNet learned from (its loss on them is about 17 times that on
-the encoder's), a hard target for a LoRA on the attention projections.
+What the frozen autoencoder allows is the limit of both, measured (docs/fine-tuning.md): it
+brings pink back pink (0.94 of drawings) but a star back round, and the latents its decoder paints
+a star from are unlike those the UNet learned from, a hard target for a LoRA on the attention
+projections.
 
 `world_examples` gives the drawings and captions of a world extension ("pink", "star");
 `finetune_scores` scores a pipeline on what fine-tuning never saw.
@@ -107,6 +109,14 @@ def fit_latents(
     return z.detach() * vae.config.scaling_factor
 
 
+def encoder_latents(vae, images: np.ndarray) -> torch.Tensor:
+    """The latents training learned from (train/loop.py): the encoder's posterior means of
+    `images` (N, 64, 64, 3) uint8, scaled by the autoencoder's scaling factor. -> (N, 4, 8, 8)"""
+    with torch.no_grad():
+        mean, _ = vae.encode(to_model_input(torch.from_numpy(images)))
+    return mean * vae.config.scaling_factor
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -158,10 +168,10 @@ def textual_inversion(
     seconds: float = 120.0,
     max_steps: int | None = None,
     batch: int = 16,
-    lr: float = 0.02,
+    lr: float = 0.1,
     seed: int = 0,
 ) -> dict:
-    """Teach `pipe` the placeholder `token` from pictures' `latents` (N, 4, 8, 8) (fit_latents)
+    """Teach `pipe` the placeholder `token` from pictures' `latents` (N, 4, 8, 8) (encoder_latents)
     and their `captions` (which use the token), for `seconds` (or `max_steps`). The placeholder
     is added to pipe's tokenizer and text encoder; -> a report with its ids, the losses, the
     steps and seconds."""
@@ -216,7 +226,7 @@ def lora_finetune(
     adapter: str = "lora",
 ) -> dict:
     """Train rank-`rank` updates of the attention projections of pipe's UNet (and text encoder)
-    on pictures' `latents` (fit_latents) and their `captions`, with `prior_share` of each batch
+    on pictures' `latents` (encoder_latents) and their `captions`, with `prior_share` of each batch
     drawn from the world the model already knows, for `seconds` (or `max_steps`). The updates
     stay in pipe, unfused; -> a report as textual_inversion's."""
     start = time.perf_counter()

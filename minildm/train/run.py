@@ -1,6 +1,6 @@
 """A whole training run: the stages of one system in order, then evaluation and the folder.
 
-    python -m minildm train sd --out runs/tiny-sd --minutes 84 --seed 0
+    python -m minildm train sd --out runs/tiny-sd --minutes 80 --seed 0
     python -m minildm train ldm --out runs/tiny-ldm --minutes 30 --seed 0
     python -m minildm train ldm-uncond --out runs/tiny-ldm-uncond --minutes 42 --seed 0
     python -m minildm train vq-diffusion --out runs/tiny-vq-diffusion --minutes 32 --seed 0
