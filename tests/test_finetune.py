@@ -3,6 +3,8 @@ files (`sd --lora`, `sd --embedding`): arguments refused before anything loads, 
 folder of pictures that writes a file the pipeline and diffusers' layout read, and the command
 line's images equal to the pipeline's with the same files."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,25 @@ def test_a_short_lora_run_on_a_folder_writes_a_file_the_pipeline_reads(tmp_path,
     change = np.abs(after - before).max()
     print(f"the LoRA changes the image by {change:.3f}")
     assert change > 1e-3  # B moved away from zero: the updates learned something
+
+
+def test_a_run_with_no_time_left_after_encoding_is_refused(tmp_path, monkeypatch):
+    """--minutes covers the encoding too; when it takes them all, no step would run and the file
+    would hold the untrained start: refused, nothing written."""
+    pictures = star_pictures(tmp_path / "stars", 2)
+    encode = finetune.encoder_latents
+
+    def slow_encoder_latents(vae, images):
+        time.sleep(6.5)  # more than --minutes 0.1
+        return encode(vae, images)
+
+    monkeypatch.setattr(finetune, "encoder_latents", slow_encoder_latents)
+    out = tmp_path / "star.safetensors"
+    with pytest.raises(SystemExit) as raised:
+        main(["finetune", "lora", "--images", str(pictures), "--minutes", "0.1",
+              "--out", str(out)])  # fmt: skip
+    print(raised.value)
+    assert "leaving none to train" in str(raised.value) and not out.exists()
 
 
 def test_a_short_textual_inversion_run_adds_the_token(tmp_path, capsys):

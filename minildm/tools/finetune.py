@@ -45,7 +45,13 @@ def main_finetune(args):
     before = world_scores(pipe, args) if scenes is not None else None
     start = time.perf_counter()
     latents = finetune.encoder_latents(pipe.vae, images)  # (N, 4, 8, 8), as training saw them
-    left = args.minutes * 60 - (time.perf_counter() - start)
+    encoding = time.perf_counter() - start
+    left = args.minutes * 60 - encoding
+    if left < 1:  # no step would run, and the file would hold the untrained start
+        raise ValueError(
+            f"encoding the {len(images)} pictures took {encoding:.0f} s of the {args.minutes:g} "
+            "minutes, leaving none to train: give more --minutes or fewer pictures"
+        )
     if args.method == "textual-inversion":
         report = finetune.textual_inversion(
             pipe, latents, captions, args.token, args.init_word, seconds=left, seed=args.seed
