@@ -85,9 +85,9 @@ COLOURS = {**PALETTE, **NEW_COLOURS}  # every colour a shape can be drawn in
 # stage likewise sees, beside the world's drawings, outlines of other colours and shapes, convex and
 # concave, so that its latents can hold the colour and the shape fine-tuning teaches (a first stage
 # trained on nine colours alone decodes pink as red or purple, and one that saw convex outlines only
-# decodes no star, nor one that saw blobby concave outlines alone). It never sees pink
-# (other_colour keeps away from it) nor a star (concave_outline and pointed_outline redraw whatever
-# the scorer would take for one); the UNet and text encoder see the world only.
+# decodes no star). It never sees pink (other_colour keeps away from it) nor a star
+# (concave_outline redraws whatever the scorer would take for one); the UNet and text encoder see
+# the world only.
 PINK_GAP = 80.0
 OTHER_GAP = 60.0  # a shape's colour at least this far from its background's
 
@@ -108,7 +108,7 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
     """(64, 64, 3) uint8: one outline of a random colour on a random background, placed and sized
     as the world's shapes are: the world's circle, square or triangle, an ellipse, a convex
     polygon of 3 to 8 corners on a circle (regular and turned, or irregular), or a concave one
-    (concave_outline, pointed_outline)."""
+    (concave_outline)."""
     s = SUPERSAMPLE
     background = other_colour(rng)
     fill = other_colour(rng)
@@ -121,7 +121,7 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
     x = (rng.choice(list(POSITIONS.values())) + rng.uniform(-JITTER, JITTER)) * s
     y = (CENTRE_Y + rng.uniform(-JITTER, JITTER)) * s
     r = rng.uniform(RADII[0], RADII[1]) * s
-    kind = rng.integers(10)
+    kind = rng.integers(8)
     if kind == 0:
         pen.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif kind == 1:
@@ -131,10 +131,8 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
     elif kind == 3:
         height = r * rng.uniform(0.4, 0.9)
         pen.ellipse([x - r, y - height, x + r, y + height], fill=fill)
-    elif kind in (6, 7):
+    elif kind >= 6:
         pen.polygon(concave_outline(rng, x / s, y / s, r / s, s), fill=fill)
-    elif kind >= 8:
-        pen.polygon(pointed_outline(rng, x / s, y / s, r / s, s), fill=fill)
     else:
         corners = rng.integers(3, 9)
         if kind == 4:  # corners anywhere on the circle: still convex
@@ -148,46 +146,23 @@ def other_drawing(rng: np.random.Generator) -> np.ndarray:
 def concave_outline(rng: np.random.Generator, cx: float, cy: float, r: float, scale: int) -> list:
     """The corners, times scale, of a polygon of 6 to 14 corners about evenly round its centre at
     random radii between 0.35 r and r: dents and points as a star has, but never a star as the
-    scorer sees stars (looks_like_a_star). Drawn at (cx, cy) with half-width r in pixels."""
+    scorer sees stars. Drawn at (cx,
+    cy) with half-width r in pixels, redrawn while the star is the template it fits best or fits
+    it with an intersection over union of 0.6 or more (drawn stars fit it at least 0.93)."""
     while True:
         corners = rng.integers(6, 15)
         turns = np.arange(corners) + rng.uniform(-0.3, 0.3, corners)  # about evenly round
         angles = rng.uniform(0, 2 * np.pi) + turns * 2 * np.pi / corners
         radii = r * rng.uniform(0.35, 1.0, corners)
         points = [(cx + d * np.cos(a), cy + d * np.sin(a)) for d, a in zip(radii, angles)]
-        if not looks_like_a_star(points, scale):
+        canvas = Image.new("L", (SIZE * scale, SIZE * scale), 0)
+        ImageDraw.Draw(canvas).polygon([(x * scale, y * scale) for x, y in points], fill=255)
+        mask = np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX)) >= 128
+        if mask.sum() < 20:
+            continue
+        overlaps = _overlaps(mask, SHAPES + NEW_SHAPES)
+        if max(overlaps, key=overlaps.get) != "star" and overlaps["star"] < 0.6:
             return [(x * scale, y * scale) for x, y in points]
-
-
-POINTED_COUNTS = (3, 4, 6, 7, 8)  # never five
-
-
-def pointed_outline(rng: np.random.Generator, cx: float, cy: float, r: float, scale: int) -> list:
-    """The corners, times scale, of a star of 3, 4, 6, 7 or 8 points (never five), turned at
-    random, its notches at 0.25 r to 0.5 r: the sharp points and deep notches a five-pointed star
-    has, which the blobby concave outlines seldom have (an autoencoder that saw only those still
-    brought a star back round), but never a star as the scorer sees stars (looks_like_a_star)."""
-    while True:
-        points = rng.choice(POINTED_COUNTS)
-        angles = rng.uniform(0, 2 * np.pi) + np.arange(2 * points) * np.pi / points
-        radii = np.where(np.arange(2 * points) % 2 == 0, r, r * rng.uniform(0.25, 0.5))
-        corners = [(cx + d * np.cos(a), cy + d * np.sin(a)) for d, a in zip(radii, angles)]
-        if not looks_like_a_star(corners, scale):
-            return [(x * scale, y * scale) for x, y in corners]
-
-
-def looks_like_a_star(points: list, scale: int) -> bool:
-    """Whether the polygon of `points` (pixels), drawn at `scale` and box-filtered down as drawings
-    are, is too small to read (under 20 pixels: redraw it) or reads as a star: the scorer's star
-    template fits it best of all, or with an intersection over union of 0.6 or more (drawn stars
-    fit it at least 0.93)."""
-    canvas = Image.new("L", (SIZE * scale, SIZE * scale), 0)
-    ImageDraw.Draw(canvas).polygon([(x * scale, y * scale) for x, y in points], fill=255)
-    mask = np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX)) >= 128
-    if mask.sum() < 20:
-        return True
-    overlaps = _overlaps(mask, SHAPES + NEW_SHAPES)
-    return max(overlaps, key=overlaps.get) == "star" or overlaps["star"] >= 0.6
 
 
 def other_drawings(n: int, seed: int) -> np.ndarray:
