@@ -193,10 +193,14 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_train_the_weights_of_one(runs):
-    """After 20 + 20 steps, 2 ranks differ from one process no more than one process differs
-    from itself with another thread count: Adam divides each gradient by its own size, so a
-    rounding difference in a near-zero gradient moves a weight by the learning rate, in any
-    change of summation order (measured: 2.7e-3 of a GroupNorm bias's largest weight)."""
+    """After 20 + 20 steps, 2 ranks differ from one process within the issue's 1e-5 relative, or
+    no more than twice what one process differs from itself with another thread count, where
+    that is larger: Adam divides each gradient by its own size, so a rounding difference in a
+    near-zero gradient moves a weight by the learning rate, in any change of summation order
+    (measured: 2.7e-3 of a GroupNorm bias's largest weight). The thread yardstick alone depends on
+    the host: the autoencoder's 2 ranks were 5.2e-6 and 5.0e-6 from one process on an AVX2 and an
+    AVX-512 host, its 2 threads 5.0e-6 and 1.8e-6; the UNet's 2 ranks 1.0e-5 and 9.0e-6, its 2
+    threads 1.1e-5 and 8.8e-6."""
     folder, output = runs["2 ranks"]
     print(output[-1200:])
     # rank 0 alone speaks and writes
@@ -211,7 +215,7 @@ def test_two_processes_train_the_weights_of_one(runs):
             f"{model}: relative difference of all its weights from one process with 1 thread: "
             f"2 ranks {ranks[model]:.1e}, 2 threads {threads[model]:.1e}"
         )
-        assert ranks[model] <= 2 * threads[model] + 1e-7
+        assert ranks[model] <= max(1e-5, 2 * threads[model])
 
 
 def difference_by_model(a: dict, b: dict) -> dict:
