@@ -154,8 +154,11 @@ def retain_freed_memory() -> bool:
     pages the kernel must fault in and zero again, about 830,000 page faults (3.3 GB) and 1.5-2 s
     of system time per SD UNet step at 64x64 on the 2-core host, a fifth of the step. With mmap
     off and no trimming, the pages a step freed serve the next. The cost: the process keeps its
-    peak working set. Process-wide (every library in the process gains, diffusers too), so only
-    the command line and `bench` call it. Returns whether it applied (glibc on Linux only).
+    peak working set. Process-wide (every library in the process gains, diffusers too), so
+    minildm never calls it on import: the command line, `bench` and the lessons do, and a script
+    that wants their speed calls it first (docs/speed.md: without it the SD UNet step took 1.08x
+    as long in fp32, the 512x512 decode 1.35x). Returns whether it applied (glibc on Linux
+    only).
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -62,6 +62,19 @@ def test_lessons_find_their_weights_with_the_shared_helper():
             print(f"{name}: {code.count('official_or_tiny(')} official_or_tiny calls")
 
 
+def test_lessons_that_may_load_official_weights_keep_freed_memory_first():
+    """At official size a notebook is as fast as the command line only after
+    retain_freed_memory() (docs/speed.md, "The API path"): each lesson that may load official
+    weights calls it in the cell that chooses them, before any model runs."""
+    for name in LESSONS:
+        for cell in code_cells(read(name)):
+            code = "".join(cell["source"])
+            if "official_or_tiny(" in code:
+                chooses = code.rindex("official_or_tiny(")
+                assert "retain_freed_memory()" in code[chooses:], name
+                assert ".from_pretrained(" not in code[: code.index("retain_freed_memory()")]
+
+
 @pytest.fixture(scope="module")
 def executed():
     """Runs every lesson once, in a python3 kernel started in notebooks/ as Jupyter would, so that

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from minildm.autoencoder import KL_F8
@@ -35,6 +36,7 @@ from minildm.checkpoints.unet import config_to_diffusers as unet_config_to_diffu
 from minildm.checkpoints.unet import load_unet
 from minildm.clip import CLIP_VIT_L_14
 from minildm.cpu_speed import (
+    native_bf16,
     plain_pytorch,
     retain_freed_memory,
     speed_up,
@@ -50,23 +52,68 @@ PROMPT = "a photograph of an astronaut riding a horse"
 def host() -> str:
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return (
-        f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{cpu_model()} ({platform.machine()}), {torch.get_num_threads()} threads, "
         f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {bf16}, torch {torch.__version__}"
     )
 
 
-def matmul_gflops(dtype: torch.dtype, device, n: int = 2048, repeats: int = 3) -> float:
-    """What this machine reaches on the operation it runs fastest: an n x n matrix product."""
+def cpu_model() -> str:
+    """The CPU's name as the kernel reports it (speed figures hold for one kind of host only)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def matmul_gflops(
+    dtype: torch.dtype, device, n: int = 2048, repeats: int = 3, onednn: bool = False
+) -> float:
+    """What this machine reaches on the operation it runs fastest: an n x n matrix product; on
+    the CPU torch's (MKL in the CPU wheels), or with onednn=True oneDNN's, which minildm's linear
+    layers run on (cpu_speed.py)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b  # warm-up
+
+    def product():
+        if onednn:  # a b^T, as a linear layer computes it: the same work as a b
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        return a @ b
+
+    product()  # warm-up
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        product()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     return 2 * n**3 / min(seconds) / 1e9
+
+
+# The attention probe: SD's largest attention, the self-attention of the 64x64 level at 512x512
+# (4,096 pixels, 8 heads of 40 channels), batch 2 as classifier-free guidance runs it.
+ATTENTION_SHAPE = (2, 8, 4096, 40)
+
+
+def attention_probe(dtype: torch.dtype, device, repeats: int = 3) -> tuple:
+    """(seconds, GFLOP/s) of the attention kernel the models call, F.scaled_dot_product_attention,
+    on ATTENTION_SHAPE: 4 B H N^2 d floating-point operations (the two products; the softmax's
+    exponentials come on top)."""
+    B, H, N, d = ATTENTION_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(ATTENTION_SHAPE, generator=generator).to(device, dtype) for _ in "qkv")
+    seconds = []
+    with torch.inference_mode():
+        F.scaled_dot_product_attention(q, k, v)  # warm-up
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v)
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return min(seconds), 4 * B * H * N * N * d / min(seconds) / 1e9
 
 
 def synchronize(device):
@@ -432,19 +479,80 @@ def bench(
     repeats=3,
     compare=False,
     compile=False,
+    api_path=True,
 ):
+    """Prints the host, the probes and the part's timings; on the CPU first the same timings in a
+    fresh process that leaves malloc as Python does (the API path: a script or notebook that does
+    not call retain_freed_memory), then in this one, which calls it as the command line does.
+    Returns the command line's result, with the API path's under "api_path"."""
     print(f"host: {host()}")
     if part == "load":
         return report_loading(load_work(repeats, compare))
-    if torch.device(device).type == "cpu" and retain_freed_memory():
-        print(
-            "glibc malloc keeps freed memory for reuse (cpu_speed.retain_freed_memory), "
-            "for both implementations: the process is shared"
-        )
+    on_cpu = torch.device(device).type == "cpu"
+    arguments = dict(part=part, size=size, dtype=str(dtype).removeprefix("torch."), steps=steps)
+    arguments.update(repeats=repeats, compare=compare, compile=compile)
+    api = api_path_timings(arguments) if on_cpu and api_path else None  # before this one is big
+    name = str(dtype).removeprefix("torch.")
     probe = matmul_gflops(dtype, device)
-    print(f"matmul probe (2048 x 2048, {str(dtype).removeprefix('torch.')}): {probe:.0f} GFLOP/s")
+    if on_cpu:
+        onednn = matmul_gflops(dtype, device, onednn=True) if onednn_probe_runs(dtype) else None
+        print(
+            f"GEMM probes (2048 x 2048, {name}): torch/MKL {probe:.0f} GFLOP/s, oneDNN "
+            + (f"{onednn:.0f} GFLOP/s" if onednn else "not run (no native kernels for it)")
+        )
+    else:
+        print(f"matmul probe (2048 x 2048, {name}): {probe:.0f} GFLOP/s")
+    seconds, attention = attention_probe(dtype, device)
+    shape = ", ".join(map(str, ATTENTION_SHAPE))
+    print(
+        f"attention kernel (scaled_dot_product_attention, q k v ({shape}), SD's 4,096-pixel "
+        f"self-attention): {1e3 * seconds:.0f} ms, {attention:.0f} GFLOP/s"
+    )
+    if on_cpu and retain_freed_memory():
+        print(
+            "command-line path: glibc malloc keeps freed memory for reuse "
+            "(cpu_speed.retain_freed_memory), for both implementations: the process is shared"
+        )
     work = run_part(part, size, dtype, device, steps, compare, compile)
-    return report(work, dtype, device, repeats, probe)
+    result = report(work, dtype, device, repeats, probe)
+    if api is not None:
+        result["api_path"] = api
+        print("API path against the command line (medians):")
+        for implementation, seconds in result["medians"].items():
+            theirs = api["medians"][implementation]
+            print(
+                f"  {implementation:<10} {theirs:8.3f} s against {seconds:8.3f} s "
+                f"({theirs / seconds:.2f}x)"
+            )
+    return result
+
+
+def onednn_probe_runs(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
+
+
+def api_path_timings(arguments: dict) -> dict:
+    """The part timed in a fresh process that never calls retain_freed_memory, as a user's script
+    or notebook runs: its report is printed here, its result returned."""
+    print(
+        "API path (a fresh process, malloc as Python leaves it, as in a script or notebook that "
+        "does not call minildm.cpu_speed.retain_freed_memory()):"
+    )
+    command = [sys.executable, "-m", "minildm.tools.bench", "api-path", json.dumps(arguments)]
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    lines = lines.strip().splitlines()
+    for line in lines[:-1]:
+        print(f"  {line}")
+    return json.loads(lines[-1])
+
+
+def time_api_path(arguments: dict):
+    """The fresh process of api_path_timings: the part's report, then its result as JSON."""
+    dtype = DTYPES[arguments["dtype"]]
+    part, size, steps = arguments["part"], arguments["size"], arguments["steps"]
+    work = run_part(part, size, dtype, "cpu", steps, arguments["compare"], arguments["compile"])
+    result = report(work, dtype, "cpu", arguments["repeats"], probe=matmul_gflops(dtype, "cpu"))
+    print(json.dumps(result))
 
 
 # --- The GPU check ----------------------------------------------------------------------------
@@ -628,5 +736,8 @@ def unet_steps_per_second(device, repeats: int, small: bool) -> dict | None:
     return speed
 
 
-if __name__ == "__main__":  # the fresh process of load_work
-    measure_loading(*sys.argv[1:3])
+if __name__ == "__main__":  # the fresh processes of api_path_timings and load_work
+    if sys.argv[1] == "api-path":
+        time_api_path(json.loads(sys.argv[2]))
+    else:
+        measure_loading(*sys.argv[1:3])
