@@ -97,3 +97,16 @@ def test_the_gpu_check_fails_a_model_beyond_tolerance(monkeypatch):
     monkeypatch.setattr(bench, "unet_steps_per_second", lambda device, repeats, small: None)
     result = bench.gpu_check("cpu", repeats=1, small=True)
     assert result["status"] == 1 and result["rows"][0][1][torch.float16] > 5e-3
+
+
+def test_a_failed_api_path_process_says_why(monkeypatch):
+    """The fresh process's error reaches the user, with the way to time without it."""
+    import subprocess
+
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback\nMemoryError: out")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(RuntimeError) as raised:
+        bench.api_path_timings(dict(part="vae", size=64, dtype="float32", steps=1, repeats=1))
+    print(raised.value)
+    assert "exited with 1" in str(raised.value) and "MemoryError: out" in str(raised.value)
+    assert "--no-api-path" in str(raised.value)

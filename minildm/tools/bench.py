@@ -538,9 +538,16 @@ def api_path_timings(arguments: dict) -> dict:
         "API path (a fresh process, malloc as Python leaves it, as in a script or notebook that "
         "does not call minildm.cpu_speed.retain_freed_memory()):"
     )
+    arguments = arguments | {"threads": torch.get_num_threads()}  # the same as this process's
     command = [sys.executable, "-m", "minildm.tools.bench", "api-path", json.dumps(arguments)]
-    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    lines = lines.strip().splitlines()
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(
+            f"the API path's process exited with {run.returncode}; its last words:\n"
+            + "\n".join(run.stderr.strip().splitlines()[-8:])
+            + "\n(--no-api-path times the command-line path alone)"
+        )
+    lines = run.stdout.strip().splitlines()
     for line in lines[:-1]:
         print(f"  {line}")
     return json.loads(lines[-1])
@@ -548,6 +555,7 @@ def api_path_timings(arguments: dict) -> dict:
 
 def time_api_path(arguments: dict):
     """The fresh process of api_path_timings: the part's report, then its result as JSON."""
+    torch.set_num_threads(arguments["threads"])
     dtype = DTYPES[arguments["dtype"]]
     part, size, steps = arguments["part"], arguments["size"], arguments["steps"]
     work = run_part(part, size, dtype, "cpu", steps, arguments["compare"], arguments["compile"])
