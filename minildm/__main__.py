@@ -315,22 +315,9 @@ def run(args, parser) -> int:
     elif args.command == "finetune":
         main_finetune(args)
     elif args.command == "bench":
-        from minildm.tools.bench import bench, check_bench_arguments, gpu_check
+        from minildm.tools.bench import main_bench
 
-        check_bench_arguments(args)
-        if args.gpu_check:
-            return gpu_check(args.device, repeats=args.repeats)["status"]
-        bench(
-            args.part,
-            args.size,
-            DTYPES[args.dtype],
-            args.device,
-            args.steps,
-            args.repeats,
-            args.compare_diffusers,
-            args.compile,
-            api_path=not args.no_api_path,
-        )
+        return main_bench(args)
     elif args.command == "trace":
         from minildm.tools.trace import main_trace
 

@@ -73,6 +73,7 @@ def test_lessons_that_may_load_official_weights_keep_freed_memory_first():
                 chooses = code.rindex("official_or_tiny(")
                 assert "retain_freed_memory()" in code[chooses:], name
                 assert ".from_pretrained(" not in code[: code.index("retain_freed_memory()")]
+                print(f"{name}: retain_freed_memory() after official_or_tiny, before any model")
 
 
 @pytest.fixture(scope="module")

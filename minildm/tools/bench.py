@@ -470,6 +470,26 @@ def check_bench_arguments(args):
     warn_if_slow_precision(DTYPES[args.dtype], args.device)
 
 
+def main_bench(args):
+    """`python -m minildm bench`: checks the arguments, then the GPU check (its exit status) or
+    the timings."""
+    check_bench_arguments(args)
+    if args.gpu_check:
+        return gpu_check(args.device, repeats=args.repeats)["status"]
+    bench(
+        args.part,
+        args.size,
+        DTYPES[args.dtype],
+        args.device,
+        args.steps,
+        args.repeats,
+        args.compare_diffusers,
+        args.compile,
+        api_path=not args.no_api_path,
+    )
+    return None
+
+
 def bench(
     part,
     size=512,
